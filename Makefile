@@ -1,0 +1,22 @@
+# Every target sets up what it needs first (idempotent): see scripts/setup.sh.
+.PHONY: setup demo test bench ui clean-demo
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	.venv/bin/dagster job execute -j refresh_features
+
+test:
+	./scripts/setup.sh --test
+	XMODAL_CI=$${CI:-0} .venv/bin/python -m pytest
+
+bench:
+	./scripts/setup.sh --bench
+	.venv/bin/python bench/bench_features.py
+
+ui: setup
+	.venv/bin/dagster dev
+
+clean-demo:
+	rm -rf .data .dagster_home/storage .dagster_home/history .dagster_home/schedules
