@@ -6,6 +6,7 @@ only the shards whose feature key is missing (see stages.features.run_feature).
 
 
 import base64
+import warnings
 
 import numpy as np
 from dagster import (
@@ -28,6 +29,9 @@ from stages.manifest import build_manifest, load_manifest, save_manifest
 from stages.preview import preview_png
 from stages.spectral import DEFAULT_PRESET, PRESETS, get_preset
 from stages.store import FeatureStore, feature_key
+
+# Output(data_version=...) is marked beta; it is how the UI shows which features are stale.
+warnings.filterwarnings("ignore", message=r"Parameter `data_version`")
 
 PREVIEW_CLIPS = 4
 QUARANTINE_ROWS_SHOWN = 50
@@ -183,6 +187,10 @@ def audio_images(
         input_keys=(mel_spectrograms.key,),
     )
     ref = F.FeatureRef(manifest.dataset, F.AUDIO_IMAGE_FEATURE, run.key, clip_manifest.digest, tuple(run.shards))
+    context.log.info(
+        f"audio_images {run.key}: {run.shards_new} new / {run.shards_reused} reused shards. Features of "
+        f"{manifest.dataset!r} are in {store.url_root} (catalog: python -m stages.store {store.url_root})"
+    )
     metadata = _run_metadata(store, run)
     metadata["mel_feature_key"] = mel_spectrograms.key
     mels = store.read_arrays(ref.dataset, F.MEL_FEATURE, mel_spectrograms.key, shards=ref.shards[:1])

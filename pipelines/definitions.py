@@ -25,10 +25,14 @@ FEATURE_ASSETS = [clip_manifest, mel_spectrograms, audio_images]
 
 # Shard work is parallel inside each asset (Dask), so steps run in one process: no per-step
 # interpreter start and torch import.
+# The console shows INFO and up; DEBUG engine events stay in the run's event log in the UI.
+QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
 refresh_features = define_asset_job(
     "refresh_features",
     selection=AssetSelection.assets(*FEATURE_ASSETS),
     executor_def=in_process_executor,
+    config=QUIET_CONSOLE,
     description="Update the clip manifest and compute the missing shards of every feature.",
 )
 
