@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -89,7 +90,8 @@ def _decode_audio_pyav(data: bytes) -> tuple[np.ndarray, int]:
     import av
 
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        # Tags (title, artist...) in another encoding than UTF-8 must not make a good clip unreadable.
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="replace")
     except (av.error.FFmpegError, ValueError) as exc:
         raise ClipError(f"not a readable media file: {_one_line(exc)}") from None
     with container:
@@ -103,6 +105,9 @@ def _decode_audio_pyav(data: bytes) -> tuple[np.ndarray, int]:
                 plane = frame.to_ndarray()
                 if plane.dtype.kind == "i":
                     plane = plane.astype(np.float32) / float(np.iinfo(plane.dtype).max)
+                elif plane.dtype.kind == "u":  # unsigned PCM (pcm_u8 in AVI/MOV): silence is the midpoint
+                    half = float(np.iinfo(plane.dtype).max // 2 + 1)
+                    plane = (plane.astype(np.float32) - half) / half
                 if not frame.format.is_planar:  # interleaved: [1, samples*channels]
                     plane = plane.reshape(-1, len(frame.layout.channels)).T
                 chunks.append(plane.astype(np.float32, copy=False).mean(axis=0))
@@ -119,6 +124,8 @@ def prepare_audio(samples: np.ndarray, rate: int, spec: AudioSpec) -> np.ndarray
     """Resample (soxr), check length and level, then pad/tile/crop to exactly ``spec.seconds``."""
     import soxr
 
+    if not rate or rate <= 0:
+        raise ClipError(f"audio stream has no sample rate ({rate!r})")
     if not np.all(np.isfinite(samples)):
         raise ClipError("audio holds NaN or Inf samples")
     seconds = len(samples) / rate
@@ -153,7 +160,7 @@ def decode_frames(data: bytes, spec: FrameSpec) -> np.ndarray:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
     except Exception as exc:  # noqa: BLE001 - decord raises its own DECORDError and RuntimeError
         message = _one_line(exc)
-        if "video stream" in message.lower() or "stream" in message.lower():
+        if "video stream" in message.lower():
             raise ClipError("no video stream") from None
         raise ClipError(f"cannot decode video: {message[:200]}") from None
     total = len(reader)
@@ -189,6 +196,16 @@ def load_frames(uri: str, spec: FrameSpec, storage_options: dict | None = None) 
     return decode_frames(read_bytes(uri, storage_options), spec)
 
 
+# decord prefixes its errors with "[hh:mm:ss] /path/of/its/source.cc:123: ": a time stamp would make
+# the same clip's reason differ between runs.
+_DECORD_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: (Error: )?")
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    strerror = getattr(exc, "strerror", None)
+    if isinstance(strerror, str) and type(exc).__module__.startswith("av."):
+        text = strerror  # FFmpeg's own words, without "[Errno -1094995529] ... '<none>'"
+    else:
+        text = str(exc)
+    text = _DECORD_PREFIX.sub("", " ".join(text.split())) or type(exc).__name__
     return text[:300]

@@ -127,7 +127,7 @@ class FeatureStore:
         """Fail fast, with one line, when the root cannot be written."""
         probe = self.path("_tmp", f"probe-{uuid.uuid4().hex}")
         try:
-            self.fs.makedirs(self.path("_tmp"), exist_ok=True)
+            self._makedirs(self.path("_tmp"))
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
         except Exception as exc:  # any backend error means the same thing to the user
@@ -139,8 +139,14 @@ class FeatureStore:
         data = json.dumps(value, indent=1, sort_keys=True, default=_json_default).encode()
         self.write_bytes(path, data)
 
+    def _makedirs(self, path: str) -> None:
+        """Create a local folder. Object stores have no folders, and s3fs's makedirs would
+        create a missing bucket instead of failing, so it is not called there."""
+        if self.is_local:
+            self.fs.makedirs(path, exist_ok=True)
+
     def write_bytes(self, path: str, data: bytes) -> None:
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._makedirs(posixpath.dirname(path))
         if self.is_local:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             self.fs.pipe_file(tmp, data)
@@ -211,7 +217,7 @@ class FeatureStore:
         check_name(shard, "shard")
         tar_path = posixpath.join(directory, f"{shard}.tar")
         zarr_path = posixpath.join(directory, f"{shard}.zarr")
-        self.fs.makedirs(directory, exist_ok=True)
+        self._makedirs(directory)
 
         # WebDataset tar, built in memory (shards are tens of MB) and written in one piece.
         encodings = dict(tar_encodings or {})

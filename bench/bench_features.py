@@ -1,0 +1,399 @@
+"""Benchmark of the mel_spectrograms stage against its floor, the naive loop and the cache.
+
+On the same demo clips, in one process run, with interleaved repeats (median of each):
+
+  (a)  decode only: stages.decode.load_audio (PyAV / soundfile + soxr) for every clip, the floor
+  (b)  the naive loop: librosa.load(mp4) (audioread -> an ffmpeg process per file) + melspectrogram
+  (c)  run_feature(mel_spectrograms) into a fresh store, InProcessExecutor, cold
+  (c2) the same with DaskExecutor(n_workers=2), cold (cluster started once, outside the timing)
+  (d)  reading the cached mels back: FeatureStore.read_arrays (zarr), FeatureStore.webdataset (tar)
+  (e)  run_feature again with nothing new (every shard cached)
+
+plus the parts of (c) measured on their own (mel of decoded audio; shard write) to show where
+the time goes. Prints the machine, the exact command, a table of clips/s and the target ratios
+with PASS/MISS. No asserts: a benchmark reports, it does not fail.
+
+    .venv/bin/python bench/bench_features.py [--clips 128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import logging
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+# ---- results -------------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    label: str
+    what: str
+    clips: int
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # CPU seconds of this process + reaped children
+    skipped: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls) if self.walls else float("nan")
+
+    @property
+    def rate(self) -> float:
+        return self.clips / self.median if self.walls and self.median > 0 else float("nan")
+
+    @property
+    def cores(self) -> float | None:
+        if not self.cpus or not self.walls:
+            return None
+        return statistics.median(c / w for c, w in zip(self.cpus, self.walls) if w > 0)
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(timing: Timing, fn: Callable[[], object], count_cpu: bool = True) -> object:
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    out = fn()
+    wall = time.perf_counter() - wall0
+    timing.walls.append(wall)
+    if count_cpu:
+        timing.cpus.append(_cpu_seconds() - cpu0)
+    return out
+
+
+# ---- the workloads -------------------------------------------------------------------------------
+def decode_all(uris, spec):
+    from stages.decode import load_audio
+
+    return [load_audio(uri, spec) for uri in uris]
+
+
+def naive_loop(uris, preset):
+    """What a researcher writes first: one librosa.load + melspectrogram + log per file."""
+    import librosa
+
+    mels = []
+    with warnings.catch_warnings():
+        # librosa warns that it falls back to audioread for mp4 (PySoundFile cannot read it).
+        warnings.simplefilter("ignore")
+        for uri in uris:
+            y, sr = librosa.load(uri, sr=preset.sample_rate, mono=True, duration=4.0)
+            mel = librosa.feature.melspectrogram(
+                y=y, sr=sr, n_fft=preset.n_fft, hop_length=preset.hop_length, n_mels=preset.n_mels,
+                fmin=preset.fmin, fmax=preset.fmax, power=preset.power,
+            )
+            mels.append(np.log(np.maximum(mel, preset.floor)))
+    return mels
+
+
+def run_mel(store, manifest, params, executor, worker_threads):
+    from stages.features import MEL_CODE_VERSION, MEL_FEATURE, compute_mel_shard, run_feature
+
+    return run_feature(
+        store, manifest, MEL_FEATURE, params.key(), params.params(), MEL_CODE_VERSION,
+        compute_mel_shard, executor, worker_threads=worker_threads,
+    )
+
+
+def mel_only(audio_by_shard, preset):
+    """The STFT + mel + log part of (c) on already decoded audio, shard by shard (as the stage does)."""
+    from stages.spectral import MelSpectrogram
+
+    mel = MelSpectrogram(preset)
+    return [mel(np.stack(audio)).astype(np.float16) for audio in audio_by_shard]
+
+
+def write_only(store, dataset, key, shards, mels_by_shard, ids_by_shard):
+    """The write part of (c): tar + zarr + manifest per shard, mels already computed."""
+    from stages.features import MEL_FEATURE
+
+    for shard, mels, ids in zip(shards, mels_by_shard, ids_by_shard):
+        store.write_shard(
+            dataset, MEL_FEATURE, key, shard, clip_ids=ids, arrays={"mel": mels},
+            sample_meta=[{"content_hash": ""} for _ in ids], manifest={"params": {}},
+        )
+
+
+def read_zarr(store, dataset, key):
+    from stages.features import MEL_FEATURE
+
+    table = store.read_arrays(dataset, MEL_FEATURE, key, names=["mel"])
+    return table.arrays["mel"].shape[0]
+
+
+def read_webdataset(store, dataset, key):
+    from stages.features import MEL_FEATURE
+
+    rows = 0
+    for sample in store.webdataset(dataset, MEL_FEATURE, key):
+        rows += sample["mel.npy"].shape[0] > 0
+    return rows
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def machine_line(torch_threads: int) -> str:
+    import torch
+
+    model = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{model or 'unknown CPU'}; {os.cpu_count()} logical cores ({usable} usable); "
+        f"torch {torch.__version__} with {torch_threads} thread(s) per process "
+        f"(torch.get_num_threads() = {torch.get_num_threads()}); Python {platform.python_version()}; "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def command_line() -> str:
+    exe = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("../..") else sys.executable
+    return shlex.join([exe, *sys.argv])
+
+
+def compare_with_librosa(store, dataset, key, uri_by_id, preset) -> str:
+    """Max |log-mel difference| between the cached float16 mel and the naive librosa mel of one clip."""
+    from stages.features import MEL_FEATURE
+
+    table = store.read_arrays(dataset, MEL_FEATURE, key, names=["mel"])
+    clip_id = table.clip_ids[0]
+    ours = table.arrays["mel"][0].astype(np.float32)
+    (theirs,) = naive_loop([uri_by_id[clip_id]], preset)
+    frames = min(ours.shape[1], theirs.shape[1])
+    # librosa 0.11 pads with zeros, the preset (HiFi-GAN's own) reflects: skip the edge frames.
+    edge = preset.n_fft // preset.hop_length // 2 + 1
+    interior = slice(edge, frames - edge)
+    diff = float(np.max(np.abs(ours[:, interior] - theirs[:, interior])))
+    return f"clip {clip_id}: max |log-mel(ours, float16) - log-mel(librosa)| = {diff:.4f} over frames {edge}..{frames - edge}"
+
+
+def verdict(value: float, target: float, higher_is_better: bool) -> str:
+    if value != value:  # NaN
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    return "PASS" if ok else "MISS"
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x != x else f"{x:.{digits}f}"
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=128, help="demo clips (default 128)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported (default 3)")
+    parser.add_argument("--shard-size", type=int, default=32, help="clips per shard (default 32)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per process (default 1)")
+    parser.add_argument("--workers", type=int, default=2, help="Dask worker processes for (c2) (default 2; 0 skips)")
+    parser.add_argument("--naive-clips", type=int, default=0,
+                        help="clips for the naive loop (b) (default 0 = all; its rate is per clip)")
+    parser.add_argument("--keep", metavar="DIR", default="",
+                        help="work in DIR and keep it (demo clips are reused); default: a temp dir, removed")
+    args = parser.parse_args(argv)
+    if args.clips < 1 or args.repeats < 1 or args.shard_size < 1 or args.torch_threads < 1:
+        parser.error("--clips, --repeats, --shard-size and --torch-threads must be at least 1")
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    from stages.demo import DemoSpec, generate_demo
+    from stages.features import MelParams
+    from stages.manifest import build_manifest
+    from stages.parallel import DaskExecutor, InProcessExecutor
+    from stages.sources import SourceConfig, SourceListing, read_source
+    from stages.spectral import get_preset
+    from stages.store import FeatureStore
+
+    work = args.keep or tempfile.mkdtemp(prefix="bench_features-")
+    os.makedirs(work, exist_ok=True)
+    dataset = "bench"
+    params = MelParams()  # hifigan22k, 4 s, float16
+    preset = get_preset(params.preset)
+    spec = params.audio_spec()
+    key = params.key()
+    print(f"machine: {machine_line(args.torch_threads)}")
+    print(f"command: {command_line()}")
+    print(f"work dir: {work}{' (kept)' if args.keep else ' (removed at the end)'}")
+
+    dask = None
+    try:
+        t0 = time.perf_counter()
+        demo_dir = os.path.join(work, "demo")
+        listing = read_source(SourceConfig(kind="demo", path=demo_dir, demo_clips=args.clips))
+        manifest, _ = build_manifest(dataset, listing, None, args.shard_size)
+        clips = manifest.clips
+        uris = [c.uri for c in clips]
+        uri_by_id = {c.id: c.uri for c in clips}
+        by_shard = manifest.by_shard()
+        n = len(clips)
+        naive_uris = uris[: args.naive_clips] if args.naive_clips else uris
+        print(f"demo: {n} mp4 clips (2-4 s, AAC 22.05 kHz mono) in {len(by_shard)} shards of <= {args.shard_size}; "
+              f"generated/listed in {time.perf_counter() - t0:.1f} s; preset {params.preset}, {params.seconds:g} s, "
+              f"{params.dtype}; feature key {key}")
+
+        have_ffmpeg = shutil.which("ffmpeg") is not None
+        if not have_ffmpeg:
+            print("\n!! ffmpeg is not on PATH: librosa.load cannot read mp4 (audioread needs the ffmpeg binary).\n"
+                  "!! Skipping the naive loop (b) and its ratio. Run ./scripts/setup.sh --bench to install ffmpeg.\n")
+
+        counter = [0]
+
+        def fresh_store() -> FeatureStore:
+            counter[0] += 1
+            return FeatureStore(os.path.join(work, "stores", f"s{counter[0]:03d}"))
+
+        def drop(store: FeatureStore) -> None:
+            shutil.rmtree(store.root, ignore_errors=True)
+
+        # Everything not timed happens here, once: imports, mel basis, the Dask cluster and its workers.
+        t0 = time.perf_counter()
+        warm_listing = SourceListing(clips=listing.clips[: args.shard_size * max(1, args.workers)])
+        warm_manifest, _ = build_manifest(dataset, warm_listing, None, args.shard_size)
+        first_shard = next(iter(by_shard.values()))
+        decode_all([c.uri for c in first_shard[:4]], spec)
+        if have_ffmpeg:
+            naive_loop(uris[:2], preset)
+        s = fresh_store()
+        run_mel(s, warm_manifest, params, InProcessExecutor(), args.torch_threads)
+        read_zarr(s, dataset, key)
+        read_webdataset(s, dataset, key)
+        drop(s)
+        dask_start = float("nan")
+        if args.workers:
+            d0 = time.perf_counter()
+            dask = DaskExecutor(n_workers=args.workers, threads_per_worker=1)
+            dask_start = time.perf_counter() - d0
+            s = fresh_store()
+            run_mel(s, warm_manifest, params, dask, 1)  # imports torch/av/librosa in every worker
+            drop(s)
+        print(f"warm-up (imports, mel basis, Dask workers; untimed): {time.perf_counter() - t0:.1f} s"
+              + (f", of which LocalCluster start {dask_start:.1f} s" if args.workers else ""))
+
+        T = {
+            "a": Timing("(a)", "decode only: load_audio (PyAV + soxr), the floor", n),
+            "b": Timing("(b)", "naive: librosa.load (audioread+ffmpeg) + melspectrogram + log", len(naive_uris)),
+            "c": Timing("(c)", "run_feature cold, InProcessExecutor", n),
+            "c2": Timing("(c2)", f"run_feature cold, DaskExecutor(n_workers={args.workers})", n),
+            "c.mel": Timing("  (c) part", "STFT + mel + log of decoded audio (MelSpectrogram)", n),
+            "c.write": Timing("  (c) part", "write shards (tar + zarr + manifest)", n),
+            "d.zarr": Timing("(d)", "read cached mels: read_arrays (zarr)", n),
+            "d.wds": Timing("(d)", "read cached mels: iterate webdataset (tar)", n),
+            "e": Timing("(e)", "run_feature re-run, all shards cached", n),
+        }
+        if not have_ffmpeg:
+            T["b"].skipped = "ffmpeg missing"
+        if not args.workers:
+            T["c2"].skipped = "--workers 0"
+
+        shard_names = list(by_shard)
+        ids_by_shard = [[c.id for c in members] for members in by_shard.values()]
+        for r in range(args.repeats):
+            r0 = time.perf_counter()
+            audio = timed(T["a"], lambda: decode_all(uris, spec))
+            if have_ffmpeg:
+                timed(T["b"], lambda: naive_loop(naive_uris, preset))
+            # The parts of (c), measured alone on the audio decoded by (a).
+            audio_by_shard, i = [], 0
+            for ids in ids_by_shard:
+                audio_by_shard.append(audio[i : i + len(ids)])
+                i += len(ids)
+            mels = timed(T["c.mel"], lambda: mel_only(audio_by_shard, preset))
+            s = fresh_store()
+            timed(T["c.write"], lambda: write_only(s, dataset, key, shard_names, mels, ids_by_shard))
+            drop(s)
+            del audio, audio_by_shard, mels
+
+            store = fresh_store()
+            run = timed(T["c"], lambda: run_mel(store, manifest, params, InProcessExecutor(), args.torch_threads))
+            assert run.shards_new == len(by_shard) and run.clips_ok == n, run  # sanity, not timing
+            if dask is not None:
+                s2 = fresh_store()
+                run2 = timed(T["c2"], lambda: run_mel(s2, manifest, params, dask, 1), count_cpu=False)
+                assert run2.shards_new == len(by_shard) and run2.clips_ok == n, run2
+                drop(s2)
+            rerun = timed(T["e"], lambda: run_mel(store, manifest, params, InProcessExecutor(), args.torch_threads))
+            assert rerun.shards_new == 0 and rerun.shards_reused == len(by_shard), rerun
+            rows = timed(T["d.zarr"], lambda: read_zarr(store, dataset, key))
+            assert rows == n, rows
+            rows = timed(T["d.wds"], lambda: read_webdataset(store, dataset, key))
+            assert rows == n, rows
+            if r == args.repeats - 1 and have_ffmpeg:
+                check = compare_with_librosa(store, dataset, key, uri_by_id, preset)
+            drop(store)
+            print(f"repeat {r + 1}/{args.repeats}: {time.perf_counter() - r0:.1f} s")
+    finally:
+        if dask is not None:
+            dask.close()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # ---- report ----------------------------------------------------------------------------------
+    print(f"\n### Feature extraction: {n} clips, shard size {args.shard_size}, "
+          f"median of {args.repeats} interleaved repeats\n")
+    print("| step | what | clips | median s | clips/s | CPU cores busy | min..max s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for t in T.values():
+        if t.skipped:
+            print(f"| {t.label} | {t.what} | {t.clips} | skipped ({t.skipped}) | | | |")
+            continue
+        cores = "" if t.cores is None else f"{t.cores:.2f}"
+        rate = f"{t.rate:,.0f}" if t.rate >= 100 else f"{t.rate:.1f}"
+        print(f"| {t.label} | {t.what} | {t.clips} | {t.median:.4f} | {rate} | {cores} | "
+              f"{min(t.walls):.4f}..{max(t.walls):.4f} |")
+
+    a, b, c, c2, e = T["a"], T["b"], T["c"], T["c2"], T["e"]
+    speedup = c.rate / b.rate if not b.skipped else float("nan")
+    over_floor = c.median / a.median  # same clips: time ratio = inverse rate ratio
+    rerun_share = e.median / c.median
+    rows = [
+        ("(c)/(b) speed-up, clips/s", speedup, 5.0, True, ">= 5x", "x"),
+        ("(c) time / (a) decode-only time", over_floor, 1.5, False, "<= 1.5x", "x"),
+        ("(e) cached re-run / cold (c)", rerun_share * 100, 3.0, False, "< 3%", "%"),
+        ("recompute (c) / read zarr (d)", c.median / T["d.zarr"].median, 20.0, True, ">= 20x", "x"),
+        ("recompute (c) / read webdataset (d)", c.median / T["d.wds"].median, 20.0, True, ">= 20x", "x"),
+    ]
+    print("\n| ratio | value | target | |")
+    print("|---|---:|---:|---|")
+    for name, value, target, higher, shown, unit in rows:
+        value_text = "n/a (ffmpeg missing)" if value != value else f"{value:.2f}{unit}"
+        print(f"| {name} | {value_text} | {shown} | {verdict(value, target, higher)} |")
+    if not c2.skipped:
+        print(f"| (c2) Dask {args.workers} workers vs (c) 1 process, clips/s | {c2.rate / c.rate:.2f}x | "
+              f"(info) | |")
+        if not b.skipped:
+            print(f"| (c2)/(b) speed-up, clips/s | {c2.rate / b.rate:.2f}x | (info) | |")
+    parts = T["c.mel"].median + T["c.write"].median
+    print(f"\nwhere (c) goes: decode {a.median:.3f} s ({a.median / c.median:.0%}), "
+          f"STFT+mel {T['c.mel'].median:.3f} s ({T['c.mel'].median / c.median:.0%}), "
+          f"write {T['c.write'].median:.3f} s ({T['c.write'].median / c.median:.0%}), "
+          f"rest {c.median - a.median - parts:.3f} s (of {c.median:.3f} s)")
+    if not b.skipped:
+        print(f"check: {check}")
+    print(f"date: {_dt.datetime.now().astimezone().isoformat(timespec='minutes')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

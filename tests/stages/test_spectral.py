@@ -1,0 +1,119 @@
+"""Mel presets against librosa, batching, devices, and the audio-image round trip."""
+
+import librosa
+import numpy as np
+import pytest
+import torch
+
+from stages.spectral import PRESETS, MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
+
+# Stated tolerance against librosa.feature.melspectrogram: max |difference| of the log-mel
+# wherever the linear mel is above 1e-5 (-100 dB re full scale). Below that, float32 rounding
+# (~1e-7 absolute, checked separately in linear units) is all the log sees near the 1e-7 floor.
+LIBROSA_LOG_TOLERANCE = 1e-2  # worst bin (the quietest audible ones)
+LIBROSA_LOG_MEAN_TOLERANCE = 1e-4
+LIBROSA_LINEAR_TOLERANCE = 1e-5
+AUDIBLE = 1e-5
+
+
+def _test_audio(sr: int, seconds: float = 2.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(sr * seconds)) / sr
+    chirp = np.sin(2 * np.pi * (200 + 1500 * t) * t)
+    bursts = rng.normal(0, 0.2, len(t)) * (np.sin(2 * np.pi * 3 * t) > 0.7)
+    return (0.4 * chirp + bursts).astype(np.float32)
+
+
+def _librosa_mel(audio: np.ndarray, name: str) -> np.ndarray:
+    p = get_preset(name)
+    return librosa.feature.melspectrogram(
+        y=audio, sr=p.sample_rate, n_fft=p.n_fft, hop_length=p.hop_length, win_length=p.window,
+        window="hann", center=p.center, pad_mode=p.pad_mode, power=p.power, n_mels=p.n_mels,
+        fmin=p.fmin, fmax=p.fmax, norm=p.mel_norm,
+    )
+
+
+def _compress(mel: np.ndarray, name: str) -> np.ndarray:
+    p = get_preset(name)
+    mel = np.maximum(mel, p.floor)
+    if p.compression == "ln":
+        return np.log(mel)
+    return np.clip((20 * np.log10(mel) + 80) / 100, 0, 1)
+
+
+def _linear(log_mel: np.ndarray, name: str) -> np.ndarray:
+    p = get_preset(name)
+    return np.exp(log_mel) if p.compression == "ln" else 10 ** ((log_mel * 100 - 80) / 20)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_matches_librosa(name):
+    preset = get_preset(name)
+    audio = np.stack([_test_audio(preset.sample_rate, seed=s) for s in range(3)])
+    ours = MelSpectrogram(name)(audio)
+    for row in range(len(audio)):
+        linear = _librosa_mel(audio[row], name)
+        reference = _compress(linear, name)
+        assert ours[row].shape == reference.shape == (preset.n_mels, preset.n_frames(2.0))
+        audible = linear > AUDIBLE
+        assert audible.mean() > 0.5  # the comparison covers most of the spectrogram
+        difference = np.abs(ours[row] - reference)[audible]
+        assert difference.max() < LIBROSA_LOG_TOLERANCE and difference.mean() < LIBROSA_LOG_MEAN_TOLERANCE
+        if preset.compression == "ln":
+            assert np.max(np.abs(_linear(ours[row], name) - np.maximum(linear, preset.floor))) < LIBROSA_LINEAR_TOLERANCE
+
+
+def test_batching_does_not_change_values():
+    audio = np.stack([_test_audio(22050, seed=s) for s in range(11)])  # 11 spans two STFT sub-batches
+    batched = MelSpectrogram("hifigan22k")(audio)
+    single = np.stack([MelSpectrogram("hifigan22k")(a)[0] for a in audio])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_preset_values_from_the_architecture():
+    h, a, d = PRESETS["hifigan22k"], PRESETS["audioldm16k"], PRESETS["difffoley16k"]
+    assert (h.sample_rate, h.n_fft, h.hop_length, h.n_mels, h.fmin, h.fmax) == (22050, 1024, 256, 80, 0, 8000)
+    assert (a.sample_rate, a.n_fft, a.hop_length, a.n_mels, a.fmax, a.floor) == (16000, 1024, 160, 64, 8000, 1e-5)
+    assert (d.sample_rate, d.hop_length, d.n_mels, d.fmin, d.fmax) == (16000, 256, 128, 125, 7600)
+    # difffoley16k lives in [0, 1]; a full-scale tone reaches the top half, silence the floor.
+    mel = MelSpectrogram("difffoley16k")(np.stack([_test_audio(16000), np.zeros(32000, np.float32)]))
+    assert mel.min() >= 0 and mel.max() <= 1 and mel[0].max() > 0.5 and mel[1].max() == 0
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown mel preset 'nope'.*hifigan22k"):
+        get_preset("nope")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    audio = np.stack([_test_audio(22050, seed=s) for s in range(2)])
+    np.testing.assert_allclose(MelSpectrogram("hifigan22k", "cuda")(audio), MelSpectrogram("hifigan22k")(audio), atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_audio_image_shape_and_round_trip(size):
+    preset = get_preset("hifigan22k")
+    t = np.arange(4 * 22050) / 22050
+    low_tone = 0.5 * np.sin(2 * np.pi * 300 * t) * (1 + np.sin(2 * np.pi * 2 * t)) / 2
+    audio = np.stack([_test_audio(22050, seconds=4.0), low_tone.astype(np.float32)])
+    mels = MelSpectrogram(preset)(audio)
+    images = mel_to_audio_image(mels, preset, size)
+    assert images.shape == (2, size, size, 3) and images.dtype == np.uint8
+    # grayscale -> RGB: the three channels are equal
+    assert np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 1], images[..., 2])
+    # high mel bins are drawn at the top: a 300 Hz tone lights the bottom rows, not the top ones
+    assert images[1, -size // 4 :].mean() > images[1, : size // 4].mean() + 50
+    back = audio_image_to_mel(images, preset, mels.shape[2])
+    clipped = np.clip(mels, preset.image_low, preset.image_high)
+    # Downsampling 80x345 to size x size loses detail; the coarse envelope must survive.
+    error = np.abs(back - clipped).mean()
+    assert error < (1.6 if size == 64 else 1.2), error
+
+
+def test_audio_image_uses_the_fixed_range():
+    preset = get_preset("hifigan22k")
+    low = np.full((1, preset.n_mels, 100), preset.image_low - 5, np.float32)
+    high = np.full((1, preset.n_mels, 100), preset.image_high + 5, np.float32)
+    assert mel_to_audio_image(low, preset, 32).max() == 0
+    assert mel_to_audio_image(high, preset, 32).min() == 255
