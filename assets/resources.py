@@ -151,3 +151,13 @@ class DeviceResource(ConfigurableResource):
         elif self.name != "cpu":
             raise Failure(f"device {self.name!r} is unknown: use 'cpu' or 'cuda[:index]'")
         return self.name
+
+
+class PretrainedClapResource(ConfigurableResource):
+    """A local folder of transformers ClapModel weights (as LAION ships them); empty = use our heads."""
+
+    model_dir: str = Field(default="", description="Folder with config.json, model weights, preprocessor and tokenizer files; never downloaded.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model_dir)

@@ -103,8 +103,8 @@ def _decode_audio_pyav(data: bytes) -> tuple[np.ndarray, int]:
         try:
             for frame in container.decode(stream):
                 plane = frame.to_ndarray()
-                if plane.dtype.kind == "i":
-                    plane = plane.astype(np.float32) / float(np.iinfo(plane.dtype).max)
+                if plane.dtype.kind == "i":  # s16/s32: full scale is 2**(bits-1), as soundfile reads them
+                    plane = plane.astype(np.float32) / float(-np.iinfo(plane.dtype).min)
                 elif plane.dtype.kind == "u":  # unsigned PCM (pcm_u8 in AVI/MOV): silence is the midpoint
                     half = float(np.iinfo(plane.dtype).max // 2 + 1)
                     plane = (plane.astype(np.float32) - half) / half
@@ -208,4 +208,4 @@ def _one_line(exc: BaseException) -> str:
     else:
         text = str(exc)
     text = _DECORD_PREFIX.sub("", " ".join(text.split())) or type(exc).__name__
-    return text[:300]
+    return text[:240]  # with its prefix ("not a readable media file: ...") a reason stays < 300 chars

@@ -92,6 +92,7 @@ class ShardJob:
     input_keys: tuple[str, ...] = ()
     device: str = "cpu"
     worker_threads: int = 0  # torch threads in a worker; 0 leaves torch's default
+    texts: tuple[str, ...] = ()  # per clip: its caption, else its label (for text features)
 
 
 @dataclass
@@ -229,6 +230,7 @@ def shard_jobs(
                 key=key,
                 shard=shard,
                 clips=tuple((c.id, c.uri, c.content_hash) for c in clips),
+                texts=tuple(c.caption or c.label for c in clips),
                 params=params,
                 code_version=code_version,
                 input_keys=input_keys,

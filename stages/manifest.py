@@ -81,7 +81,9 @@ class ClipManifest:
 
     @classmethod
     def from_jsonl(cls, text: str) -> "ClipManifest":
-        lines = text.splitlines()
+        # Split on "\n" only: str.splitlines() also splits on U+2028, U+2029 and U+0085, which
+        # json.dumps(ensure_ascii=False) leaves unescaped inside captions.
+        lines = text.split("\n")
         header = json.loads(lines[0])["manifest"]
         clips = [Clip(**json.loads(line)) for line in lines[1:] if line.strip()]
         return cls(header["dataset"], header["shard_size"], clips, header.get("quarantined", []))

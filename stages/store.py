@@ -217,6 +217,11 @@ class FeatureStore:
         check_name(shard, "shard")
         tar_path = posixpath.join(directory, f"{shard}.tar")
         zarr_path = posixpath.join(directory, f"{shard}.zarr")
+        manifest_path = posixpath.join(directory, f"{shard}.json")
+        if self.fs.exists(manifest_path):
+            # Committed shards are never rewritten: readers may be using them, and a crash while
+            # rewriting would leave the old manifest over new, half-written data.
+            return self.read_json(manifest_path)
         self._makedirs(directory)
 
         # WebDataset tar, built in memory (shards are tens of MB) and written in one piece.
@@ -253,7 +258,7 @@ class FeatureStore:
             versions=library_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        self.write_json(posixpath.join(directory, f"{shard}.json"), committed)
+        self.write_json(manifest_path, committed)
         return committed
 
     def _zarr_store(self, path: str):

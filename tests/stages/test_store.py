@@ -334,7 +334,7 @@ def test_check_writable_fails_for_a_missing_bucket(s3_bucket):
     assert "\n" not in str(info.value) and "is not writable" in str(info.value)
 
 
-UNSAFE = ["..", "a/b", "x.y", "", ".", "../etc", "a b", "-", 5]
+UNSAFE = ["..", "a/b", "x.y", "", ".", "../etc", "a b", "-", "abc\n", 5]
 
 
 @pytest.mark.parametrize("bad", UNSAFE)

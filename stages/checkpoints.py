@@ -1,0 +1,74 @@
+"""Model checkpoints in the feature store: safetensors weights + a JSON sidecar with lineage.
+
+    <root>/<dataset>/models/<name>/<key>/weights.safetensors
+    <root>/<dataset>/models/<name>/<key>/checkpoint.json     written last: its presence commits
+
+The sidecar names the feature keys and shards the model was trained on, its steps and metrics.
+Weights are never pickled, so loading a checkpoint runs no code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import posixpath
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from stages.ids import check_name
+from stages.store import FeatureStore, library_versions
+
+MODELS_FOLDER = "models"
+
+
+def checkpoint_dir(store: FeatureStore, dataset: str, name: str, key: str) -> str:
+    return store.path(check_name(dataset, "dataset"), MODELS_FOLDER, check_name(name, "model name"), check_name(key, "checkpoint key"))
+
+
+def save_checkpoint(
+    store: FeatureStore, dataset: str, name: str, key: str, state: Mapping[str, torch.Tensor], sidecar: Mapping[str, Any]
+) -> dict:
+    """Write weights, then the sidecar (the commit). Returns the sidecar as written."""
+    folder = checkpoint_dir(store, dataset, name, key)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    data = save_safetensors(tensors)
+    store.write_bytes(posixpath.join(folder, "weights.safetensors"), data)
+    written = dict(sidecar)
+    written.update(
+        model=name,
+        checkpoint_key=key,
+        dataset=dataset,
+        weights_sha256=hashlib.sha256(data).hexdigest(),
+        parameters=int(sum(t.numel() for t in tensors.values())),
+        weights_bytes=len(data),
+        versions=library_versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
+        url=store.url(folder),
+    )
+    store.write_json(posixpath.join(folder, "checkpoint.json"), written)
+    return written
+
+
+def has_checkpoint(store: FeatureStore, dataset: str, name: str, key: str) -> bool:
+    return store.exists(posixpath.join(checkpoint_dir(store, dataset, name, key), "checkpoint.json"))
+
+
+def load_checkpoint(store: FeatureStore, dataset: str, name: str, key: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and sidecar; the weights' sha256 must match the sidecar."""
+    folder = checkpoint_dir(store, dataset, name, key)
+    sidecar = store.read_json(posixpath.join(folder, "checkpoint.json"))
+    with store.fs.open(posixpath.join(folder, "weights.safetensors"), "rb") as handle:
+        data = handle.read()
+    if hashlib.sha256(data).hexdigest() != sidecar["weights_sha256"]:
+        raise ValueError(f"checkpoint {name}/{key} in {store.url_root}: weights do not match their sidecar's sha256")
+    return load_safetensors(data), sidecar
+
+
+def list_checkpoints(store: FeatureStore, dataset: str, name: str) -> list[dict]:
+    """Sidecars of every committed checkpoint of one model, newest first."""
+    pattern = posixpath.join(store.path(check_name(dataset, "dataset"), MODELS_FOLDER, check_name(name, "model name")), "*", "checkpoint.json")
+    sidecars = [store.read_json(p) for p in store.fs.glob(pattern)]
+    return sorted(sidecars, key=lambda s: s.get("created", ""), reverse=True)

@@ -1,0 +1,245 @@
+"""Train CLAP / CAVP projection heads on cached tower features; write clip embeddings per shard.
+
+Tower features (stages.towers) are read from the store, so training never decodes media again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from models.contrastive import CavpHead, ClapHead, HeadConfig
+from stages.checkpoints import load_checkpoint
+from stages.features import ShardJob, ShardResult
+from stages.manifest import ClipManifest
+from stages.store import FeatureStore
+
+AUDIO_TOWER, FRAME_TOWER, TEXT_TOWER = "audio_tower", "frame_tower", "text_tower"
+CLAP_HEAD, CAVP_HEAD = "clap_head", "cavp_head"
+CLAP_FEATURE, CAVP_FEATURE = "clap_embeddings", "cavp_embeddings"
+HEAD_CODE_VERSION = "1"
+EMBEDDING_CODE_VERSION = "1"
+
+# What each head reads: (input name, tower feature, array in that feature).
+HEAD_INPUTS = {
+    CLAP_HEAD: (("audio", AUDIO_TOWER, "pooled"), ("text", TEXT_TOWER, "text")),
+    CAVP_HEAD: (("audio", AUDIO_TOWER, "per_second"), ("video", FRAME_TOWER, "per_second")),
+}
+
+
+@dataclass(frozen=True)
+class HeadTrainConfig:
+    steps: int = 600
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    eval_every: int = 50
+    seed: int = 0
+    temporal_negatives: bool = True  # CAVP only
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    dropout: float = 0.1
+
+    def head_config(self) -> HeadConfig:
+        return HeadConfig(embed_dim=self.embed_dim, hidden_dim=self.hidden_dim, dropout=self.dropout)
+
+    def params(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PairedFeatures:
+    """Rows of two tower features for the same clips, in the same order."""
+
+    clip_ids: list[str]
+    arrays: dict[str, np.ndarray]
+    splits: list[str]
+    shards: list[str] = field(default_factory=list)
+
+    def subset(self, split: str) -> "PairedFeatures":
+        keep = [i for i, s in enumerate(self.splits) if s == split]
+        return PairedFeatures(
+            [self.clip_ids[i] for i in keep], {k: v[keep] for k, v in self.arrays.items()}, [split] * len(keep), self.shards
+        )
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+
+def paired_features(
+    store: FeatureStore, manifest: ClipManifest, head: str, tower_keys: Mapping[str, str], shards=None
+) -> PairedFeatures:
+    """Read the head's two inputs for every clip present in both, in manifest order."""
+    tables = {}
+    for name, feature, array in HEAD_INPUTS[head]:
+        table = store.read_arrays(manifest.dataset, feature, tower_keys[feature], shards=shards, names=[array])
+        tables[name] = dict(zip(table.clip_ids, table.arrays[array]))
+    index = manifest.index()
+    ids = [c.id for c in manifest.clips if all(c.id in t for t in tables.values())]
+    arrays = {name: np.stack([t[i] for i in ids]).astype(np.float32) if ids else np.zeros((0,)) for name, t in tables.items()}
+    return PairedFeatures(ids, arrays, [index[i].split for i in ids], list(shards or []))
+
+
+def build_head(kind: str, dims: Mapping[str, int], config: HeadConfig):
+    if kind == CLAP_HEAD:
+        return ClapHead(dims["audio"], dims["text"], config)
+    if kind == CAVP_HEAD:
+        return CavpHead(dims["audio"], dims["video"], config)
+    raise ValueError(f"unknown head {kind!r}")
+
+
+def input_dims(data: PairedFeatures) -> dict[str, int]:
+    return {name: int(array.shape[-1]) for name, array in data.arrays.items()}
+
+
+def _loss(model, kind: str, batch: dict[str, torch.Tensor], config: HeadTrainConfig) -> torch.Tensor:
+    if kind == CLAP_HEAD:
+        return model.loss(batch["audio"], batch["text"])
+    return model.loss(batch["audio"], batch["video"], temporal_negatives=config.temporal_negatives)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    history: list[dict]
+    best_step: int
+    best_val_loss: float
+    seconds: float
+
+
+def train_head(
+    kind: str,
+    train: PairedFeatures,
+    val: PairedFeatures,
+    config: HeadTrainConfig,
+    init_state: Mapping[str, torch.Tensor] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """AdamW on random mini-batches; keeps the weights with the lowest validation loss."""
+    if len(train) < 2:
+        raise ValueError(f"{kind}: need at least 2 training clips with both inputs, got {len(train)}")
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    generator = np.random.default_rng(config.seed)
+    model = build_head(kind, input_dims(train), config.head_config())
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
+    tensors = {k: torch.from_numpy(v) for k, v in train.arrays.items()}
+    val_tensors = {k: torch.from_numpy(v) for k, v in val.arrays.items()} if len(val) >= 2 else None
+    batch_size = min(config.batch_size, len(train))
+
+    def val_loss() -> float:
+        if val_tensors is None:
+            return float("nan")
+        model.eval()
+        with torch.no_grad():
+            loss = float(_loss(model, kind, val_tensors, config))
+        model.train()
+        return loss
+
+    history, best = [], (float("inf"), 0, {k: v.clone() for k, v in model.state_dict().items()})
+    model.train()
+    for step in range(1, config.steps + 1):
+        rows = torch.from_numpy(generator.choice(len(train), size=batch_size, replace=False))
+        loss = _loss(model, kind, {k: v[rows] for k, v in tensors.items()}, config)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{kind}: training loss became {float(loss)} at step {step}; lower learning_rate")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % config.eval_every == 0 or step == config.steps:
+            current = val_loss()
+            with torch.no_grad():
+                temperature = float(1 / model.scale())
+            history.append({"step": step, "train_loss": loss.item(), "val_loss": current, "temperature": temperature})
+            score = current if np.isfinite(current) else float(loss)
+            if score < best[0]:
+                best = (score, step, {k: v.clone() for k, v in model.state_dict().items()})
+            if log:
+                log(f"{kind} step {step}: train {loss.item():.4f} val {current:.4f}")
+    model.load_state_dict(best[2])
+    model.eval()
+    return TrainResult(model, history, best[1], best[0], time.perf_counter() - start)
+
+
+@torch.no_grad()
+def embed(model, kind: str, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Clip embeddings (L2-normalised). CAVP also returns the per-second embeddings."""
+    model.eval()
+    tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in data.items()}
+    if kind == CLAP_HEAD:
+        return {"audio": model.embed_audio(tensors["audio"]).numpy(), "text": model.embed_text(tensors["text"]).numpy()}
+    audio_seconds = model.embed_audio(tensors["audio"])
+    video_seconds = model.embed_video(tensors["video"])
+    return {
+        "audio": model.pool(audio_seconds).numpy(),
+        "video": model.pool(video_seconds).numpy(),
+        "audio_per_second": audio_seconds.numpy(),
+        "video_per_second": video_seconds.numpy(),
+    }
+
+
+@lru_cache(maxsize=4)
+def _cached_head(store_root: str, storage_items: tuple, dataset: str, kind: str, key: str):
+    store = FeatureStore(store_root, dict(storage_items))
+    state, sidecar = load_checkpoint(store, dataset, kind, key)
+    model = build_head(kind, sidecar["input_dims"], HeadConfig(**sidecar["head_config"]))
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+def load_head(store: FeatureStore, dataset: str, kind: str, key: str):
+    """A trained head from its checkpoint (cached per process: workers embed many shards)."""
+    return _cached_head(store.url_root, tuple(sorted(store.storage_options.items())), dataset, kind, key)
+
+
+def compute_embedding_shard(job: ShardJob) -> ShardResult:
+    """Embed one shard's tower features with a trained head; clips missing an input are quarantined."""
+    start = time.perf_counter()
+    if job.worker_threads:
+        torch.set_num_threads(job.worker_threads)
+    store = FeatureStore(job.store_root, job.storage_options)
+    kind, head_key = job.params["head"], job.params["head_key"]
+    tower_keys = job.params["tower_keys"]
+    rows: dict[str, dict[str, np.ndarray]] = {}
+    quarantine_reasons: dict[str, str] = {}
+    for name, feature, array in HEAD_INPUTS[kind]:
+        manifest = store.shard_manifest(job.dataset, feature, tower_keys[feature], job.shard)
+        for entry in manifest.get("quarantined", []):
+            quarantine_reasons.setdefault(entry["id"], f"{feature}: {entry['reason']}")
+        table = store.read_arrays(job.dataset, feature, tower_keys[feature], shards=[job.shard], names=[array])
+        rows[name] = dict(zip(table.clip_ids, table.arrays[array]))
+    clip_ids = [clip_id for clip_id, _, _ in job.clips if all(clip_id in r for r in rows.values())]
+    quarantined = [
+        {"id": clip_id, "reason": quarantine_reasons.get(clip_id, "missing a tower feature")}
+        for clip_id, _, _ in job.clips
+        if clip_id not in clip_ids
+    ]
+    if clip_ids:
+        model = load_head(store, job.dataset, kind, head_key)
+        out = embed(model, kind, {name: np.stack([r[i] for i in clip_ids]) for name, r in rows.items()})
+    else:
+        out = {}
+    store.write_shard(
+        job.dataset, job.feature, job.key, job.shard,
+        clip_ids=clip_ids,
+        arrays={k: v.astype(np.float32) for k, v in out.items()},
+        manifest={
+            "params": job.params,
+            "code_version": job.code_version,
+            "input_keys": list(job.input_keys),
+            "clips": [{"id": c, "content_hash": h} for c, _, h in job.clips],
+            "quarantined": quarantined,
+            "compute_seconds": round(time.perf_counter() - start, 4),
+        },
+    )
+    return ShardResult(job.shard, len(clip_ids), quarantined, time.perf_counter() - start, True)
