@@ -204,7 +204,7 @@ _DECORD_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: (Error: )?")
 def _one_line(exc: BaseException) -> str:
     strerror = getattr(exc, "strerror", None)
     if isinstance(strerror, str) and type(exc).__module__.startswith("av."):
-        text = strerror  # FFmpeg's own words, without "[Errno -1094995529] ... '<none>'"
+        text = strerror  # FFmpeg's own words, without "[Errno 1094995529] ... '<none>'"
     else:
         text = str(exc)
     text = _DECORD_PREFIX.sub("", " ".join(text.split())) or type(exc).__name__

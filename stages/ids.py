@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
-# No dots: a dot would split a WebDataset key, and '.'/'..' would walk the tree.
+# No dots: a dot would split a WebDataset key, and '.'/'..' would walk the tree. Used with
+# fullmatch: with match, '$' also matches before a trailing newline ("abc\n" passed).
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -15,7 +16,7 @@ class UnsafeNameError(ValueError):
 
 def check_name(value: object, what: str = "name") -> str:
     """Return `value` if it is a safe store name, else raise UnsafeNameError with a one-line reason."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value) or set(value) <= {"-", "_"}:
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or set(value) <= {"-", "_"}:
         raise UnsafeNameError(
             f"{what} {value!r} is not allowed: use 1-128 letters, digits, '_' or '-' "
             "(no '/', '.', spaces or other characters)"

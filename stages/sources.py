@@ -11,6 +11,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,17 +152,23 @@ def _decoded_lines(config: SourceConfig, listing: SourceListing) -> list[tuple[i
         raw = fs.cat_file(path)
     except FileNotFoundError:
         raise SourceError(f"source file {config.path!r} does not exist") from None
+    except IsADirectoryError:
+        raise SourceError(f"source {config.path!r} is a folder: give the {config.kind} file itself") from None
     lines = []
     for number, line in enumerate(raw.splitlines(), start=1):
         try:
             text = line.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError:
-            guess = line.split(b",")[0].split(b'"id"')[-1].decode("ascii", "replace")[:40]
+            found = _ID_IN_JSON.search(line)  # a JSONL row's id, else a CSV row's first cell
+            guess = (found.group(1) if found else line.split(b",")[0]).decode("ascii", "replace").strip()[:40]
             listing.rejected.append(Rejected(guess, f"line {number}", "line is not valid UTF-8 (broken caption?)"))
             continue
         if text.strip():
             lines.append((number, text))
     return lines
+
+
+_ID_IN_JSON = re.compile(rb'"id"\s*:\s*"?([^",}]*)')
 
 
 def _media_root(config: SourceConfig) -> str:
@@ -231,7 +238,7 @@ def _read_vggsound(config: SourceConfig) -> SourceListing:
         youtube_id, start, label, split = (cell.strip() for cell in row[:4])
         try:
             start_int = int(float(start))
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: "inf"
             listing.rejected.append(Rejected(youtube_id, where, f"start_seconds {start!r} is not a number"))
             continue
         clip_id = f"{youtube_id}_{start_int:06d}"
@@ -243,8 +250,9 @@ def _read_vggsound(config: SourceConfig) -> SourceListing:
 def _read_jsonl(config: SourceConfig) -> SourceListing:
     """JSONL rows {id, path, caption and/or label, split}; path relative to the JSONL's folder."""
     listing = SourceListing()
+    lines = _decoded_lines(config, listing)  # first: a missing JSONL is named as such, not its folder
     media = list_media(_media_root(config), config.storage_options)  # one listing, not a HEAD per row
-    for number, text in _decoded_lines(config, listing):
+    for number, text in lines:
         where = f"line {number}"
         try:
             row = json.loads(text)
@@ -254,7 +262,11 @@ def _read_jsonl(config: SourceConfig) -> SourceListing:
         if not isinstance(row, dict):
             listing.rejected.append(Rejected("", where, "not a JSON object"))
             continue
-        clip_id = str(row.get("id", ""))
+        raw_id = row.get("id", "")
+        if not isinstance(raw_id, str) and type(raw_id) is not int:  # null must not become the clip "None"
+            listing.rejected.append(Rejected("", where, f"id must be a string, got {json.dumps(raw_id)[:40]}"))
+            continue
+        clip_id = str(raw_id)
         caption, label = row.get("caption", ""), row.get("label", "")
         if not isinstance(caption, str) or not isinstance(label, str):
             listing.rejected.append(Rejected(clip_id, where, "caption and label must be strings"))

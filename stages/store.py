@@ -99,6 +99,10 @@ class FeatureStore:
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None):
         self.url_root = str(root).rstrip("/")
         self.storage_options = dict(storage_options or {})
+        if fsspec.core.split_protocol(self.url_root)[0] not in (None, "file", "local") and "::" not in self.url_root:
+            # Shards are committed by other processes (Dask workers) and by zarr's own instance: a
+            # cached listing would hide them from committed_shards / exists / feature_keys.
+            self.storage_options.setdefault("use_listings_cache", False)
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url_root, **self.storage_options)
         except (ImportError, ValueError) as exc:

@@ -225,6 +225,21 @@ def test_a_moved_copy_is_rehashed_and_keeps_every_shard_name(wavs, tmp_path):
     assert list(new.by_shard()) == list(old.by_shard())  # fingerprints hash ids and content only
 
 
+def test_captions_with_unicode_line_separators_survive_save_and_load(wavs, tmp_path):
+    captions = {"c000": "first line\u2028second line", "c001": "a \u0085 next-line char", "c002": "para\u2029graph"}
+    rows = [{"id": i, "path": f"media/{i}.wav", "caption": captions.get(i, "plain")} for i in IDS]
+    wavs.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    listing = read_source(SourceConfig(kind="jsonl", path=str(wavs.jsonl)))
+    manifest, _ = build_manifest("wav", listing, None, shard_size=4)
+    assert {i: manifest.index()[i].caption for i in captions} == captions
+    assert ClipManifest.from_jsonl(manifest.to_jsonl()) == manifest
+    store = FeatureStore(str(tmp_path / "features"))
+    digest = save_manifest(store, manifest)
+    loaded = load_manifest(store, "wav", digest)
+    assert loaded == manifest
+    assert loaded.index()["c000"].caption == "first line\u2028second line"
+
+
 def test_shard_size_must_be_positive(wavs):
     with pytest.raises(ValueError, match="shard_size"):
         build_manifest("wav", wavs.list(IDS), None, shard_size=0)

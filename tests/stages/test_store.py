@@ -11,6 +11,7 @@ from importlib.metadata import version
 
 import numpy as np
 import pytest
+from fsspec.asyn import sync
 
 from stages.ids import UnsafeNameError
 from stages.store import FeatureStore, StoreError, feature_key
@@ -203,6 +204,44 @@ def test_crash_on_first_shard_means_no_feature_at_all(local_store, monkeypatch):
     assert local_store.feature_keys("ds", "feat") == []
     with pytest.raises(StoreError, match="no 'feat' features"):
         local_store.read_arrays("ds", "feat")
+
+
+def test_a_committed_shard_is_never_rewritten(store):
+    first = make_rows(2, seed=21)
+    committed = write(store, "s000000-once", ["a", "b"], first)
+    tar = f"{store.key_dir('ds', 'feat', 'k1')}/s000000-once.tar"
+    tar_bytes = store.fs.cat_file(tar)
+
+    # A second writer of the same (key, shard) - e.g. a concurrent run - leaves the commit alone.
+    again = write(store, "s000000-once", ["x", "y", "z"], make_rows(3, seed=22))
+    assert again == json.loads(json.dumps(committed))
+    assert store.fs.cat_file(tar) == tar_bytes
+    table = store.read_arrays("ds", "feat", "k1")
+    assert table.clip_ids == ["a", "b"]
+    for name in ("mel", "emb", "image"):
+        np.testing.assert_array_equal(table.arrays[name], first[name])
+
+
+def test_shards_committed_by_another_process_are_seen_on_s3(s3_bucket):
+    """The Dagster process lists a key, Dask workers commit shards, the process must see them."""
+    plain = {"client_kwargs": {"endpoint_url": s3_bucket["endpoint_url"]}}  # no cache setting given
+    reader = FeatureStore(s3_bucket["root"], plain)
+    # skip_instance_cache: a separate s3fs instance, like the one in a worker process.
+    worker = FeatureStore(s3_bucket["root"], {**plain, "skip_instance_cache": True})
+    assert worker.fs is not reader.fs
+    rows = make_rows(1, seed=4)
+    write(worker, "s000000-a", ["a"], rows)
+    assert reader.committed_shards("ds", "feat", "k1") == ["s000000-a"]  # the reader has listed the key now
+
+    write(worker, "s000001-b", ["b"], rows)
+    assert reader.committed_shards("ds", "feat", "k1") == ["s000000-a", "s000001-b"]
+    assert reader.has_shard("ds", "feat", "k1", "s000001-b")
+    assert reader.read_arrays("ds", "feat", "k1").clip_ids == ["a", "b"]
+    assert reader.update_catalog("ds", "feat", "k1", params={}, code_version="1")["rows"] == 2
+    write(worker, "s000000-a", ["a"], rows, key="k2")
+    assert reader.feature_keys("ds", "feat") == ["k1", "k2"]
+    worker.fs.clear_instance_cache()
+    sync(worker.fs.loop, worker.fs.s3.close)  # no "Unclosed client session" at exit
 
 
 def test_committed_manifest_carries_provenance_and_checksums(store):

@@ -1,0 +1,247 @@
+"""CLAP / CAVP heads trained on cached tower features, the embedding assets, and retrieval evaluation."""
+
+import posixpath
+from dataclasses import dataclass, field
+
+from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset, asset_check, AssetCheckResult
+from pydantic import Field
+
+from assets.features import _LazyExecutor, _check_feature, _run_metadata, _data_version
+from assets.resources import ComputeResource, FeatureStoreResource, PretrainedClapResource
+from stages import contrastive as C
+from stages.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
+from stages.features import FeatureRef, ManifestRef, run_feature
+from stages.manifest import load_manifest
+from stages.store import feature_key
+
+
+@dataclass(frozen=True)
+class HeadRef:
+    """A trained head (or a pretrained CLAP model folder) and the tower features it reads."""
+
+    dataset: str
+    kind: str
+    key: str
+    tower_keys: dict = field(default_factory=dict)
+    pretrained_dir: str = ""
+
+
+class HeadTrainingConfig(Config):
+    steps: int = Field(default=600, description="Optimizer steps (AdamW, cosine schedule).")
+    batch_size: int = Field(default=64, description="Clips per batch; the other clips of a batch are the negatives.")
+    learning_rate: float = Field(default=1e-3, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.01, description="AdamW weight decay.")
+    eval_every: int = Field(default=50, description="Validation loss every this many steps; the best weights are kept.")
+    seed: int = Field(default=0, description="Seed of initialisation and batch sampling.")
+    embed_dim: int = Field(default=256, description="Dimension of the shared embedding space.")
+    hidden_dim: int = Field(default=512, description="Hidden width of each projection MLP.")
+    dropout: float = Field(default=0.1, description="Dropout inside the projection MLPs.")
+    temporal_negatives: bool = Field(default=True, description="CAVP: other seconds of the same clip are negatives too (Diff-Foley).")
+
+
+def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: ManifestRef, towers: dict, feature_store) -> Output:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
+    train_config = C.HeadTrainConfig(**config.model_dump())
+    tower_keys = {ref.feature: ref.key for ref in towers.values()}
+    shards = sorted(manifest.by_shard())
+    key = feature_key(kind, train_config.params(), C.HEAD_CODE_VERSION, [*sorted(tower_keys.values()), *shards])
+    reused = has_checkpoint(store, manifest.dataset, kind, key)
+    if not reused:
+        data = C.paired_features(store, manifest, kind, tower_keys)
+        train, val = data.subset("train"), data.subset("val")
+        try:
+            result = C.train_head(kind, train, val, train_config, log=context.log.debug)
+        except (ValueError, FloatingPointError) as exc:
+            raise Failure(f"{kind} training failed: {exc}") from None
+        save_checkpoint(
+            store, manifest.dataset, kind, key, result.model.state_dict(),
+            {
+                "head_config": train_config.head_config().params(),
+                "train_config": train_config.params(),
+                "input_dims": C.input_dims(train),
+                "tower_keys": tower_keys,
+                "shards": shards,
+                "clips_train": len(train),
+                "clips_val": len(val),
+                "history": result.history,
+                "best_step": result.best_step,
+                "best_val_loss": result.best_val_loss,
+                "train_seconds": round(result.seconds, 2),
+            },
+        )
+    _, sidecar = load_checkpoint(store, manifest.dataset, kind, key)
+    history = sidecar["history"]
+    context.log.info(
+        f"{kind} {key}: {'reused' if reused else 'trained'}; best val loss {sidecar['best_val_loss']:.4f} at step {sidecar['best_step']}"
+    )
+    curve = C.rows_to_markdown(history, ["step", "train_loss", "val_loss", "temperature"]) if history else ""
+    return Output(
+        HeadRef(manifest.dataset, kind, key, tower_keys),
+        data_version=DataVersion(key),
+        metadata={
+            "checkpoint_key": key,
+            "checkpoint_url": MetadataValue.path(sidecar["url"]),
+            "reused": reused,
+            "parameters": sidecar["parameters"],
+            "weights_mb": MetadataValue.float(round(sidecar["weights_bytes"] / 1e6, 3)),
+            "clips_train": sidecar["clips_train"],
+            "clips_val": sidecar["clips_val"],
+            "best_step": sidecar["best_step"],
+            "best_val_loss": MetadataValue.float(round(sidecar["best_val_loss"], 4)),
+            "train_seconds": MetadataValue.float(sidecar["train_seconds"]),
+            "tower_keys": MetadataValue.json(tower_keys),
+            "loss_curve": MetadataValue.md(curve),
+        },
+    )
+
+
+@asset(description="CLAP-style audio<->text projection heads (symmetric InfoNCE) on the frozen audio and text towers.",
+       code_version=f"clap_head-{C.HEAD_CODE_VERSION}")
+def clap_head(
+    context: AssetExecutionContext,
+    config: HeadTrainingConfig,
+    clip_manifest: ManifestRef,
+    audio_tower_features: FeatureRef,
+    text_tower_features: FeatureRef,
+    feature_store: FeatureStoreResource,
+    pretrained_clap: PretrainedClapResource,
+) -> Output[HeadRef]:
+    if pretrained_clap.enabled:
+        context.log.info(f"using the pretrained ClapModel at {pretrained_clap.model_dir}; no head is trained")
+        return Output(
+            HeadRef(clip_manifest.dataset, C.CLAP_HEAD, "", {}, pretrained_clap.model_dir),
+            data_version=DataVersion(f"pretrained:{pretrained_clap.model_dir}"),
+            metadata={"pretrained_model_dir": pretrained_clap.model_dir},
+        )
+    return _train(context, C.CLAP_HEAD, config, clip_manifest,
+                  {"audio": audio_tower_features, "text": text_tower_features}, feature_store)
+
+
+@asset(description="CAVP-style audio<->video per-second projection heads (Eq. 1 of DiffGAP, temporal negatives).",
+       code_version=f"cavp_head-{C.HEAD_CODE_VERSION}")
+def cavp_head(
+    context: AssetExecutionContext,
+    config: HeadTrainingConfig,
+    clip_manifest: ManifestRef,
+    audio_tower_features: FeatureRef,
+    frame_tower_features: FeatureRef,
+    feature_store: FeatureStoreResource,
+) -> Output[HeadRef]:
+    return _train(context, C.CAVP_HEAD, config, clip_manifest,
+                  {"audio": audio_tower_features, "video": frame_tower_features}, feature_store)
+
+
+def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature_store, compute) -> Output:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
+    feature = C.EMBEDDING_FEATURE[kind]
+    if head.pretrained_dir:
+        from stages.pretrained_clap import PretrainedClapParams, compute_pretrained_clap_shard, PRETRAINED_CLAP_CODE_VERSION
+
+        params_obj = PretrainedClapParams(model_dir=head.pretrained_dir)
+        params, key, code_version, compute_fn, inputs = (
+            params_obj.params(), params_obj.key(), PRETRAINED_CLAP_CODE_VERSION, compute_pretrained_clap_shard, ()
+        )
+    else:
+        params = {"head": kind, "head_key": head.key, "tower_keys": head.tower_keys}
+        inputs = (head.key, *sorted(head.tower_keys.values()))
+        key = feature_key(feature, params, C.EMBEDDING_CODE_VERSION, inputs)
+        code_version, compute_fn = C.EMBEDDING_CODE_VERSION, C.compute_embedding_shard
+    run = run_feature(store, manifest, feature, key, params, code_version, compute_fn, _LazyExecutor(compute),
+                      input_keys=tuple(inputs), worker_threads=compute.worker_threads)
+    context.log.info(f"{feature} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
+    ref = FeatureRef(manifest.dataset, feature, run.key, manifest_ref.digest, tuple(run.shards))
+    metadata = _run_metadata(store, run)
+    metadata["head_key"] = head.key or f"pretrained:{head.pretrained_dir}"
+    return Output(ref, data_version=_data_version(run), metadata=metadata)
+
+
+@asset(description="CLAP embeddings of every clip's audio and caption (L2-normalised), from the trained head or a pretrained ClapModel.",
+       code_version=f"clap_embeddings-{C.EMBEDDING_CODE_VERSION}")
+def clap_embeddings(context: AssetExecutionContext, clap_head: HeadRef, clip_manifest: ManifestRef,
+                    feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[FeatureRef]:
+    return _embed(context, C.CLAP_HEAD, clap_head, clip_manifest, feature_store, compute)
+
+
+@asset(description="CAVP embeddings of every clip's audio and video: pooled and per second (L2-normalised).",
+       code_version=f"cavp_embeddings-{C.EMBEDDING_CODE_VERSION}")
+def cavp_embeddings(context: AssetExecutionContext, cavp_head: HeadRef, clip_manifest: ManifestRef,
+                    feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[FeatureRef]:
+    return _embed(context, C.CAVP_HEAD, cavp_head, clip_manifest, feature_store, compute)
+
+
+class RetrievalConfig(Config):
+    split: str = Field(default="test", description="Held-out split to evaluate on.")
+    seed: int = Field(default=0, description="Seed of the random-embedding and untrained-head baselines.")
+
+
+RETRIEVAL_COLUMNS = ["direction", "method", "R@1", "R@5", "R@10", "mean_rank", "median_rank", "n"]
+
+
+@asset(description="Retrieval R@1/5/10, mean/median rank for T->A, A->T, V->A, A->V on a held-out split, next to baselines.",
+       code_version="retrieval_evaluation-1")
+def retrieval_evaluation(
+    context: AssetExecutionContext,
+    config: RetrievalConfig,
+    clip_manifest: ManifestRef,
+    clap_head: HeadRef,
+    cavp_head: HeadRef,
+    clap_embeddings: FeatureRef,
+    cavp_embeddings: FeatureRef,
+    feature_store: FeatureStoreResource,
+) -> Output[list]:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    heads = {
+        C.CLAP_HEAD: {"embedding_key": clap_embeddings.key, "head_key": clap_head.key, "tower_keys": clap_head.tower_keys},
+        C.CAVP_HEAD: {"embedding_key": cavp_embeddings.key, "head_key": cavp_head.key, "tower_keys": cavp_head.tower_keys},
+    }
+    try:
+        rows = C.evaluate_retrieval(store, manifest, heads, split=config.split, seed=config.seed)
+    except ValueError as exc:
+        raise Failure(f"retrieval evaluation: {exc}") from None
+    key = feature_key("retrieval_evaluation", config.model_dump(), "1", [clap_embeddings.key, cavp_embeddings.key])
+    csv_path = posixpath.join(store.path(manifest.dataset, "evaluations", "retrieval"), f"{key}.csv")
+    store.write_bytes(csv_path, C.rows_to_csv(rows).encode())
+    table = C.rows_to_markdown(rows, RETRIEVAL_COLUMNS)
+    context.log.info(f"retrieval on split {config.split!r}:\n{table}\nCSV: {store.url(csv_path)}")
+    metadata = {"table": MetadataValue.md(table), "csv": MetadataValue.path(store.url(csv_path)), "split": config.split}
+    for row in rows:
+        if row["method"] == "trained":
+            metadata[f"{row['direction']} R@1"] = MetadataValue.float(round(row["R@1"], 2))
+    return Output(rows, data_version=DataVersion(key), metadata=metadata)
+
+
+@asset_check(asset=clap_embeddings, description="audio/text [N, d], unit norm, finite; rows + quarantined == manifest clips.")
+def clap_embeddings_valid(clap_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    return _check_embeddings(feature_store.store(), clap_embeddings, ("audio", "text"))
+
+
+@asset_check(asset=cavp_embeddings, description="audio/video [N, d] unit norm, finite; rows + quarantined == manifest clips.")
+def cavp_embeddings_valid(cavp_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    return _check_embeddings(feature_store.store(), cavp_embeddings, ("audio", "video"))
+
+
+def _check_embeddings(store, ref: FeatureRef, names) -> AssetCheckResult:
+    import numpy as np
+
+    first = _check_feature(store, ref, names[0], _row_shape(store, ref, names[0]))
+    if not first.passed:
+        return first
+    table = ref.read(store, names=list(names))
+    norms = {name: np.linalg.norm(table.arrays[name], axis=-1) for name in names}
+    worst = max(float(np.abs(n - 1).max()) if len(n) else 0.0 for n in norms.values())
+    return AssetCheckResult(
+        passed=worst < 1e-3,
+        description=f"max | |x| - 1 | = {worst:.2e} over {len(table)} rows",
+        metadata={"rows": len(table), "max_norm_error": float(worst)},
+    )
+
+
+def _row_shape(store, ref: FeatureRef, name: str):
+    for shard in ref.shards:
+        info = store.shard_manifest(ref.dataset, ref.feature, ref.key, shard)["arrays"].get(name)
+        if info:
+            return tuple(info["shape"][1:])
+    return ()
