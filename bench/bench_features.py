@@ -358,9 +358,23 @@ def main(argv: list[str] | None = None) -> int:
         ids_by_shard = [[c.id for c in members] for members in by_shard.values()]
         for r in range(args.repeats):
             r0 = time.perf_counter()
-            audio = timed(T["a"], lambda: decode_all(uris, spec))
+            # The slow naive loop first, then the fast steps back to back (the ratios pair (a) with (c)).
             if have_ffmpeg:
-                timed(T["b"], lambda: naive_loop(naive_uris, preset), cpu="children")  # + ffmpeg
+                timed(T["b"], lambda: naive_loop(naive_uris, preset), cpu="children")  # + its ffmpeg processes
+            audio = timed(T["a"], lambda: decode_all(uris, spec))
+            store = fresh_store()
+            run = timed(T["c"], lambda: run_mel(store, manifest, params, InProcessExecutor(), args.torch_threads))
+            assert run.shards_new == len(by_shard) and run.clips_ok == n, run  # sanity, not timing
+            rerun = timed(T["e"], lambda: run_mel(store, manifest, params, InProcessExecutor(), args.torch_threads))
+            assert rerun.shards_new == 0 and rerun.shards_reused == len(by_shard), rerun
+            rows = timed(T["d.zarr"], lambda: read_zarr(store, dataset, key))
+            assert rows == n, rows
+            rows = timed(T["d.wds"], lambda: read_webdataset(store, dataset, key))
+            assert rows == n, rows
+            if r == args.repeats - 1 and have_ffmpeg:
+                check = compare_with_librosa(store, dataset, key, uri_by_id, spec, preset)
+            drop(store)
+
             # The parts of (c), measured alone on the audio decoded by (a).
             audio_by_shard, i = [], 0
             for ids in ids_by_shard:
@@ -372,23 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             drop(s)
             del audio, audio_by_shard, mels
 
-            store = fresh_store()
-            run = timed(T["c"], lambda: run_mel(store, manifest, params, InProcessExecutor(), args.torch_threads))
-            assert run.shards_new == len(by_shard) and run.clips_ok == n, run  # sanity, not timing
             if dask is not None:
                 s2 = fresh_store()
                 run2 = timed(T["c2"], lambda: run_mel(s2, manifest, params, dask, 1), cpu="none")
                 assert run2.shards_new == len(by_shard) and run2.clips_ok == n, run2
                 drop(s2)
-            rerun = timed(T["e"], lambda: run_mel(store, manifest, params, InProcessExecutor(), args.torch_threads))
-            assert rerun.shards_new == 0 and rerun.shards_reused == len(by_shard), rerun
-            rows = timed(T["d.zarr"], lambda: read_zarr(store, dataset, key))
-            assert rows == n, rows
-            rows = timed(T["d.wds"], lambda: read_webdataset(store, dataset, key))
-            assert rows == n, rows
-            if r == args.repeats - 1 and have_ffmpeg:
-                check = compare_with_librosa(store, dataset, key, uri_by_id, spec, preset)
-            drop(store)
             print(f"repeat {r + 1}/{args.repeats}: {time.perf_counter() - r0:.1f} s")
         if args.profile:
             import cProfile
@@ -448,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         if not b.skipped:
             print(f"| (c2)/(b) speed-up, clips/s | {c2.rate / b.rate:.2f}x | (info) | | "
                   f"{min(b.walls) / min(c2.walls) * c2.clips / b.clips:.2f}x |")
+    busy = {k: T[k].cores for k in ("a", "c", "c.mel", "c.write") if T[k].cores is not None}
+    if busy and min(busy.values()) < 0.85:
+        print(f"\nWARNING: single-process steps got only {min(busy.values()):.2f} of a core (CPU cores busy column): "
+              "other processes were using the CPU, so times are inflated and ratios unreliable. "
+              "Re-run on a quiet machine (compare the best-of-repeats column).")
     parts = T["c.mel"].median + T["c.write"].median
     print(f"\nwhere (c) goes: decode {a.median:.3f} s ({a.median / c.median:.0%}), "
           f"STFT+mel {T['c.mel'].median:.3f} s ({T['c.mel'].median / c.median:.0%}), "

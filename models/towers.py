@@ -276,6 +276,8 @@ class AudioTower:
             raise TowerWeightsError(f"aisfx {AISFX_HEAD!r} head has {n_classes} classes, expected {self.n_classes}")
         self.model = _build_aisfx(ds_dict, state, seed)
         self.model.to(self.device).eval()
+        # channels_last: 2-3x faster convolutions on CPU (oneDNN), same numbers to ~1e-6 relative.
+        self.model.embedding_net.to(memory_format=torch.channels_last)
         self.head = self.model.fc[head_index]
         mel = librosa.filters.mel(
             sr=AISFX_SAMPLE_RATE, n_fft=AISFX_N_FFT, n_mels=AISFX_N_MELS, fmin=AISFX_FMIN, fmax=AISFX_FMAX,
@@ -341,6 +343,19 @@ class AudioTower:
         return np.floor(centres + 0.5).astype(np.int64) - AISFX_BLOCK // 2
 
     @torch.no_grad()
+    def embed_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [n, 512] and ucsMixed logits [n, 69] of spectrogram blocks [n, 100, 96]."""
+        blocks = torch.as_tensor(blocks, dtype=torch.float32, device=self.device)
+        embeddings, logits = [], []
+        for chunk in blocks.split(self.block_batch):
+            emb = self.model.embedding_net(chunk)
+            embeddings.append(emb)
+            logits.append(self.head(emb))
+        if not embeddings:
+            return torch.zeros((0, self.dim)), torch.zeros((0, self.n_classes))
+        return torch.cat(embeddings), torch.cat(logits)
+
+    @torch.no_grad()
     def embed(self, audio: np.ndarray, seconds: float | None = None) -> dict[str, np.ndarray]:
         """pooled float32 [B, 512], per_second [B, S, 512] with S = floor(seconds), logits [B, 69]."""
         audio = np.asarray(audio, dtype=np.float32)
@@ -362,13 +377,9 @@ class AudioTower:
         padded = F.pad(spec, (0, 0, pad, pad))  # zeros = the normalised spectrogram of silence
         index = torch.as_tensor(starts[:, None] + pad + np.arange(AISFX_BLOCK)[None, :], device=self.device)
         blocks = padded[:, index].reshape(batch * n_blocks, AISFX_BLOCK, AISFX_N_MELS)
-        embeddings, logits = [], []
-        for chunk in blocks.split(self.block_batch):
-            emb = self.model.embedding_net(chunk)
-            embeddings.append(emb)
-            logits.append(self.head(emb))
-        per_second = torch.cat(embeddings).reshape(batch, n_blocks, self.dim)
-        block_logits = torch.cat(logits).reshape(batch, n_blocks, self.n_classes)
+        block_embeddings, block_logits = self.embed_blocks(blocks)
+        per_second = block_embeddings.reshape(batch, n_blocks, self.dim)
+        block_logits = block_logits.reshape(batch, n_blocks, self.n_classes)
         return {
             "pooled": per_second.mean(dim=1).float().cpu().numpy(),
             "per_second": per_second.float().cpu().numpy(),

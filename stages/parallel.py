@@ -35,7 +35,7 @@ class DaskExecutor:
         else:
             # Processes, one thread each: decoding and STFT hold the GIL for parts of their work.
             self.cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=None
+                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=":0"
             )
             self.client = Client(self.cluster)
 
