@@ -331,8 +331,9 @@ def _check_audio(audio: np.ndarray) -> np.ndarray:
 
 
 def _pooled(out: Any) -> np.ndarray:
-    """get_*_features returns a tensor in transformers 4.x and a model output whose pooler_output
-    holds the (already normalised) projection in 5.x; accept both."""
+    """get_*_features returns a tensor in transformers 4.x; in 5.x a BaseModelOutputWithPooling whose
+    pooler_output holds the projected, already normalised embedding (not the tower's pooled
+    state, as the name suggests). Accept both; the caller normalises again."""
     tensor = out if hasattr(out, "detach") else out.pooler_output
     return tensor.detach().float().cpu().numpy()
 

@@ -116,6 +116,23 @@ def test_folder_looks_like_laions_and_loads_offline_without_network(clap_dir, mo
     assert model.embed_text(["a dog"]).shape == (1, DIM)
 
 
+def test_roberta_tokenizer_from_vocab_and_merges_files_loads_too(clap_dir, tmp_path):
+    # LAION's folders also carry the slow tokenizer's vocab.json + merges.txt (byte-level BPE).
+    folder = tmp_path / "bpe-clap"
+    shutil.copytree(clap_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 4, "d": 5, "o": 6, "g": 7, "\u0120": 8,
+             "do": 9, "dog": 10, "\u0120dog": 11, "\u0120a": 12, "<mask>": 13}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nd o\ndo g\n\u0120 dog\n\u0120 a\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer"}))
+    model = PretrainedClap(str(folder))
+    assert model.tokenizer(["a dog"])["input_ids"] == [[0, 4, 11, 2]]
+    vectors = model.embed_text(["a dog", "dog"])
+    assert vectors.shape == (2, DIM) and not np.allclose(vectors[0], vectors[1], atol=1e-3)
+
+
 def test_load_is_cached_per_process(clap_dir, clap):
     assert load_pretrained_clap(str(clap_dir)) is clap
     assert load_pretrained_clap(str(clap_dir) + "/") is clap  # the same folder spelled differently
