@@ -72,3 +72,50 @@ def list_checkpoints(store: FeatureStore, dataset: str, name: str) -> list[dict]
     pattern = posixpath.join(store.path(check_name(dataset, "dataset"), MODELS_FOLDER, check_name(name, "model name")), "*", "checkpoint.json")
     sidecars = [store.read_json(p) for p in store.fs.glob(pattern)]
     return sorted(sidecars, key=lambda s: s.get("created", ""), reverse=True)
+
+
+# ---- in-progress training state (resume after a kill) ---------------------------------------------
+
+def save_progress(store: FeatureStore, dataset: str, name: str, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Training state mid-run (model + optimizer tensors, step, ...) beside the final checkpoint.
+
+    Tensors first, then the JSON that points at their hash: a kill between the two leaves the
+    previous progress valid.
+    """
+    folder = checkpoint_dir(store, dataset, name, key)
+    data = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    digest = hashlib.sha256(data).hexdigest()
+    store.write_bytes(posixpath.join(folder, f"progress-{digest[:16]}.safetensors"), data)
+    store.write_json(posixpath.join(folder, "progress.json"), {**meta, "tensors_sha256": digest})
+
+
+def load_progress(store: FeatureStore, dataset: str, name: str, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    folder = checkpoint_dir(store, dataset, name, key)
+    meta_path = posixpath.join(folder, "progress.json")
+    if not store.exists(meta_path):
+        return None
+    meta = store.read_json(meta_path)
+    with store.fs.open(posixpath.join(folder, f"progress-{meta['tensors_sha256'][:16]}.safetensors"), "rb") as handle:
+        data = handle.read()
+    if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
+        return None
+    return load_safetensors(data), meta
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer's state into safetensors-friendly tensors + JSON-able groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optimizer.{index}.{slot}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], groups: Mapping[str, Any]) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, slot = name.split(".", 2)
+            state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})

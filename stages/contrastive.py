@@ -112,7 +112,15 @@ class TrainResult:
     seconds: float
 
 
-def train_head(
+def train_head(*args, **kwargs) -> "TrainResult":
+    """See _train_head; small heads train on one thread (see stages.parallel.torch_threads)."""
+    from stages.parallel import torch_threads
+
+    with torch_threads(1):
+        return _train_head(*args, **kwargs)
+
+
+def _train_head(
     kind: str,
     train: PairedFeatures,
     val: PairedFeatures,

@@ -1,0 +1,326 @@
+"""DiffGAP training (Algorithm 1: bidirectional split training), retrieval with generated
+embeddings, the ridge-regression control, and the ablations of Tables V-VII.
+
+One model per contrastive space: CLAP (text <-> audio) and CAVP (video <-> audio, pooled).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, DenoiserConfig, diffusion_loss, make_train_scheduler, sample
+from stages.contrastive import CAVP_FEATURE, CLAP_FEATURE
+from stages.manifest import ClipManifest
+from stages.parallel import torch_threads
+from stages.retrieval import normalize, retrieval_metrics
+from stages.store import FeatureStore
+
+DIFFGAP_CODE_VERSION = "1"
+# space -> (embedding feature, the non-audio modality, its letter in direction names)
+SPACES = {"clap": (CLAP_FEATURE, "text", "T"), "cavp": (CAVP_FEATURE, "video", "V")}
+BLEND_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+
+
+def model_name(space: str) -> str:
+    return f"diffgap_{space}"
+
+
+def direction_names(space: str) -> dict[int, str]:
+    letter = SPACES[space][2]
+    return {TO_AUDIO: f"{letter}->A", FROM_AUDIO: f"A->{letter}"}
+
+
+@dataclass(frozen=True)
+class DiffgapTrainConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    learning_rate: float = 2e-4  # the paper's Adam learning rate
+    weight_decay: float = 0.0
+    bst: bool = True
+    # The paper swaps every 5000 of roughly 20k-90k iterations; 250 of 3000 keeps about that ratio.
+    bst_interval: int = 250
+    single_direction: int = TO_AUDIO  # when bst is off: which way the model learns
+    condition_dropout: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    update_steps: int = 1000  # warm start on new shards: steps on new + replayed clips
+    replay_fraction: float = 0.5  # share of each warm-start batch drawn from previously seen clips
+    width: int = 280
+    depth: int = 2
+    direction_embedding: bool = True
+
+    def denoiser_config(self, embed_dim: int) -> DenoiserConfig:
+        return DenoiserConfig(embed_dim=embed_dim, width=self.width, depth=self.depth, direction_embedding=self.direction_embedding)
+
+    def params(self) -> dict:
+        return asdict(self)
+
+    def direction_at(self, step: int) -> int:
+        """Algorithm 1: condition and target swap every bst_interval iterations."""
+        if not self.bst:
+            return self.single_direction
+        return TO_AUDIO if ((step - 1) // max(1, self.bst_interval)) % 2 == 0 else FROM_AUDIO
+
+
+@dataclass
+class EmbeddingPairs:
+    """Audio and the other modality's embeddings of the same clips, unit vectors."""
+
+    clip_ids: list[str]
+    audio: np.ndarray
+    other: np.ndarray
+    splits: list[str]
+    shards: list[str] = field(default_factory=list)
+
+    def subset(self, split: str) -> "EmbeddingPairs":
+        keep = [i for i, s in enumerate(self.splits) if s == split]
+        return EmbeddingPairs([self.clip_ids[i] for i in keep], self.audio[keep], self.other[keep], [split] * len(keep), self.shards)
+
+    def rows_of(self, clip_ids: set[str]) -> np.ndarray:
+        return np.array([i for i, c in enumerate(self.clip_ids) if c in clip_ids], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    def condition_target(self, direction: int) -> tuple[np.ndarray, np.ndarray]:
+        return (self.other, self.audio) if direction == TO_AUDIO else (self.audio, self.other)
+
+
+def load_pairs(store: FeatureStore, manifest: ClipManifest, space: str, embedding_key: str) -> EmbeddingPairs:
+    feature, other, _ = SPACES[space]
+    shards = sorted(manifest.by_shard())
+    table = store.read_arrays(manifest.dataset, feature, embedding_key, shards=shards, names=["audio", other])
+    index = manifest.index()
+    return EmbeddingPairs(
+        table.clip_ids,
+        normalize(table.arrays["audio"]) if len(table) else np.zeros((0, 0), np.float32),
+        normalize(table.arrays[other]) if len(table) else np.zeros((0, 0), np.float32),
+        [index[c].split for c in table.clip_ids],
+        shards,
+    )
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Hooks to save and restore mid-run state; the stage stays storage-agnostic."""
+
+    load: Callable[[], tuple[int, dict, dict, dict] | None] = lambda: None  # -> (step, model, optimizer tensors, groups)
+    save: Callable[[int, Denoiser, torch.optim.Optimizer, list], None] = lambda step, model, optimizer, history: None
+
+
+@dataclass
+class DiffgapTrainResult:
+    model: Denoiser
+    history: list[dict]
+    steps_run: int
+    resumed_from: int
+    seconds: float
+
+
+SMALL_MODEL_THREADS = 1
+
+
+def train_diffgap(*args, **kwargs) -> "DiffgapTrainResult":
+    with torch_threads(SMALL_MODEL_THREADS):
+        return _train_diffgap(*args, **kwargs)
+
+
+def _train_diffgap(
+    train: EmbeddingPairs,
+    config: DiffgapTrainConfig,
+    init_state: Mapping[str, torch.Tensor] | None = None,
+    new_clip_ids: set[str] | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> DiffgapTrainResult:
+    """Train (or warm-start) a denoiser on one space's training pairs.
+
+    From scratch: ``config.steps`` steps on all clips. Warm start (``init_state`` and
+    ``new_clip_ids``): ``config.update_steps`` steps whose batches mix new clips with replayed
+    old ones (``replay_fraction``), so the model learns the new data without forgetting.
+    """
+    if len(train) < 2:
+        raise ValueError(f"need at least 2 training clips with embeddings, got {len(train)}")
+    start = time.perf_counter()
+    progress = progress or Progress()
+    model = Denoiser(config.denoiser_config(train.audio.shape[1]))
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = make_train_scheduler(model.config)
+    warm = init_state is not None and new_clip_ids is not None
+    total_steps = config.update_steps if warm else config.steps
+    new_rows = train.rows_of(new_clip_ids) if warm else np.arange(len(train))
+    old_rows = np.setdiff1d(np.arange(len(train)), new_rows)
+    if warm and not len(new_rows):
+        raise ValueError("warm start asked for, but none of the new clips is in the training split")
+    first_step, history = 1, []
+    restored = progress.load()
+    if restored is not None:
+        step_done, model_state, optimizer_state, groups = restored
+        model.load_state_dict(model_state)
+        from stages.checkpoints import restore_optimizer
+
+        restore_optimizer(optimizer, optimizer_state, groups)
+        first_step, history = step_done + 1, list(groups.get("history", []))
+        if log:
+            log(f"resuming at step {first_step} of {total_steps}")
+    audio = torch.from_numpy(train.audio)
+    other = torch.from_numpy(train.other)
+    rng = np.random.default_rng([config.seed, first_step])
+    generator = torch.Generator().manual_seed(config.seed * 100003 + first_step)
+    batch_size = min(config.batch_size, len(train))
+    model.train()
+    running = []
+    for step in range(first_step, total_steps + 1):
+        if warm and len(old_rows):
+            n_old = int(round(batch_size * config.replay_fraction))
+            rows = np.concatenate([rng.choice(new_rows, batch_size - n_old), rng.choice(old_rows, n_old)])
+        else:
+            rows = rng.choice(new_rows, batch_size, replace=len(new_rows) < batch_size)
+        direction = config.direction_at(step)
+        rows_t = torch.from_numpy(rows)
+        condition, target = (other[rows_t], audio[rows_t]) if direction == TO_AUDIO else (audio[rows_t], other[rows_t])
+        loss = diffusion_loss(model, scheduler, target, condition, torch.full((len(rows),), direction),
+                              config.condition_dropout, generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"DiffGAP loss became {loss.item()} at step {step}; lower learning_rate")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        if step % 100 == 0 or step == total_steps:
+            history.append({"step": step, "loss": float(np.mean(running)), "direction": int(direction)})
+            running = []
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            progress.save(step, model, optimizer, history)
+            if log:
+                log(f"step {step}/{total_steps}: loss {history[-1]['loss']:.4f}")
+    model.eval()
+    return DiffgapTrainResult(model, history, total_steps - first_step + 1, first_step - 1, time.perf_counter() - start)
+
+
+# ---- generation and retrieval -------------------------------------------------------------------
+
+def generate(
+    model: Denoiser, condition: np.ndarray, direction: int, steps: int = 50, sampler: str = "ddim",
+    samples: int = 4, seed: int = 0, project: bool = True, batch: int = 256,
+) -> np.ndarray:
+    """Mean of `samples` generated target embeddings per condition, renormalised: [N, d]."""
+    with torch_threads(SMALL_MODEL_THREADS):
+        return _generate(model, condition, direction, steps, sampler, samples, seed, project, batch)
+
+
+def _generate(model, condition, direction, steps, sampler, samples, seed, project, batch) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(condition), batch):
+        chunk = torch.from_numpy(np.asarray(condition[i : i + batch], np.float32))
+        drawn = sample(model, chunk, direction, steps=steps, sampler=sampler, samples_per_condition=samples,
+                       project=project, generator=generator)
+        out.append(normalize(drawn.mean(dim=1).numpy()))
+    return np.concatenate(out) if out else np.zeros((0, condition.shape[-1]), np.float32)
+
+
+def blended_metrics(query: np.ndarray, gallery: np.ndarray, predicted: np.ndarray, weight: float) -> dict:
+    """Rank the gallery by (1 - w) * sim(query, g) + w * sim(predicted target, g)."""
+    from stages.retrieval import match_ranks
+
+    scores = (1 - weight) * (query @ gallery.T) + weight * (predicted @ gallery.T)
+    ranks = match_ranks(scores)
+    return {
+        "R@1": float(100 * np.mean(ranks <= 1)), "R@5": float(100 * np.mean(ranks <= 5)),
+        "R@10": float(100 * np.mean(ranks <= 10)), "mean_rank": float(ranks.mean()),
+        "median_rank": float(np.median(ranks)), "n": int(len(ranks)),
+    }
+
+
+def choose_blend(query: np.ndarray, gallery: np.ndarray, predicted: np.ndarray, weights: Sequence[float] = BLEND_WEIGHTS) -> float:
+    """The blend weight with the best validation R@1 (mean rank breaks ties; smaller w wins ties)."""
+    scored = []
+    for w in weights:
+        metrics = blended_metrics(query, gallery, predicted, w)
+        scored.append((-metrics["R@1"], metrics["mean_rank"], w))
+    return float(min(scored)[2])
+
+
+def fit_ridge(condition: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
+    """Closed-form ridge map W: condition @ W ~ target."""
+    d = condition.shape[1]
+    return np.linalg.solve(condition.T @ condition + alpha * np.eye(d), condition.T @ target)
+
+
+RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@dataclass
+class SplitData:
+    train: EmbeddingPairs
+    val: EmbeddingPairs
+    test: EmbeddingPairs
+
+
+def split_pairs(pairs: EmbeddingPairs) -> SplitData:
+    data = SplitData(pairs.subset("train"), pairs.subset("val"), pairs.subset("test"))
+    for name in ("train", "val", "test"):
+        if len(getattr(data, name)) < 2:
+            raise ValueError(f"split {name!r} has {len(getattr(data, name))} clips with embeddings; need at least 2")
+    return data
+
+
+def evaluate_direction(
+    space: str, direction: int, data: SplitData, model: Denoiser | None, *, steps: int = 50, sampler: str = "ddim",
+    samples: int = 4, seed: int = 0, include_controls: bool = True, label: str = "DiffGAP",
+) -> list[dict]:
+    """Rows for one direction on the test split: base encoder, ridge control, DiffGAP.
+
+    Blend weights (and the ridge alpha) are chosen on the validation split, never on test.
+    """
+    name = direction_names(space)[direction]
+    val_q, val_g = data.val.condition_target(direction)
+    test_q, test_g = data.test.condition_target(direction)
+    rows = []
+
+    def row(method: str, metrics: dict, weight: float | None, **extra) -> dict:
+        return {"space": space, "direction": name, "method": method, "blend_weight": weight, "seed": seed,
+                "steps": extra.get("steps", ""), "sampler": extra.get("sampler", ""), **metrics}
+
+    if include_controls:
+        rows.append(row("base encoder", retrieval_metrics(test_q, test_g), None))
+        train_q, train_g = data.train.condition_target(direction)
+        best = None
+        for alpha in RIDGE_ALPHAS:
+            ridge = fit_ridge(train_q, train_g, alpha)
+            val_pred = normalize(val_q @ ridge)
+            weight = choose_blend(val_q, val_g, val_pred)
+            score = blended_metrics(val_q, val_g, val_pred, weight)
+            key = (-score["R@1"], score["mean_rank"])
+            if best is None or key < best[0]:
+                best = (key, alpha, weight)
+        _, alpha, weight = best
+        ridge = fit_ridge(train_q, train_g, alpha)
+        rows.append(row(f"ridge control (alpha {alpha:g})", blended_metrics(test_q, test_g, normalize(test_q @ ridge), weight), weight))
+    if model is not None:
+        val_pred = generate(model, val_q, direction, steps, sampler, samples, seed)
+        weight = choose_blend(val_q, val_g, val_pred)
+        test_pred = generate(model, test_q, direction, steps, sampler, samples, seed + 1)
+        rows.append(row(label, blended_metrics(test_q, test_g, test_pred, weight), weight, steps=steps, sampler=sampler))
+        rows.append(row(f"{label} (generated only)", blended_metrics(test_q, test_g, test_pred, 1.0), 1.0, steps=steps, sampler=sampler))
+    return rows
+
+
+def gap_statistics(pairs: EmbeddingPairs) -> dict:
+    """How far apart the two modalities sit: mean cosine of matched pairs vs unmatched ones, and
+    the distance between the modality centroids (the 'modality gap')."""
+    matched = float(np.mean(np.sum(pairs.audio * pairs.other, axis=1)))
+    sims = pairs.audio @ pairs.other.T
+    unmatched = float((sims.sum() - np.trace(sims)) / max(1, sims.size - len(sims)))
+    gap = float(np.linalg.norm(pairs.audio.mean(0) - pairs.other.mean(0)))
+    return {"matched_cosine": matched, "unmatched_cosine": unmatched, "centroid_gap": gap}

@@ -1,0 +1,486 @@
+"""KL-VAEs on cached audio images and video frames: training, scaling factor, metrics, latents per shard.
+
+MM-LDM section 3.1: audio images and video frames are compressed by a KL-VAE into perceptual
+latents. Here one small AutoencoderKL per modality (``audio_vae`` on audio images, ``frame_vae``
+on video frames; see the measurements in the module's tests and the report for why they are not
+shared) is trained on the cached images of the training split, or loaded from a local pretrained
+folder. The latent scaling factor is 1 / std of the posterior means of the training images, so
+scaled latents have unit variance on the training split; it is stored in the checkpoint sidecar.
+
+``vae_latents`` stores, per shard, the scaled posterior means of every clip that has all of the
+requested modalities::
+
+    audio  [N, C, h, w]      latents of the clip's audio image
+    frames [N, T, C, h, w]   latents of each of its video frames
+
+read through ``FeatureStore.read_arrays(dataset, "vae_latents", key)``; the shard manifest's
+``params["vaes"]`` names each VAE checkpoint and its scaling factor (``decode_latents`` undoes it).
+
+No dagster here: usable from a notebook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from models.vae import VaeConfig, build_vae, decode, encode, images_to_tensor, load_pretrained_vae, check_pretrained_dir, vae_from_config, vae_loss
+from stages.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
+from stages.features import AUDIO_IMAGE_FEATURE, MEL_FEATURE, ShardJob, ShardResult
+from stages.frames import VIDEO_FRAMES_FEATURE
+from stages.manifest import ClipManifest
+from stages.spectral import MelPreset, audio_image_to_mel, get_preset
+from stages.store import FeatureStore, canonical_json, feature_key
+
+AUDIO_VAE, FRAME_VAE = "audio_vae", "frame_vae"
+LATENT_FEATURE = "vae_latents"
+# Bump when the code changes the weights it trains / the latents it stores.
+VAE_CODE_VERSION = "1"
+LATENT_CODE_VERSION = "1"
+
+# What each modality reads: (feature, array in that feature).
+MODALITY_INPUTS = {"audio": (AUDIO_IMAGE_FEATURE, "image"), "frames": (VIDEO_FRAMES_FEATURE, "frames")}
+MODALITIES = tuple(MODALITY_INPUTS)
+
+
+@dataclass(frozen=True)
+class VaeTrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-5  # per latent element, next to a per-pixel L1 in [-1, 1] units
+    spectral_weight: float = 0.0
+    eval_every: int = 50
+    seed: int = 0
+    max_val_images: int = 256  # validation images scored at each evaluation (a fixed seeded subset)
+    frame_stride: int = 1  # frames only: train on every k-th frame of each clip
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    mid_block_attention: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        if self.steps < 0 or self.batch_size < 1 or self.eval_every < 1 or self.frame_stride < 1 or self.max_val_images < 1:
+            raise ValueError("steps must be >= 0 and batch_size, eval_every, frame_stride, max_val_images >= 1")
+        if not self.learning_rate > 0 or self.kl_weight < 0 or self.spectral_weight < 0:
+            raise ValueError("learning_rate must be > 0 and kl_weight, spectral_weight >= 0")
+        self.vae_config()  # validates the architecture
+
+    def vae_config(self) -> VaeConfig:
+        return VaeConfig(
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels,
+            norm_num_groups=self.norm_num_groups,
+            mid_block_attention=self.mid_block_attention,
+        )
+
+    def params(self) -> dict:
+        return {**asdict(self), "block_out_channels": list(self.block_out_channels)}
+
+
+# ---- images from the store ------------------------------------------------------------------------
+
+@dataclass
+class ImageSet:
+    """uint8 images [N, H, W, 3], the clip and split of each (frames: one row per frame)."""
+
+    images: np.ndarray
+    clip_ids: list[str]
+    splits: list[str]
+
+    def subset(self, split: str) -> "ImageSet":
+        keep = [i for i, s in enumerate(self.splits) if s == split]
+        return ImageSet(self.images[keep], [self.clip_ids[i] for i in keep], [split] * len(keep))
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    @property
+    def clips(self) -> int:
+        return len(set(self.clip_ids))
+
+
+def read_image_set(
+    store: FeatureStore, manifest: ClipManifest, modality: str, key: str, shards: Sequence[str] | None = None,
+    frame_stride: int = 1,
+) -> ImageSet:
+    """Every cached image of one modality (frames flattened, every ``frame_stride``-th), with splits."""
+    feature, array = MODALITY_INPUTS[modality]
+    table = store.read_arrays(manifest.dataset, feature, key, shards=shards, names=[array])
+    index = manifest.index()
+    keep = [i for i, clip_id in enumerate(table.clip_ids) if clip_id in index]
+    ids = [table.clip_ids[i] for i in keep]
+    if not keep:
+        return ImageSet(np.zeros((0, 1, 1, 3), np.uint8), [], [])
+    values = table.arrays[array][keep]
+    if modality == "frames":
+        values = values[:, ::frame_stride]
+        per_clip = values.shape[1]
+        values = values.reshape(-1, *values.shape[2:])
+        ids = [clip_id for clip_id in ids for _ in range(per_clip)]
+    return ImageSet(np.ascontiguousarray(values), ids, [index[clip_id].split for clip_id in ids])
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+@dataclass
+class VaeTrainResult:
+    model: Any
+    history: list[dict]
+    best_step: int
+    best_val_l1: float
+    seconds: float
+    val_source: str  # "val", or "train" when the validation split is empty
+
+
+def _fixed_subset(count: int, limit: int, seed: int) -> np.ndarray:
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+
+
+@torch.no_grad()
+def reconstruction_l1(vae, images: np.ndarray, batch_size: int = 64) -> float:
+    """Mean |x - x_hat| in [-1, 1] units, decoding the posterior means."""
+    vae.eval()
+    device = next(vae.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        x = images_to_tensor(images[start : start + batch_size], device)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        total += float((y - x).abs().sum())
+        count += x.numel()
+    return total / max(count, 1)
+
+
+def train_vae(
+    train: np.ndarray,
+    val: np.ndarray,
+    config: VaeTrainConfig,
+    device: str = "cpu",
+    init_state: Mapping[str, torch.Tensor] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> VaeTrainResult:
+    """AdamW (one-cycle schedule) on random batches; keeps the weights with the lowest validation L1.
+
+    ``train`` / ``val`` are uint8 [N, H, W, 3]. An empty validation set scores a fixed subset of
+    the training images instead (``val_source`` says so).
+    """
+    if len(train) < 1:
+        raise ValueError("need at least 1 training image")
+    start = time.perf_counter()
+    vae = build_vae(config.vae_config(), seed=config.seed).to(device)
+    if init_state is not None:
+        vae.load_state_dict(init_state)
+    val_source = "val" if len(val) else "train"
+    scored = val if len(val) else train
+    scored = scored[_fixed_subset(len(scored), config.max_val_images, config.seed)]
+    rng = np.random.default_rng(config.seed)
+    best = (reconstruction_l1(vae, scored), 0, {k: v.detach().clone() for k, v in vae.state_dict().items()})
+    history = [{"step": 0, "train_l1": float("nan"), "train_kl": float("nan"), "val_l1": round(best[0], 5)}]
+    if config.steps:
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.05, anneal_strategy="cos"
+        )
+    vae.train()
+    batch = min(config.batch_size, len(train))
+    for step in range(1, config.steps + 1):
+        rows = np.sort(rng.choice(len(train), size=batch, replace=False))
+        loss, parts = vae_loss(vae, images_to_tensor(train[rows], device), config.kl_weight, config.spectral_weight)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"VAE training loss became {float(loss)} at step {step}; lower learning_rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % config.eval_every == 0 or step == config.steps:
+            current = reconstruction_l1(vae, scored)
+            vae.train()
+            history.append({"step": step, "train_l1": round(parts["l1"], 5), "train_kl": round(parts["kl"], 4),
+                            "val_l1": round(current, 5)})
+            if current < best[0]:
+                best = (current, step, {k: v.detach().clone() for k, v in vae.state_dict().items()})
+            if log:
+                log(f"VAE step {step}/{config.steps}: train L1 {parts['l1']:.4f} KL {parts['kl']:.3f}; {val_source} L1 {current:.4f}")
+    vae.load_state_dict(best[2])
+    vae.eval()
+    return VaeTrainResult(vae, history, best[1], best[0], time.perf_counter() - start, val_source)
+
+
+def compute_scaling_factor(vae, images: np.ndarray, max_images: int = 1024, seed: int = 0) -> float:
+    """1 / std of the posterior means of (a seeded subset of) the images: scaled latents have unit std."""
+    if not len(images):
+        raise ValueError("the scaling factor needs at least one image")
+    rows = _fixed_subset(len(images), max_images, seed)
+    std = float(encode(vae, images[rows]).std())
+    if not math.isfinite(std) or std <= 0:
+        raise FloatingPointError(f"latent std is {std}: cannot compute a scaling factor")
+    return 1.0 / std
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """PSNR in dB of uint8 images over the whole set (one MSE, peak 255)."""
+    mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(estimate, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def spectral_convergence(reference_log_mel: np.ndarray, estimate_log_mel: np.ndarray) -> float:
+    """Mean over clips of ||S - S_hat||_F / ||S||_F on linear mel magnitudes (exp of the log-mels)."""
+    ref, est = np.exp(np.asarray(reference_log_mel, np.float64)), np.exp(np.asarray(estimate_log_mel, np.float64))
+    axes = tuple(range(1, ref.ndim))
+    return float(np.mean(np.sqrt(((ref - est) ** 2).sum(axis=axes)) / np.maximum(np.sqrt((ref**2).sum(axis=axes)), 1e-12)))
+
+
+def audio_image_metrics(
+    original: np.ndarray, reconstructed: np.ndarray, preset: MelPreset, n_frames: int, source_mels: np.ndarray | None = None
+) -> dict[str, float]:
+    """Mel-domain errors of reconstructed audio images.
+
+    ``mel_l1``: mean |delta log-mel| (natural log units) between the mels of the original and of
+    the reconstructed image (the VAE's own error); ``spectral_convergence`` on the same pair. With
+    the cached ``source_mels``: ``mel_l1_source_image`` (what the audio image itself loses:
+    quantisation and resizing) and ``mel_l1_source_recon`` (image + VAE).
+    """
+    mel_original = audio_image_to_mel(original, preset, n_frames)
+    mel_recon = audio_image_to_mel(reconstructed, preset, n_frames)
+    out = {
+        "mel_l1": float(np.abs(mel_original - mel_recon).mean()),
+        "spectral_convergence": spectral_convergence(mel_original, mel_recon),
+    }
+    if source_mels is not None:
+        source = np.maximum(np.asarray(source_mels, np.float32), preset.image_low)  # images start at image_low
+        out["mel_l1_source_image"] = float(np.abs(source - mel_original).mean())
+        out["mel_l1_source_recon"] = float(np.abs(source - mel_recon).mean())
+    return out
+
+
+def reconstruction_metrics(
+    vae, images: np.ndarray, preset: MelPreset | None = None, n_frames: int | None = None,
+    source_mels: np.ndarray | None = None,
+) -> tuple[dict[str, float], np.ndarray]:
+    """PSNR and L1 of the posterior-mean reconstructions (+ mel metrics for audio images); and the
+    reconstructions."""
+    recon = decode(vae, encode(vae, images))
+    metrics = {"psnr": psnr(images, recon), "l1": float(np.abs(images.astype(np.float32) - recon).mean() / 127.5)}
+    if preset is not None:
+        metrics.update(audio_image_metrics(images, recon, preset, int(n_frames), source_mels))
+    return metrics, recon
+
+
+def baseline_metrics(
+    train_mean: np.ndarray, images: np.ndarray, untrained, preset: MelPreset | None = None, n_frames: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Two references for the trained VAE: the mean training image for every input (a trivial
+    reconstruction) and the same architecture untrained."""
+    trivial = np.broadcast_to(np.asarray(np.rint(train_mean), np.uint8), images.shape)
+    mean_metrics = {"psnr": psnr(images, trivial), "l1": float(np.abs(images.astype(np.float32) - trivial).mean() / 127.5)}
+    if preset is not None:
+        mean_metrics.update(audio_image_metrics(images, np.ascontiguousarray(trivial), preset, int(n_frames)))
+    untrained_metrics, _ = reconstruction_metrics(untrained, images, preset, n_frames)
+    return {"mean_image": mean_metrics, "untrained": untrained_metrics}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def pretrained_fingerprint(path: str) -> dict:
+    """The folder, its config and the sha256 of its weight files: what makes a pretrained VAE itself."""
+    folder, subfolder, weights = check_pretrained_dir(path)
+    digests = {}
+    for name in weights:
+        digest = hashlib.sha256()
+        with open(os.path.join(folder, name), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests[name] = digest.hexdigest()
+    return {"pretrained_dir": folder, "subfolder": subfolder, "weights_sha256": digests}
+
+
+def vae_checkpoint_key(name: str, params: Mapping[str, Any], input_keys: Sequence[str], shards: Sequence[str]) -> str:
+    """hash(model name, training parameters or pretrained fingerprint, code version, input keys, shards)."""
+    return feature_key(name, dict(params), VAE_CODE_VERSION, [*input_keys, *shards])
+
+
+def diffusers_config(vae) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items()}
+
+
+def save_vae_checkpoint(store: FeatureStore, dataset: str, name: str, key: str, vae, sidecar: Mapping[str, Any]) -> dict:
+    """safetensors weights + a sidecar holding the diffusers config (to rebuild), the scaling factor
+    and the lineage (input feature keys, shards, steps, metrics)."""
+    info = dict(sidecar)
+    info["diffusers_config"] = diffusers_config(vae)
+    if "scaling_factor" not in info:
+        raise ValueError("a VAE checkpoint needs its scaling_factor")
+    return save_checkpoint(store, dataset, name, key, vae.state_dict(), info)
+
+
+@lru_cache(maxsize=8)
+def _cached_vae(store_root: str, storage_json: str, dataset: str, name: str, key: str, device: str):
+    store = FeatureStore(store_root, json.loads(storage_json))
+    state, sidecar = load_checkpoint(store, dataset, name, key)
+    return vae_from_config(sidecar["diffusers_config"], state).to(device), sidecar
+
+
+def load_vae(store: FeatureStore, dataset: str, name: str, key: str, device: str = "cpu"):
+    """(AutoencoderKL in eval mode, sidecar) of a stored checkpoint; cached per process (workers
+    encode many shards), so do not train the returned model in place."""
+    return _cached_vae(store.url_root, canonical_json(store.storage_options), dataset, name, key, str(device))
+
+
+# ---- latents per shard ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LatentParams:
+    modalities: tuple[str, ...] = MODALITIES
+    dtype: str = "float16"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+        unknown = [m for m in self.modalities if m not in MODALITY_INPUTS]
+        if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be a non-empty subset of {list(MODALITIES)}, got {list(self.modalities)}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be 'float16' or 'float32', got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+    def job_params(self, vaes: Mapping[str, Mapping[str, Any]], input_keys: Mapping[str, str]) -> dict:
+        """What a shard job needs: per modality, the VAE checkpoint (name, key, scaling factor) and
+        the input feature key."""
+        missing = [m for m in self.modalities if m not in vaes or m not in input_keys]
+        if missing:
+            raise ValueError(f"no VAE or input feature for modality {missing}")
+        return {
+            "modalities": list(self.modalities),
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "vaes": {m: {"name": vaes[m]["name"], "key": vaes[m]["key"], "scaling_factor": float(vaes[m]["scaling_factor"])}
+                     for m in self.modalities},
+            "inputs": {m: {"feature": MODALITY_INPUTS[m][0], "array": MODALITY_INPUTS[m][1], "key": input_keys[m]}
+                       for m in self.modalities},
+        }
+
+    @staticmethod
+    def input_keys(job_params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The VAE checkpoint keys, then the input feature keys, in modality order."""
+        modalities = job_params["modalities"]
+        return (*[job_params["vaes"][m]["key"] for m in modalities], *[job_params["inputs"][m]["key"] for m in modalities])
+
+    @staticmethod
+    def key(job_params: Mapping[str, Any]) -> str:
+        return feature_key(LATENT_FEATURE, dict(job_params), LATENT_CODE_VERSION, LatentParams.input_keys(job_params))
+
+
+def encode_scaled(vae, images: np.ndarray, scaling_factor: float, dtype: str = "float32", batch_size: int = 64) -> np.ndarray:
+    """Scaled posterior means of uint8 images [..., H, W, 3] -> [..., C, h, w] (leading axes kept)."""
+    lead = images.shape[:-3]
+    flat = images.reshape(-1, *images.shape[-3:])
+    z = encode(vae, flat, batch_size=batch_size) * float(scaling_factor)
+    return z.numpy().astype(dtype).reshape(*lead, *z.shape[1:])
+
+
+def decode_latents(vae, latents: np.ndarray, scaling_factor: float, batch_size: int = 64) -> np.ndarray:
+    """uint8 images [..., H, W, 3] of scaled latents [..., C, h, w] (inverse of ``encode_scaled``)."""
+    latents = np.asarray(latents, np.float32)
+    lead = latents.shape[:-3]
+    flat = torch.from_numpy(latents.reshape(-1, *latents.shape[-3:]) / float(scaling_factor))
+    images = decode(vae, flat, batch_size=batch_size)
+    return images.reshape(*lead, *images.shape[1:])
+
+
+def compute_latent_shard(job: ShardJob) -> ShardResult:
+    """Latents of one shard's audio images and/or video frames; clips missing an input are quarantined."""
+    start = time.perf_counter()
+    if job.worker_threads:
+        torch.set_num_threads(job.worker_threads)
+    store = FeatureStore(job.store_root, job.storage_options)
+    params = job.params
+    rows: dict[str, dict[str, np.ndarray]] = {}
+    reasons: dict[str, str] = {}
+    for modality in params["modalities"]:
+        source = params["inputs"][modality]
+        manifest = store.shard_manifest(job.dataset, source["feature"], source["key"], job.shard)
+        for entry in manifest.get("quarantined", []):
+            reasons.setdefault(entry["id"], f"{source['feature']}: {entry['reason']}")
+        table = store.read_arrays(job.dataset, source["feature"], source["key"], shards=[job.shard], names=[source["array"]])
+        rows[modality] = dict(zip(table.clip_ids, table.arrays[source["array"]])) if len(table) else {}
+    clip_ids = [clip_id for clip_id, _, _ in job.clips if all(clip_id in r for r in rows.values())]
+    quarantined = [
+        {"id": clip_id, "reason": reasons.get(clip_id, "missing an input image")}
+        for clip_id, _, _ in job.clips if clip_id not in clip_ids
+    ]
+    arrays = {}
+    for modality in params["modalities"]:
+        info = params["vaes"][modality]
+        vae, sidecar = load_vae(store, job.dataset, info["name"], info["key"], job.device)
+        if clip_ids:
+            images = np.stack([rows[modality][clip_id] for clip_id in clip_ids])
+            arrays[modality] = encode_scaled(vae, images, info["scaling_factor"], params["dtype"], params["batch_size"])
+        else:
+            shape = _empty_latent_shape(store, job, modality, sidecar)
+            arrays[modality] = np.zeros((0, *shape), params["dtype"])
+    store.write_shard(
+        job.dataset, job.feature, job.key, job.shard,
+        clip_ids=clip_ids,
+        arrays=arrays,
+        manifest={
+            "params": params,
+            "code_version": job.code_version,
+            "input_keys": list(job.input_keys),
+            "clips": [{"id": c, "content_hash": h} for c, _, h in job.clips],
+            "quarantined": quarantined,
+            "compute_seconds": round(time.perf_counter() - start, 4),
+            "device": job.device,
+        },
+    )
+    return ShardResult(job.shard, len(clip_ids), quarantined, time.perf_counter() - start, True)
+
+
+def _empty_latent_shape(store: FeatureStore, job: ShardJob, modality: str, sidecar: Mapping[str, Any]) -> tuple[int, ...]:
+    """Row shape of an empty shard's latents, from the input's recorded array shape."""
+    source = job.params["inputs"][modality]
+    info = store.shard_manifest(job.dataset, source["feature"], source["key"], job.shard)["arrays"][source["array"]]
+    shape = info["shape"][1:]
+    config = sidecar["diffusers_config"]
+    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    spatial = (config["latent_channels"], shape[-3] // factor, shape[-2] // factor)
+    return (*shape[:-3], *spatial)
+
+
+def latent_vaes(store: FeatureStore, dataset: str, key: str | None = None) -> dict[str, dict]:
+    """Per modality, the VAE checkpoint (name, key, scaling factor) a latent feature key was made with."""
+    key = store.resolve_key(dataset, LATENT_FEATURE, key)
+    shards = store.committed_shards(dataset, LATENT_FEATURE, key)
+    if not shards:
+        raise ValueError(f"no committed {LATENT_FEATURE} shards for key {key}")
+    return dict(store.shard_manifest(dataset, LATENT_FEATURE, key, shards[0])["params"]["vaes"])
+
+
+def latent_statistics(latents: np.ndarray) -> dict[str, float]:
+    """Finite count, mean, std and max |z| of (scaled) latents, in float64."""
+    values = np.asarray(latents, np.float64)
+    finite = np.isfinite(values)
+    good = values[finite]
+    return {
+        "values": int(values.size),
+        "non_finite": int(values.size - finite.sum()),
+        "mean": float(good.mean()) if good.size else float("nan"),
+        "std": float(good.std()) if good.size else float("nan"),
+        "max_abs": float(np.abs(good).max()) if good.size else float("nan"),
+    }
