@@ -324,3 +324,170 @@ def gap_statistics(pairs: EmbeddingPairs) -> dict:
     unmatched = float((sims.sum() - np.trace(sims)) / max(1, sims.size - len(sims)))
     gap = float(np.linalg.norm(pairs.audio.mean(0) - pairs.other.mean(0)))
     return {"matched_cosine": matched, "unmatched_cosine": unmatched, "centroid_gap": gap}
+
+
+# ---- fitting with lineage: reuse, warm start on new shards, resume after a kill -------------------
+
+def lineage_key(space: str, config: DiffgapTrainConfig, embedding_key: str) -> str:
+    from stages.store import feature_key
+
+    return feature_key(model_name(space), config.params(), DIFFGAP_CODE_VERSION, [embedding_key])
+
+
+@dataclass
+class FitResult:
+    key: str
+    sidecar: dict
+    status: str  # "reused" | "trained" | "warm-started" | "resumed" | "carried over"
+    model: Denoiser
+
+
+def load_model(store: FeatureStore, dataset: str, space: str, key: str) -> tuple[Denoiser, dict]:
+    from stages.checkpoints import load_checkpoint
+
+    state, sidecar = load_checkpoint(store, dataset, model_name(space), key)
+    model = Denoiser(DenoiserConfig(**sidecar["denoiser_config"]))
+    model.load_state_dict(state)
+    model.eval()
+    return model, sidecar
+
+
+def fit_space(
+    store: FeatureStore,
+    manifest: ClipManifest,
+    space: str,
+    embedding_key: str,
+    config: DiffgapTrainConfig,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """The DiffGAP model of one space for the manifest's current shards.
+
+    Checkpoint key = hash(lineage, shards). Same shards: reuse. New shards and an earlier
+    checkpoint of the same lineage (same config and embedding key): warm start on the new
+    training clips plus replayed old ones. A run killed mid-training resumes from its last
+    progress save.
+    """
+    from stages.checkpoints import (has_checkpoint, list_checkpoints, load_checkpoint, load_progress,
+                                    optimizer_tensors, save_checkpoint, save_progress)
+    from stages.store import feature_key
+
+    name = model_name(space)
+    lineage = lineage_key(space, config, embedding_key)
+    shards = sorted(manifest.by_shard())
+    key = feature_key(name, {"lineage": lineage}, DIFFGAP_CODE_VERSION, shards)
+    if has_checkpoint(store, manifest.dataset, name, key):
+        model, sidecar = load_model(store, manifest.dataset, space, key)
+        return FitResult(key, sidecar, "reused", model)
+
+    pairs = load_pairs(store, manifest, space, embedding_key)
+    train = pairs.subset("train")
+    previous = next((s for s in list_checkpoints(store, manifest.dataset, name) if s.get("lineage") == lineage), None)
+    init_state, new_ids, status = None, None, "trained"
+    if previous is not None:
+        seen = set(previous["shards_seen"])
+        shard_of = {c.id: shard for shard, clips in manifest.by_shard().items() for c in clips}
+        new_ids = {c for c in train.clip_ids if shard_of[c] not in seen}
+        init_state, _ = load_checkpoint(store, manifest.dataset, name, previous["checkpoint_key"])
+        status = "warm-started" if new_ids else "carried over"
+
+    def save(step, model, optimizer, history):
+        tensors, groups = optimizer_tensors(optimizer)
+        tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+        save_progress(store, manifest.dataset, name, key, tensors, {"step": step, **groups, "history": history})
+
+    def load():
+        found = load_progress(store, manifest.dataset, name, key)
+        if found is None:
+            return None
+        tensors, meta = found
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        return meta["step"], model_state, {k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta
+
+    if status == "carried over":
+        model = Denoiser(config.denoiser_config(train.audio.shape[1]))
+        model.load_state_dict(init_state)
+        result = DiffgapTrainResult(model, [], 0, 0, 0.0)
+    else:
+        resumed = load_progress(store, manifest.dataset, name, key) is not None
+        result = train_diffgap(train, config, init_state=init_state, new_clip_ids=new_ids,
+                               progress=Progress(load=load, save=save), log=log)
+        if resumed:
+            status = "resumed"
+    sidecar = save_checkpoint(
+        store, manifest.dataset, name, key, result.model.state_dict(),
+        {
+            "lineage": lineage,
+            "space": space,
+            "embedding_key": embedding_key,
+            "train_config": config.params(),
+            "denoiser_config": result.model.config.params(),
+            "shards_seen": shards,
+            "clips_train": len(train),
+            "clips_new": len(new_ids) if new_ids is not None else len(train),
+            "warm_start_from": previous["checkpoint_key"] if previous else None,
+            "status": status,
+            "steps_run": result.steps_run,
+            "resumed_from_step": result.resumed_from,
+            "history": result.history,
+            "train_seconds": round(result.seconds, 2),
+            "gap": gap_statistics(train),
+        },
+    )
+    return FitResult(key, sidecar, status, result.model)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    steps: int = 50
+    sampler: str = "ddim"
+    samples: int = 4  # generated embeddings averaged per query
+    seed: int = 0
+
+
+def evaluate_space(space: str, data: SplitData, model: Denoiser, evaluation: EvalConfig, label: str = "DiffGAP") -> list[dict]:
+    rows = []
+    for direction in (TO_AUDIO, FROM_AUDIO):
+        rows += evaluate_direction(space, direction, data, model, steps=evaluation.steps, sampler=evaluation.sampler,
+                                   samples=evaluation.samples, seed=evaluation.seed, label=label)
+    return rows
+
+
+def ablation_rows(
+    store: FeatureStore, manifest: ClipManifest, space: str, embedding_key: str, config: DiffgapTrainConfig,
+    evaluation: EvalConfig, log: Callable[[str], None] | None = None,
+) -> dict[str, list[dict]]:
+    """Tables V (CDM / BST), VI (sampling steps) and VII (BST interval) for one space.
+
+    Extra models are fitted (and cached) like the main one. BST intervals are the paper's
+    1000 / 5000 / 10000 scaled to this run: interval / 5, interval, 2 x interval.
+    """
+    data = split_pairs(load_pairs(store, manifest, space, embedding_key))
+    main = fit_space(store, manifest, space, embedding_key, config, log)
+    table_v, table_vi, table_vii = [], [], []
+    for direction in (TO_AUDIO, FROM_AUDIO):
+        one_way = fit_space(store, manifest, space, embedding_key,
+                            DiffgapTrainConfig(**{**config.params(), "bst": False, "single_direction": direction}), log)
+        common = dict(steps=evaluation.steps, sampler=evaluation.sampler, samples=evaluation.samples, seed=evaluation.seed)
+        rows = evaluate_direction(space, direction, data, None, **common)[:1]  # base encoder
+        rows[0]["method"] = "base (no CDM)"
+        rows += evaluate_direction(space, direction, data, one_way.model, include_controls=False, label="CDM, no BST", **common)[:1]
+        rows += evaluate_direction(space, direction, data, main.model, include_controls=False, label="CDM + BST", **common)[:1]
+        for row, cdm, bst in zip(rows, (False, True, True), (False, False, True)):
+            row.update(CDM=cdm, BST=bst)
+        table_v += rows
+        for steps in (50, 20, 5):
+            row = evaluate_direction(space, direction, data, main.model, include_controls=False, label="CDM + BST",
+                                     **{**common, "steps": steps})[0]
+            table_vi.append(row)
+    interval = config.bst_interval
+    for scaled in (max(1, interval // 5), interval, 2 * interval):
+        fitted = main if scaled == interval else fit_space(
+            store, manifest, space, embedding_key, DiffgapTrainConfig(**{**config.params(), "bst_interval": scaled}), log)
+        for direction in (TO_AUDIO, FROM_AUDIO):
+            row = evaluate_direction(space, direction, data, fitted.model, include_controls=False, label="CDM + BST",
+                                     steps=evaluation.steps, sampler=evaluation.sampler, samples=evaluation.samples,
+                                     seed=evaluation.seed)[0]
+            row["bst_interval"] = scaled
+            row["final_loss"] = fitted.sidecar["history"][-1]["loss"] if fitted.sidecar["history"] else None
+            table_vii.append(row)
+    return {"V": table_v, "VI": table_vi, "VII": table_vii}

@@ -1,0 +1,193 @@
+"""DiffGAP assets: one contrastive diffusion module per space, its retrieval evaluation, ablations."""
+
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset
+from pydantic import Field
+
+from assets.resources import FeatureStoreResource
+from stages import diffgap as D
+from stages.contrastive import rows_to_csv, rows_to_markdown
+from stages.features import FeatureRef, ManifestRef
+from stages.manifest import load_manifest
+from stages.store import FeatureStore, feature_key
+
+
+@dataclass(frozen=True)
+class DiffgapRef:
+    dataset: str
+    space: str
+    key: str
+    embedding_key: str
+    lineage: str
+
+
+class DiffgapConfig(Config):
+    steps: int = Field(default=3000, description="Training steps from scratch (scale up with the data: the paper ran ~30 epochs).")
+    batch_size: int = Field(default=64, description="Embedding pairs per step (the paper's 64).")
+    learning_rate: float = Field(default=2e-4, description="AdamW learning rate (the paper's 2e-4).")
+    bst: bool = Field(default=True, description="Bidirectional split training: swap condition and target every bst_interval steps.")
+    bst_interval: int = Field(default=250, description="Steps per BST phase: the paper's 5000 scaled to a 3000-step run.")
+    condition_dropout: float = Field(default=0.0, description="Classifier-free dropout of the condition (0 = off, as in the paper).")
+    seed: int = Field(default=0, description="Seed of initialisation, batches and noise.")
+    checkpoint_every: int = Field(default=500, description="Save resumable progress every this many steps.")
+    update_steps: int = Field(default=1000, description="Warm start on new shards: steps on new + replayed clips.")
+    replay_fraction: float = Field(default=0.5, description="Share of each warm-start batch drawn from clips seen before.")
+    width: int = Field(default=280, description="Denoiser width (280 with depth 2 = 5.4 MB of weights).")
+    depth: int = Field(default=2, description="Residual blocks of the denoiser.")
+    direction_embedding: bool = Field(default=True, description="Give the shared model a learned token for its direction.")
+
+    def train_config(self) -> D.DiffgapTrainConfig:
+        return D.DiffgapTrainConfig(**self.model_dump())
+
+
+def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, embeddings: FeatureRef,
+         feature_store: FeatureStoreResource) -> Output:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
+    try:
+        fitted = D.fit_space(store, manifest, space, embeddings.key, config.train_config(), log=context.log.info)
+    except (ValueError, FloatingPointError) as exc:
+        raise Failure(f"DiffGAP ({space}) training failed: {exc}") from None
+    sidecar = fitted.sidecar
+    context.log.info(f"diffgap_{space} {fitted.key}: {fitted.status}; checkpoint at {sidecar['url']}")
+    history = sidecar["history"]
+    return Output(
+        DiffgapRef(manifest.dataset, space, fitted.key, embeddings.key, sidecar["lineage"]),
+        data_version=DataVersion(fitted.key),
+        metadata={
+            "checkpoint_key": fitted.key,
+            "checkpoint_url": MetadataValue.path(sidecar["url"]),
+            "status": fitted.status,
+            "parameters": sidecar["parameters"],
+            "weights_mb": MetadataValue.float(round(sidecar["weights_bytes"] / 1e6, 3)),
+            "clips_train": sidecar["clips_train"],
+            "clips_new": sidecar["clips_new"],
+            "steps_run": sidecar["steps_run"],
+            "warm_start_from": str(sidecar["warm_start_from"]),
+            "final_loss": MetadataValue.float(round(history[-1]["loss"], 4)) if history else MetadataValue.text("n/a"),
+            "train_seconds": MetadataValue.float(sidecar["train_seconds"]),
+            "modality_gap": MetadataValue.json(sidecar["gap"]),
+            "loss_curve": MetadataValue.md(rows_to_markdown(history[:: max(1, len(history) // 15)], ["step", "loss", "direction"])
+                                           if history else "reused"),
+        },
+    )
+
+
+@asset(description="DiffGAP in CLAP space: one denoiser learning text->audio and audio->text (BST).",
+       code_version=f"diffgap-{D.DIFFGAP_CODE_VERSION}")
+def diffgap_clap(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
+                 clap_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> Output[DiffgapRef]:
+    return _fit(context, "clap", config, clip_manifest, clap_embeddings, feature_store)
+
+
+@asset(description="DiffGAP in CAVP space: one denoiser learning video->audio and audio->video (BST).",
+       code_version=f"diffgap-{D.DIFFGAP_CODE_VERSION}")
+def diffgap_cavp(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
+                 cavp_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> Output[DiffgapRef]:
+    return _fit(context, "cavp", config, clip_manifest, cavp_embeddings, feature_store)
+
+
+class DiffgapEvalConfig(Config):
+    steps: int = Field(default=50, description="Sampling steps for retrieval (50, 20 or 5 in the paper).")
+    sampler: str = Field(default="ddim", description="ddim (deterministic) or ddpm.")
+    samples: int = Field(default=4, description="Generated embeddings averaged per query.")
+    seeds: list[int] = Field(default=[0, 1, 2], description="Training + sampling seeds; extra seeds train extra models (cached).")
+
+
+TABLE_COLUMNS = ["direction", "method", "blend_weight", "R@1", "R@5", "R@10", "mean_rank", "n", "seed"]
+
+
+def _write_csv(store: FeatureStore, dataset: str, name: str, key: str, rows: list[dict]) -> str:
+    path = posixpath.join(store.path(dataset, "evaluations", name), f"{key}.csv")
+    store.write_bytes(path, rows_to_csv(rows).encode())
+    return store.url(path)
+
+
+def _seed_summary(rows: list[dict]) -> list[dict]:
+    """Mean and spread (std over seeds) of R@1 per direction and method."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        method = row["method"].split(" (alpha")[0]
+        groups.setdefault((row["direction"], method), []).append(row["R@1"])
+    return [
+        {"direction": d, "method": m, "R@1 mean": float(np.mean(v)), "R@1 std": float(np.std(v)), "seeds": len(v)}
+        for (d, m), v in sorted(groups.items())
+    ]
+
+
+@asset(description="Retrieval with DiffGAP (Tables III/IV): base encoder, ridge control and DiffGAP on the test split, over seeds.",
+       code_version="diffgap_evaluation-1")
+def diffgap_evaluation(
+    context: AssetExecutionContext,
+    config: DiffgapEvalConfig,
+    clip_manifest: ManifestRef,
+    diffgap_clap: DiffgapRef,
+    diffgap_cavp: DiffgapRef,
+    feature_store: FeatureStoreResource,
+) -> Output[list]:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    rows = []
+    for ref in (diffgap_clap, diffgap_cavp):
+        data = D.split_pairs(D.load_pairs(store, manifest, ref.space, ref.embedding_key))
+        main_model, sidecar = D.load_model(store, manifest.dataset, ref.space, ref.key)
+        trained_with = D.DiffgapTrainConfig(**sidecar["train_config"])
+        for seed in config.seeds:
+            if seed == trained_with.seed:
+                model = main_model
+            else:
+                seeded = D.DiffgapTrainConfig(**{**trained_with.params(), "seed": seed})
+                model = D.fit_space(store, manifest, ref.space, ref.embedding_key, seeded, log=context.log.info).model
+            rows += D.evaluate_space(ref.space, data, model, D.EvalConfig(config.steps, config.sampler, config.samples, seed))
+    key = feature_key("diffgap_evaluation", config.model_dump(), "1", [diffgap_clap.key, diffgap_cavp.key])
+    csv_url = _write_csv(store, manifest.dataset, "diffgap_retrieval", key, rows)
+    summary = _seed_summary(rows)
+    summary_md = rows_to_markdown(summary, ["direction", "method", "R@1 mean", "R@1 std", "seeds"])
+    context.log.info(
+        f"DiffGAP retrieval (test split, R@1 mean/std over seeds {config.seeds}):\n{summary_md}\n"
+        f"Results: {csv_url}\nCheckpoints: {store.url(store.path(manifest.dataset, 'models'))}"
+    )
+    return Output(rows, data_version=DataVersion(key), metadata={
+        "summary": MetadataValue.md(summary_md),
+        "table": MetadataValue.md(rows_to_markdown(rows, TABLE_COLUMNS)),
+        "csv": MetadataValue.path(csv_url),
+        "checkpoints": MetadataValue.path(store.url(store.path(manifest.dataset, "models"))),
+    })
+
+
+@asset(description="Ablations in the shape of Tables V (CDM/BST), VI (50/20/5 steps) and VII (BST interval), per space.",
+       code_version="diffgap_ablations-1")
+def diffgap_ablations(
+    context: AssetExecutionContext,
+    config: DiffgapEvalConfig,
+    clip_manifest: ManifestRef,
+    diffgap_clap: DiffgapRef,
+    diffgap_cavp: DiffgapRef,
+    feature_store: FeatureStoreResource,
+) -> Output[dict]:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    tables: dict[str, list] = {"V": [], "VI": [], "VII": []}
+    seed = config.seeds[0] if config.seeds else 0
+    evaluation = D.EvalConfig(config.steps, config.sampler, config.samples, seed)
+    for ref in (diffgap_clap, diffgap_cavp):
+        _, sidecar = D.load_model(store, manifest.dataset, ref.space, ref.key)
+        found = D.ablation_rows(store, manifest, ref.space, ref.embedding_key, D.DiffgapTrainConfig(**sidecar["train_config"]),
+                                evaluation, log=context.log.debug)
+        for name in tables:
+            tables[name] += found[name]
+    key = feature_key("diffgap_ablations", config.model_dump(), "1", [diffgap_clap.key, diffgap_cavp.key])
+    columns = {
+        "V": ["direction", "CDM", "BST", "R@1", "R@5", "R@10", "blend_weight"],
+        "VI": ["direction", "steps", "R@1", "R@5", "R@10", "blend_weight"],
+        "VII": ["direction", "bst_interval", "R@1", "R@5", "R@10", "final_loss", "blend_weight"],
+    }
+    metadata = {}
+    for name, rows in tables.items():
+        metadata[f"table_{name}"] = MetadataValue.md(rows_to_markdown(rows, columns[name]))
+        metadata[f"table_{name}_csv"] = MetadataValue.path(_write_csv(store, manifest.dataset, f"diffgap_table_{name}", key, rows))
+    context.log.info(f"DiffGAP ablations written beside {metadata['table_V_csv'].value}")
+    return Output(tables, data_version=DataVersion(key), metadata=metadata)
