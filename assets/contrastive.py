@@ -37,15 +37,20 @@ class HeadTrainingConfig(Config):
     hidden_dim: int = Field(default=512, description="Hidden width of each projection MLP.")
     dropout: float = Field(default=0.1, description="Dropout inside the projection MLPs.")
     temporal_negatives: bool = Field(default=True, description="CAVP: other seconds of the same clip are negatives too (Diff-Foley).")
+    revision: str = Field(default="", description="Change to retrain on the current data; otherwise new shards reuse the trained head.")
 
 
 def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: ManifestRef, towers: dict, feature_store) -> Output:
     store = feature_store.writable_store()
     manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
-    train_config = C.HeadTrainConfig(**config.model_dump())
+    settings = config.model_dump()
+    revision = settings.pop("revision")
+    train_config = C.HeadTrainConfig(**settings)
     tower_keys = {ref.feature: ref.key for ref in towers.values()}
     shards = sorted(manifest.by_shard())
-    key = feature_key(kind, train_config.params(), C.HEAD_CODE_VERSION, [*sorted(tower_keys.values()), *shards])
+    # The key leaves the shard list out on purpose: new clips are embedded with the head already
+    # trained, so the space DiffGAP and downstream models live in stays fixed. `revision` retrains.
+    key = feature_key(kind, {**train_config.params(), "revision": revision}, C.HEAD_CODE_VERSION, sorted(tower_keys.values()))
     reused = has_checkpoint(store, manifest.dataset, kind, key)
     if not reused:
         data = C.paired_features(store, manifest, kind, tower_keys)

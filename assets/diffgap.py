@@ -97,6 +97,13 @@ class DiffgapEvalConfig(Config):
     seeds: list[int] = Field(default=[0, 1, 2], description="Training + sampling seeds; extra seeds train extra models (cached).")
 
 
+def _splits_or_failure(store: FeatureStore, manifest, ref: DiffgapRef) -> D.SplitData:
+    try:
+        return D.split_pairs(D.load_pairs(store, manifest, ref.space, ref.embedding_key))
+    except ValueError as exc:
+        raise Failure(f"DiffGAP evaluation ({ref.space}): {exc}. Fix: more clips in that split of the source.") from None
+
+
 TABLE_COLUMNS = ["direction", "method", "blend_weight", "R@1", "R@5", "R@10", "mean_rank", "n", "seed"]
 
 
@@ -132,7 +139,7 @@ def diffgap_evaluation(
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     rows = []
     for ref in (diffgap_clap, diffgap_cavp):
-        data = D.split_pairs(D.load_pairs(store, manifest, ref.space, ref.embedding_key))
+        data = _splits_or_failure(store, manifest, ref)
         main_model, sidecar = D.load_model(store, manifest.dataset, ref.space, ref.key)
         trained_with = D.DiffgapTrainConfig(**sidecar["train_config"])
         for seed in config.seeds:
@@ -174,6 +181,7 @@ def diffgap_ablations(
     seed = config.seeds[0] if config.seeds else 0
     evaluation = D.EvalConfig(config.steps, config.sampler, config.samples, seed)
     for ref in (diffgap_clap, diffgap_cavp):
+        _splits_or_failure(store, manifest, ref)
         _, sidecar = D.load_model(store, manifest.dataset, ref.space, ref.key)
         found = D.ablation_rows(store, manifest, ref.space, ref.embedding_key, D.DiffgapTrainConfig(**sidecar["train_config"]),
                                 evaluation, log=context.log.debug)

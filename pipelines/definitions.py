@@ -17,11 +17,25 @@ from dagster import (
     sensor,
 )
 
+from assets import contrastive, diffgap, towers, vae
 from assets.features import audio_images, audio_images_valid, clip_manifest, mel_spectrograms, mel_spectrograms_valid
-from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
+from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
+                              PretrainedClapResource)
 from assets.settings import default_store_root
 
 FEATURE_ASSETS = [clip_manifest, mel_spectrograms, audio_images]
+TOWER_ASSETS = [towers.audio_tower_features, towers.frame_tower_features, towers.text_tower_features]
+EMBEDDING_ASSETS = [contrastive.clap_head, contrastive.cavp_head, contrastive.clap_embeddings, contrastive.cavp_embeddings,
+                    contrastive.retrieval_evaluation]
+DIFFGAP_ASSETS = [diffgap.diffgap_clap, diffgap.diffgap_cavp, diffgap.diffgap_evaluation, diffgap.diffgap_ablations]
+VAE_ASSETS = [vae.video_frames, vae.audio_vae, vae.frame_vae, vae.vae_latents]
+ALL_ASSETS = FEATURE_ASSETS + TOWER_ASSETS + EMBEDDING_ASSETS + DIFFGAP_ASSETS + VAE_ASSETS
+ALL_CHECKS = [
+    mel_spectrograms_valid, audio_images_valid,
+    towers.audio_tower_features_valid, towers.frame_tower_features_valid, towers.text_tower_features_valid,
+    contrastive.clap_embeddings_valid, contrastive.cavp_embeddings_valid,
+    vae.video_frames_valid, vae.audio_vae_beats_baselines, vae.frame_vae_beats_baselines, vae.vae_latents_valid,
+]
 
 # Shard work is parallel inside each asset (Dask), so steps run in one process: no per-step
 # interpreter start and torch import.
@@ -34,6 +48,23 @@ refresh_features = define_asset_job(
     executor_def=in_process_executor,
     config=QUIET_CONSOLE,
     description="Update the clip manifest and compute the missing shards of every feature.",
+)
+
+train_diffgap = define_asset_job(
+    "train_diffgap",
+    selection=AssetSelection.assets(*FEATURE_ASSETS, *TOWER_ASSETS, *EMBEDDING_ASSETS, *DIFFGAP_ASSETS),
+    executor_def=in_process_executor,
+    config=QUIET_CONSOLE,
+    description="From nothing: manifest -> features -> tower features -> CLAP/CAVP heads and embeddings -> "
+    "DiffGAP in both spaces -> retrieval evaluation and ablations.",
+)
+
+train_vae = define_asset_job(
+    "train_vae",
+    selection=AssetSelection.assets(*FEATURE_ASSETS, *VAE_ASSETS),
+    executor_def=in_process_executor,
+    config=QUIET_CONSOLE,
+    description="KL-VAEs on audio images and video frames, and the latents of every clip.",
 )
 
 daily_refresh = ScheduleDefinition(
@@ -80,13 +111,14 @@ def _resources() -> dict:
             scheduler_address=os.environ.get("XMODAL_DASK_SCHEDULER", ""),
         ),
         "device": DeviceResource(name=os.environ.get("XMODAL_DEVICE", "cpu")),
+        "pretrained_clap": PretrainedClapResource(model_dir=os.environ.get("XMODAL_CLAP_MODEL_DIR", "")),
     }
 
 
 defs = Definitions(
-    assets=FEATURE_ASSETS,
-    asset_checks=[mel_spectrograms_valid, audio_images_valid],
-    jobs=[refresh_features],
+    assets=ALL_ASSETS,
+    asset_checks=ALL_CHECKS,
+    jobs=[refresh_features, train_diffgap, train_vae],
     schedules=[daily_refresh],
     sensors=[new_media_sensor],
     resources=_resources(),

@@ -40,6 +40,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$fingerprint" ]; then
   echo "setup: installing pinned dependencies (first run takes a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$extras]"
+  # aisfx pins numpy 1.23 and librosa 0.9.2, which would break everything else; its code runs
+  # fine on our versions, so it goes in without its declared dependencies.
+  "$VENV/bin/python" -m pip install -q --no-deps "aisfx==0.1.2"
   echo "$fingerprint" > "$stamp"
 fi
 

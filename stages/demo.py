@@ -26,9 +26,10 @@ from pathlib import Path
 
 import av
 import numpy as np
+from scipy.signal import lfilter
 
 # Bump when the generated content changes: a stored dataset with another version is rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPEC_FILE = "demo_spec.json"
 INDEX_FILE = "clips.jsonl"
 MEDIA_DIR = "media"
@@ -97,13 +98,13 @@ _SOUNDS = {
     "clicks": ("click", "clicks", "ticks", ("slow", "rapid"), (30.0, 60.0)),  # clicks per second
     "noise": ("noise burst", "noise bursts", "rumbles", ("dull", "bright"), (600.0, 2500.0)),
     "tremolo": ("tremolo tone", "tremolo tones", "flutters", ("low", "high"), (350.0, 900.0)),
-    "chirp_up": ("rising chirp", "rising chirps", "chirps", ("low", "high"), (300.0, 800.0)),
-    "chirp_down": ("falling chirp", "falling chirps", "chirps", ("low", "high"), (300.0, 800.0)),
-    "warble": ("warble", "warbles", "warbles", ("low", "high"), (500.0, 1200.0)),
+    "chirp_up": ("rising chirp", "rising chirps", "sweeps up", ("low", "high"), (300.0, 800.0)),
+    "chirp_down": ("falling chirp", "falling chirps", "sweeps down", ("low", "high"), (300.0, 800.0)),
+    "warble": ("warble", "warbles", "wavers", ("low", "high"), (500.0, 1200.0)),
     "organ": ("organ note", "organ notes", "hums", ("low", "high"), (180.0, 400.0)),
     "knock": ("knock", "knocks", "thuds", ("deep", "hollow"), (90.0, 220.0)),
-    "buzz": ("buzz", "buzzes", "buzzes", ("low", "high"), (120.0, 320.0)),
-    "hiss": ("hiss", "hisses", "hisses", ("soft", "sharp"), (3000.0, 7000.0)),
+    "buzz": ("buzz", "buzzes", "drones", ("low", "high"), (120.0, 320.0)),
+    "hiss": ("hiss", "hisses", "sounds", ("soft", "sharp"), (3000.0, 7000.0)),
     "chime": ("chime", "chimes", "rings", ("mellow", "bright"), (500.0, 1000.0)),
 }
 _CARDINAL = {1: "one", 2: "two", 3: "three", 4: "four"}
@@ -135,7 +136,9 @@ def write_mp4(path, frames: np.ndarray | None, fps: int, audio: np.ndarray | Non
             vstream = container.add_stream("libx264", rate=fps)
             vstream.width, vstream.height = frames.shape[2], frames.shape[1]
             vstream.pix_fmt = "yuv420p"
-            vstream.options = {"crf": "20", "preset": "veryfast"}
+            # mbtree off: x264's AVX-512 macroblock-tree code reads uninitialised memory, so with
+            # it the same frames sometimes encode (and decode) differently; measured here.
+            vstream.options = {"crf": "20", "preset": "veryfast", "x264-params": "mbtree=0"}
             # Tiny frames: threads cost more than they save, and one thread is reproducible.
             vstream.codec_context.thread_count = 1
         if audio is not None:
@@ -176,11 +179,18 @@ class DemoClip:
     audio: np.ndarray
 
 
+# Square sizes whose H.264 frames decord 0.6.0 fails to read ("from_size == to_size" check),
+# measured for every even size from 16 to 160; the pipeline reads frames with decord.
+_DECORD_BAD_SIZES = frozenset({16, 24, 48, 72})
+
+
 def _check_spec(spec: DemoSpec) -> None:
     if spec.n_clips < 0:
         raise ValueError(f"DemoSpec.n_clips must be >= 0, got {spec.n_clips}")
     if spec.size % 2 or spec.size < 16:
         raise ValueError(f"DemoSpec.size must be even and >= 16 (H.264 yuv420p), got {spec.size}")
+    if spec.size in _DECORD_BAD_SIZES:
+        raise ValueError(f"DemoSpec.size {spec.size} gives frames decord 0.6 cannot read; pick another (e.g. 64)")
     if spec.fps < 2 or spec.sample_rate < 8000:
         raise ValueError(f"DemoSpec needs fps >= 2 and sample_rate >= 8000, got {spec.fps}, {spec.sample_rate}")
     if not 0 < spec.min_seconds <= spec.max_seconds:
@@ -354,22 +364,22 @@ def _render_frames(spec: DemoSpec, p: dict, clean: bool) -> np.ndarray:
     yy, xx = np.mgrid[0:S, 0:S].astype(float)
     cx, cy = cx0 + dx, cy0 + dy
     m = _shape_mask(cdef.shape, xx[None] - cx[:, None, None], yy[None] - cy[:, None, None], r[:, None, None])
-    m = m * alpha[:, None, None]
+    m = (m * alpha[:, None, None]).astype(np.float32)[..., None]  # float32: half the memory traffic
 
     bg_rng = np.random.default_rng(p["bg_seed"])
     img = np.broadcast_to(p["bg"], (T, S, S, 3)).astype(np.float32)
     if not clean:
-        img = img + bg_rng.normal(0, p["bg_static"], (1, S, S, 3))
-        img = img + bg_rng.normal(0, p["bg_temporal"], (T, S, S, 3))
+        img = img + p["bg_static"] * bg_rng.standard_normal((1, S, S, 3), dtype=np.float32)
+        img = img + p["bg_temporal"] * bg_rng.standard_normal((T, S, S, 3), dtype=np.float32)
         if p["distractor"]:
             # A dimmer second shape drifting slowly (about S/8 per second), with no events.
             pos = p["d_start"][None, :] * S + (t / fps)[:, None] * p["d_vel"][None, :] * S / 8
             pos = np.clip(pos, p["d_radius"] + 1, S - p["d_radius"] - 1)
             dm = _shape_mask(p["d_shape"], xx[None] - pos[:, 0, None, None], yy[None] - pos[:, 1, None, None],
-                             np.float64(p["d_radius"]))[..., None]
-            dcol = np.array(_COLOURS[p["d_colour"]], float) * 0.6
+                             np.float64(p["d_radius"])).astype(np.float32)[..., None]
+            dcol = np.array(_COLOURS[p["d_colour"]], np.float32) * 0.6
             img = img * (1 - dm) + dcol * dm
-    img = img * (1 - m[..., None]) + colour[:, None, None, :] * m[..., None]
+    img = img * (1 - m) + colour[:, None, None, :].astype(np.float32) * m
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -461,7 +471,9 @@ def _render_audio(spec: DemoSpec, p: dict, clean: bool) -> np.ndarray:
     # Noise draws happen even for clean renders so the rng stream (and the events) stay the same.
     noise = rng.normal(0, 1, n)
     if p["brown_noise"]:
-        noise = _lowpass(noise, 12)
+        # Leaky integration (one-pole low-pass): a smooth red-noise spectrum, unlike a moving
+        # average whose notches would leave tell-tale stripes.
+        noise = lfilter([1.0], [1.0, -0.98], noise)
     hum_phase = rng.uniform(0, 2 * np.pi)
     if not clean:
         t = np.arange(n) / sr
@@ -486,7 +498,7 @@ def _bg_name(rgb: np.ndarray) -> str:
 
 def _timing(times: np.ndarray, seconds: float) -> str:
     if len(times) > 1:
-        return "in quick succession" if times[-1] - times[0] < 0.4 * seconds else "spread across the clip"
+        return "in quick succession" if times[-1] - times[0] < 0.4 * seconds else "throughout the clip"
     return ("near the start", "in the middle", "near the end")[min(2, int(times[0] / seconds * 3))]
 
 
@@ -501,19 +513,21 @@ def _caption(spec: DemoSpec, p: dict) -> str:
     card, adv = _CARDINAL[n], _ADVERB[n]
     timing = _timing(p["ev_times"], p["n_frames"] / spec.fps)
     k = p["template"]
+    a_obj = ("an " if obj[0] in "aeiou" else "a ") + obj
     if k == 0:
-        c = f"a {obj} {ev3} {adv} while a {adj} {sing} {sverb}"
+        c = f"{a_obj} {ev3} {adv} while a {adj} {sing} {sverb}"
     elif k == 1:
-        c = f"{card} {snds} as a {obj} {ev3} {timing}"
+        c = f"{card} {snds} as {a_obj} {ev3} {timing}"
     elif k == 2:
-        c = f"{timing}, a {obj} {ev3} {adv} in sync with a {adj} {sing}"
+        c = f"{timing}, {a_obj} {ev3} {adv} in sync with a {adj} {sing}"
     elif k == 3:
-        c = f"you hear {card} {snds} and see a {obj} {evb} {adv}"
+        c = f"you hear {card} {snds} and see {a_obj} {evb} {adv}"
     else:
         each = "the" if n == 1 else "each"
-        c = f"a {obj} on a {_bg_name(p['bg'])} background {ev3} {adv}; {each} {evn} comes with a {adj} {sing}"
+        c = f"{a_obj} on a {_bg_name(p['bg'])} background {ev3} {adv}; {each} {evn} comes with a {adj} {sing}"
     if p["distractor"] and p["mention_distractor"]:
-        c += f", while a {p['d_colour']} {p['d_shape']} drifts slowly"
+        d_obj = f"{p['d_colour']} {p['d_shape']}"
+        c += f", while {'an' if d_obj[0] in 'aeiou' else 'a'} {d_obj} drifts slowly"
     return c[0].upper() + c[1:]
 
 
