@@ -137,7 +137,7 @@ def _train_head(
     model = build_head(kind, input_dims(train), config.head_config())
     if init_state is not None:
         model.load_state_dict(init_state)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
     tensors = {k: torch.from_numpy(v) for k, v in train.arrays.items()}
     val_tensors = {k: torch.from_numpy(v) for k, v in val.arrays.items()} if len(val) >= 2 else None

@@ -153,7 +153,7 @@ def _train_diffgap(
     model = Denoiser(config.denoiser_config(train.audio.shape[1]))
     if init_state is not None:
         model.load_state_dict(init_state)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     scheduler = make_train_scheduler(model.config)
     warm = init_state is not None and new_clip_ids is not None
     total_steps = config.update_steps if warm else config.steps

@@ -21,11 +21,17 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def test_definitions_wire_the_feature_graph():
-    job = defs.get_job_def("refresh_features")
-    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} >= {"clip_manifest", "mel_spectrograms", "audio_images"}
-    schedule = defs.get_schedule_def("daily_feature_refresh")
+    job = defs.resolve_job_def("refresh_features")
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"clip_manifest", "mel_spectrograms", "audio_images"}
+    chain = {k.to_user_string() for k in defs.resolve_job_def("train_diffgap").asset_layer.executable_asset_keys}
+    assert {"clip_manifest", "audio_tower_features", "frame_tower_features", "text_tower_features", "clap_head", "cavp_head",
+            "clap_embeddings", "cavp_embeddings", "diffgap_clap", "diffgap_cavp", "diffgap_evaluation", "diffgap_ablations",
+            "retrieval_evaluation"} <= chain
+    vae_job = {k.to_user_string() for k in defs.resolve_job_def("train_vae").asset_layer.executable_asset_keys}
+    assert {"video_frames", "audio_vae", "frame_vae", "vae_latents"} <= vae_job
+    schedule = defs.resolve_schedule_def("daily_feature_refresh")
     assert schedule.cron_schedule == "0 3 * * *" and schedule.job_name == "refresh_features"
-    assert defs.get_sensor_def("new_media_sensor").job_name == "refresh_features"
+    assert defs.resolve_sensor_def("new_media_sensor").job_name == "refresh_features"
 
 
 def test_sensor_requests_a_run_only_when_media_change(tmp_path, bad_media):
