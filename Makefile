@@ -5,7 +5,7 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	.venv/bin/dagster job execute -j refresh_features
+	.venv/bin/dagster job execute -j train_diffgap
 
 test:
 	./scripts/setup.sh --test

@@ -93,7 +93,7 @@ def diffgap_cavp(context: AssetExecutionContext, config: DiffgapConfig, clip_man
 class DiffgapEvalConfig(Config):
     steps: int = Field(default=50, description="Sampling steps for retrieval (50, 20 or 5 in the paper).")
     sampler: str = Field(default="ddim", description="ddim (deterministic) or ddpm.")
-    samples: int = Field(default=4, description="Generated embeddings averaged per query.")
+    samples: int = Field(default=16, description="Generated embeddings averaged per query (more = closer to the conditional mean).")
     seeds: list[int] = Field(default=[0, 1, 2], description="Training + sampling seeds; extra seeds train extra models (cached).")
 
 

@@ -1,0 +1,64 @@
+"""Why does (or doesn't) DiffGAP help? A sweep over the knobs the issue names, on a store that
+already holds the train_diffgap outputs: samples averaged per query, sampling steps, training
+length, and the modality gap. Decisions are read off the validation split; test is printed
+beside it only to report, never to choose.
+
+    .venv/bin/python bench/diffgap_sweep.py --store .data/features [--dataset demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from models.diffgap import FROM_AUDIO, TO_AUDIO
+from stages import diffgap as D
+from stages.checkpoints import list_checkpoints
+from stages.manifest import load_manifest
+from stages.parallel import torch_threads
+from stages.store import FeatureStore
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--dataset", default="demo")
+    parser.add_argument("--long-steps", type=int, default=9000, help="a longer training run to compare with")
+    args = parser.parse_args()
+    store = FeatureStore(args.store)
+    manifest = load_manifest(store, args.dataset)
+    print("| space | direction | variant | val R@1 (blend) | val R@1 (generated only) | test R@1 (blend) | w |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    with torch_threads(1):
+        for space in ("clap", "cavp"):
+            main_ckpt = next(s for s in list_checkpoints(store, args.dataset, D.model_name(space))
+                             if s["train_config"]["bst"] and s["train_config"]["seed"] == 0
+                             and s["train_config"]["bst_interval"] == D.DiffgapTrainConfig().bst_interval)
+            config = D.DiffgapTrainConfig(**main_ckpt["train_config"])
+            data = D.split_pairs(D.load_pairs(store, manifest, space, main_ckpt["embedding_key"]))
+            print(f"<!-- {space} gap on train: {D.gap_statistics(data.train)} -->")
+            model, _ = D.load_model(store, args.dataset, space, main_ckpt["checkpoint_key"])
+            long = D.fit_space(store, manifest, space, main_ckpt["embedding_key"],
+                               D.DiffgapTrainConfig(**{**config.params(), "steps": args.long_steps})).model
+            variants = [("k=1, 50 steps", model, 1, 50), ("k=4, 50 steps", model, 4, 50), ("k=16, 50 steps", model, 16, 50),
+                        ("k=64, 50 steps", model, 64, 50), ("k=16, 5 steps", model, 16, 5),
+                        (f"k=16, {args.long_steps} train steps", long, 16, 50)]
+            for direction in (TO_AUDIO, FROM_AUDIO):
+                vq, vg = data.val.condition_target(direction)
+                tq, tg = data.test.condition_target(direction)
+                base_val = D.blended_metrics(vq, vg, vq, 0.0)["R@1"]
+                base_test = D.blended_metrics(tq, tg, tq, 0.0)["R@1"]
+                name = D.direction_names(space)[direction]
+                print(f"| {space} | {name} | base encoder | {base_val:.1f} | | {base_test:.1f} | |")
+                for label, m, k, steps in variants:
+                    vp = D.generate(m, vq, direction, steps=steps, samples=k, seed=0)
+                    w = D.choose_blend(vq, vg, vp)
+                    tp = D.generate(m, tq, direction, steps=steps, samples=k, seed=1)
+                    print(f"| {space} | {name} | {label} | {D.blended_metrics(vq, vg, vp, w)['R@1']:.1f} | "
+                          f"{D.blended_metrics(vq, vg, vp, 1.0)['R@1']:.1f} | {D.blended_metrics(tq, tg, tp, w)['R@1']:.1f} | {w:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
