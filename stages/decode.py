@@ -110,7 +110,8 @@ def _decode_audio_pyav(data: bytes) -> tuple[np.ndarray, int]:
                     plane = (plane.astype(np.float32) - half) / half
                 if not frame.format.is_planar:  # interleaved: [1, samples*channels]
                     plane = plane.reshape(-1, len(frame.layout.channels)).T
-                chunks.append(plane.astype(np.float32, copy=False).mean(axis=0))
+                plane = plane.astype(np.float32, copy=False)
+                chunks.append(plane[0] if len(plane) == 1 else plane.mean(axis=0))  # mono needs no mean
         except av.error.FFmpegError as exc:
             if not chunks:
                 raise ClipError(f"cannot decode audio: {_one_line(exc)}") from None

@@ -8,6 +8,7 @@ same functions run in-process or on Dask workers, write their shard and return a
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ import numpy as np
 from stages.decode import AudioSpec, ClipError, load_audio
 from stages.manifest import ClipManifest
 from stages.parallel import Executor
-from stages.spectral import MelSpectrogram, get_preset, mel_to_audio_image
+from stages.spectral import STFT_SUB_BATCH, MelSpectrogram, get_preset, mel_to_audio_image
 from stages.store import FeatureStore, feature_key
 
 MEL_FEATURE = "mel_spectrograms"
@@ -144,17 +145,32 @@ def compute_mel_shard(job: ShardJob) -> ShardResult:
     store = _store(job)
     params = MelParams(**{k: v for k, v in job.params.items() if k != "preset_values"})
     spec = params.audio_spec()
-    ok_ids, hashes, audio, quarantined = [], [], [], []
-    for clip_id, uri, digest in job.clips:
+    preset = get_preset(params.preset)
+    extractor = MelSpectrogram(preset, job.device)
+
+    def decode(clip):
         try:
-            audio.append(load_audio(uri, spec, job.storage_options))
+            return load_audio(clip[1], spec, job.storage_options)
+        except ClipError as exc:
+            return exc
+
+    ok_ids, hashes, quarantined, mel_parts, pending = [], [], [], [], []
+    # One thread decodes ahead (PyAV and soxr release the GIL) while this one runs the STFT.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for (clip_id, _, digest), decoded in zip(job.clips, pool.map(decode, job.clips)):
+            if isinstance(decoded, ClipError):
+                quarantined.append({"id": clip_id, "reason": str(decoded)})
+                continue
             ok_ids.append(clip_id)
             hashes.append(digest)
-        except ClipError as exc:
-            quarantined.append({"id": clip_id, "reason": str(exc)})
-    preset = get_preset(params.preset)
-    if audio:
-        mels = MelSpectrogram(preset, job.device)(np.stack(audio)).astype(params.dtype)
+            pending.append(decoded)
+            if len(pending) == STFT_SUB_BATCH:
+                mel_parts.append(extractor(np.stack(pending)).astype(params.dtype))
+                pending = []
+    if pending:
+        mel_parts.append(extractor(np.stack(pending)).astype(params.dtype))
+    if mel_parts:
+        mels = np.concatenate(mel_parts)
     else:
         mels = np.zeros((0, preset.n_mels, preset.n_frames(params.seconds)), params.dtype)
     store.write_shard(

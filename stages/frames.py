@@ -79,3 +79,25 @@ def compute_frames_shard(job: ShardJob) -> ShardResult:
         manifest=_shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
+
+
+def frames_preview_png(frames: np.ndarray, shown: int = 8, height: int = 64) -> bytes:
+    """One row per clip: ``shown`` evenly spaced frames of uint8 [n, T, H, W, 3] (stages.preview style)."""
+    import io
+
+    from PIL import Image
+
+    rows = []
+    for clip in np.asarray(frames):
+        picks = np.linspace(0, len(clip) - 1, num=min(shown, len(clip))).round().astype(int)
+        tiles = [
+            np.pad(np.asarray(Image.fromarray(clip[i]).resize((height, height), Image.Resampling.NEAREST)),
+                   ((2, 2), (2, 2), (0, 0)), constant_values=255)
+            for i in picks
+        ]
+        rows.append(np.concatenate(tiles, axis=1))
+    width = max(r.shape[1] for r in rows)
+    canvas = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -89,7 +89,10 @@ class MelSpectrogram:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.device = torch.device(device)
         self.window = torch.hann_window(self.preset.window, device=self.device)
-        self.basis = torch.from_numpy(_mel_basis(self.preset)).to(self.device)
+        basis = _mel_basis(self.preset)
+        # Bins above fmax have zero weight in every filter: skip their magnitude entirely.
+        self.used_bins = int(np.nonzero(basis.any(axis=0))[0].max()) + 1
+        self.basis = torch.from_numpy(np.ascontiguousarray(basis[:, : self.used_bins])).to(self.device)
 
     @torch.no_grad()
     def __call__(self, audio: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -110,9 +113,10 @@ class MelSpectrogram:
             center=p.center,
             pad_mode=p.pad_mode,
             return_complex=True,
-        ).abs()
-        if p.power != 1.0:
-            spec = spec.pow(p.power)
+        )[:, : self.used_bins]
+        parts = torch.view_as_real(spec)
+        power = parts[..., 0].square() + parts[..., 1].square()  # cheaper than complex abs()
+        spec = power.sqrt() if p.power == 1.0 else power.pow(p.power / 2)
         mel = torch.matmul(self.basis, spec)
         return compress(mel, p)
 

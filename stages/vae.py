@@ -26,14 +26,24 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from models.vae import VaeConfig, build_vae, decode, encode, images_to_tensor, load_pretrained_vae, check_pretrained_dir, vae_from_config, vae_loss
+from models.vae import (
+    VaeConfig,
+    build_vae,
+    check_pretrained_dir,
+    decode,
+    encode,
+    images_to_tensor,
+    load_pretrained_vae,
+    vae_from_config,
+    vae_loss,
+)
 from stages.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
 from stages.features import AUDIO_IMAGE_FEATURE, MEL_FEATURE, ShardJob, ShardResult
 from stages.frames import VIDEO_FRAMES_FEATURE
@@ -63,10 +73,10 @@ class VaeTrainConfig:
     seed: int = 0
     max_val_images: int = 256  # validation images scored at each evaluation (a fixed seeded subset)
     frame_stride: int = 1  # frames only: train on every k-th frame of each clip
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
     layers_per_block: int = 1
     latent_channels: int = 4
-    norm_num_groups: int = 16
+    norm_num_groups: int = 4
     mid_block_attention: bool = True
 
     def __post_init__(self) -> None:
@@ -189,7 +199,7 @@ def train_vae(
     scored = scored[_fixed_subset(len(scored), config.max_val_images, config.seed)]
     rng = np.random.default_rng(config.seed)
     best = (reconstruction_l1(vae, scored), 0, {k: v.detach().clone() for k, v in vae.state_dict().items()})
-    history = [{"step": 0, "train_l1": float("nan"), "train_kl": float("nan"), "val_l1": round(best[0], 5)}]
+    history = [{"step": 0, "train_l1": None, "train_kl": None, "val_l1": round(best[0], 5)}]
     if config.steps:
         optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -307,7 +317,9 @@ def pretrained_fingerprint(path: str) -> dict:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         digests[name] = digest.hexdigest()
-    return {"pretrained_dir": folder, "subfolder": subfolder, "weights_sha256": digests}
+    with open(os.path.join(folder, subfolder, "config.json"), encoding="utf-8") as handle:
+        config = {k: v for k, v in json.load(handle).items() if k != "_diffusers_version"}
+    return {"pretrained_dir": folder, "subfolder": subfolder, "weights_sha256": digests, "config": config}
 
 
 def vae_checkpoint_key(name: str, params: Mapping[str, Any], input_keys: Sequence[str], shards: Sequence[str]) -> str:
@@ -472,6 +484,47 @@ def latent_vaes(store: FeatureStore, dataset: str, key: str | None = None) -> di
     return dict(store.shard_manifest(dataset, LATENT_FEATURE, key, shards[0])["params"]["vaes"])
 
 
+def latent_summary(store: FeatureStore, dataset: str, key: str, shards: Sequence[str] | None = None) -> dict[str, dict]:
+    """Per modality of a latent key: row shape, scaling factor and ``latent_statistics`` over the rows."""
+    vaes = latent_vaes(store, dataset, key)
+    table = store.read_arrays(dataset, LATENT_FEATURE, key, shards=shards, names=list(vaes))
+    return {
+        m: {"shape": list(table.arrays[m].shape[1:]), "scaling_factor": float(vaes[m]["scaling_factor"]),
+            **latent_statistics(table.arrays[m])}
+        for m in vaes
+    }
+
+
+def latent_preview_png(
+    store: FeatureStore, dataset: str, key: str, shards: Sequence[str], count: int = 4, device: str = "cpu"
+) -> bytes | None:
+    """Input audio images next to their decoded stored latents (and both mels) for the first
+    ``count`` clips; None when the key holds no audio latents or no rows."""
+    manifest = store.shard_manifest(dataset, LATENT_FEATURE, key, shards[0]) if shards else None
+    if manifest is None or "audio" not in manifest["params"]["modalities"]:
+        return None
+    params = manifest["params"]
+    source = params["inputs"]["audio"]
+    info = params["vaes"]["audio"]
+    latents, originals = [], []
+    for shard in shards:
+        table = store.read_arrays(dataset, LATENT_FEATURE, key, shards=[shard], names=["audio"])
+        images = store.read_arrays(dataset, source["feature"], source["key"], shards=[shard], names=[source["array"]])
+        by_id = dict(zip(images.clip_ids, images.arrays[source["array"]]))
+        for clip_id, latent in zip(table.clip_ids, table.arrays["audio"]):
+            if len(latents) < count:
+                latents.append(latent)
+                originals.append(by_id[clip_id])
+        if len(latents) >= count:
+            break
+    if not latents:
+        return None
+    vae, sidecar = load_vae(store, dataset, info["name"], info["key"], device)
+    decoded = decode_latents(vae, np.stack(latents), info["scaling_factor"])
+    preset = get_preset(sidecar.get("mel_preset", "hifigan22k"))
+    return comparison_png(np.stack(originals), decoded, preset, preset.n_frames(float(sidecar.get("mel_seconds", 4.0))))
+
+
 def latent_statistics(latents: np.ndarray) -> dict[str, float]:
     """Finite count, mean, std and max |z| of (scaled) latents, in float64."""
     values = np.asarray(latents, np.float64)
@@ -484,3 +537,213 @@ def latent_statistics(latents: np.ndarray) -> dict[str, float]:
         "std": float(good.std()) if good.size else float("nan"),
         "max_abs": float(np.abs(good).max()) if good.size else float("nan"),
     }
+
+
+# ---- fitting one modality's VAE from the store ----------------------------------------------------
+
+@dataclass
+class VaeFit:
+    """A VAE checkpoint in the store: its key, its sidecar, and whether it was already there."""
+
+    name: str
+    key: str
+    sidecar: dict
+    reused: bool
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.sidecar["scaling_factor"])
+
+
+def _audio_source(store: FeatureStore, dataset: str, image_key: str, shards: Sequence[str]) -> tuple[MelPreset, float, str]:
+    """(mel preset, clip seconds, mel feature key) behind an audio image key, from its shard manifests."""
+    image_manifest = store.shard_manifest(dataset, AUDIO_IMAGE_FEATURE, image_key, shards[0])
+    (mel_key,) = image_manifest["input_keys"]
+    mel_manifest = store.shard_manifest(dataset, MEL_FEATURE, mel_key, shards[0])
+    return get_preset(mel_manifest["params"]["preset"]), float(mel_manifest["params"]["seconds"]), mel_key
+
+
+def fit_vae(
+    store: FeatureStore,
+    manifest: ClipManifest,
+    name: str,
+    modality: str,
+    input_key: str,
+    config: VaeTrainConfig | None = None,
+    pretrained_dir: str = "",
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> VaeFit:
+    """Train (``config``) or load (``pretrained_dir``) the VAE of one modality, compute its scaling
+    factor on the training split and its validation metrics next to two baselines, and save it as a
+    checkpoint; reuse the checkpoint when its key exists.
+
+    The key hashes the training parameters (or the pretrained folder's config and weight hashes),
+    the input feature key and the manifest's shards.
+    """
+    if modality not in MODALITY_INPUTS:
+        raise ValueError(f"unknown modality {modality!r}: choose one of {list(MODALITIES)}")
+    config = config or VaeTrainConfig()
+    shards = sorted(manifest.by_shard())
+    pretrained = pretrained_fingerprint(pretrained_dir) if pretrained_dir else None
+    if pretrained is not None:
+        # The same weights in another folder are the same model: the key hashes contents, not the path.
+        params: dict[str, Any] = {"pretrained": {k: pretrained[k] for k in ("weights_sha256", "config")},
+                                  "frame_stride": config.frame_stride, "max_val_images": config.max_val_images,
+                                  "seed": config.seed}
+    else:
+        params = config.params()
+    params = {**params, "modality": modality}
+    key = vae_checkpoint_key(name, params, [input_key], shards)
+    if has_checkpoint(store, manifest.dataset, name, key):
+        _, sidecar = load_checkpoint(store, manifest.dataset, name, key)
+        return VaeFit(name, key, sidecar, True)
+
+    feature = MODALITY_INPUTS[modality][0]
+    images = read_image_set(store, manifest, modality, input_key, shards, config.frame_stride)
+    train, val = images.subset("train"), images.subset("val")
+    if not len(train):
+        raise ValueError(f"{name}: no {feature} images in the training split ({len(images)} images in all)")
+    scored = val if len(val) else train
+    rows = _fixed_subset(len(scored), config.max_val_images, config.seed)
+    eval_images = scored.images[rows]
+    start = time.perf_counter()
+    if pretrained_dir:
+        vae = load_pretrained_vae(pretrained_dir).to(device)
+        history, best_step, val_source = [], 0, ("val" if len(val) else "train")
+    else:
+        result = train_vae(train.images, val.images, config, device=device, log=log)
+        vae, history, best_step, val_source = result.model, result.history, result.best_step, result.val_source
+    train_seconds = time.perf_counter() - start
+    scaling = compute_scaling_factor(vae, train.images, seed=config.seed)
+
+    sidecar: dict[str, Any] = {"modality": modality, "input_feature": feature, "input_keys": {feature: input_key}}
+    preset = n_frames = source_mels = None
+    if modality == "audio":
+        preset, seconds, mel_key = _audio_source(store, manifest.dataset, input_key, shards)
+        n_frames = preset.n_frames(seconds)
+        sidecar.update(mel_preset=preset.name, mel_seconds=seconds)
+        sidecar["input_keys"][MEL_FEATURE] = mel_key
+        mel_table = store.read_arrays(manifest.dataset, MEL_FEATURE, mel_key, shards=shards, names=["mel"])
+        by_id = dict(zip(mel_table.clip_ids, mel_table.arrays["mel"]))
+        eval_ids = [scored.clip_ids[i] for i in rows]
+        if all(c in by_id for c in eval_ids):
+            source_mels = np.stack([by_id[c] for c in eval_ids]).astype(np.float32)
+    metrics, _ = reconstruction_metrics(vae, eval_images, preset, n_frames, source_mels)
+    torch.manual_seed(config.seed)
+    untrained = vae_from_config(diffusers_config(vae)).to(device)  # same architecture, fresh weights
+    baselines = baseline_metrics(train.images.mean(axis=0), eval_images, untrained, preset, n_frames)
+    sidecar.update(
+        shards=shards,
+        train_config=config.params() if not pretrained_dir else None,
+        pretrained=pretrained,
+        steps=0 if pretrained_dir else config.steps,
+        history=history,
+        best_step=best_step,
+        scaling_factor=scaling,
+        metrics_split=val_source,
+        metrics={k: round(float(v), 5) for k, v in metrics.items()},
+        baselines={b: {k: round(float(v), 5) for k, v in m.items()} for b, m in baselines.items()},
+        clips_train=train.clips,
+        clips_val=val.clips,
+        images_train=len(train),
+        images_val=len(val),
+        images_scored=len(eval_images),
+        image_size=int(train.images.shape[1]),
+        latent_shape=list(encode(vae, train.images[:1]).shape[1:]),
+        train_seconds=round(train_seconds, 2),
+    )
+    if log:
+        log(f"{name} {key}: {metrics_line(sidecar)}")
+    save_vae_checkpoint(store, manifest.dataset, name, key, vae, sidecar)
+    _, written = load_checkpoint(store, manifest.dataset, name, key)
+    return VaeFit(name, key, written, False)
+
+
+def metrics_line(sidecar: Mapping[str, Any]) -> str:
+    """One line: trained vs mean-image vs untrained on the scored split."""
+    m, b = sidecar["metrics"], sidecar["baselines"]
+    parts = [f"PSNR {m['psnr']:.2f} dB (mean image {b['mean_image']['psnr']:.2f}, untrained {b['untrained']['psnr']:.2f})"]
+    if "mel_l1" in m:
+        parts.append(f"mel L1 {m['mel_l1']:.3f} (mean image {b['mean_image']['mel_l1']:.3f}, untrained {b['untrained']['mel_l1']:.3f})")
+        parts.append(f"spectral convergence {m['spectral_convergence']:.3f}")
+    return f"{sidecar['metrics_split']} split: " + "; ".join(parts) + f"; scaling factor {sidecar['scaling_factor']:.4f}"
+
+
+def preview_pairs(
+    store: FeatureStore, manifest: ClipManifest, fit: VaeFit, count: int = 4, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(inputs, reconstructions, clip ids) of the first ``count`` scored clips (val, else train).
+    Audio: one image per clip [n, H, W, 3]; frames: every frame [n, T, H, W, 3]."""
+    sidecar = fit.sidecar
+    modality = sidecar["modality"]
+    feature, array = MODALITY_INPUTS[modality]
+    key = sidecar["input_keys"][feature]
+    split = sidecar["metrics_split"]
+    index = manifest.index()
+    picked, ids = [], []
+    for shard in sidecar["shards"]:  # shard by shard: frames of a whole dataset are large
+        table = store.read_arrays(manifest.dataset, feature, key, shards=[shard], names=[array])
+        for row, clip_id in enumerate(table.clip_ids):
+            if len(ids) < count and clip_id in index and index[clip_id].split == split:
+                picked.append(table.arrays[array][row])
+                ids.append(clip_id)
+        if len(ids) >= count:
+            break
+    if not ids:
+        raise ValueError(f"no {feature} rows in the {split} split to preview")
+    originals = np.stack(picked)
+    vae, _ = load_vae(store, manifest.dataset, fit.name, fit.key, device)
+    recon = decode_latents(vae, encode_scaled(vae, originals, 1.0), 1.0)
+    return originals, recon, ids
+
+
+def fit_preview_png(store: FeatureStore, manifest: ClipManifest, fit: VaeFit, count: int = 4, device: str = "cpu") -> bytes:
+    """``comparison_png`` of ``preview_pairs``: inputs next to reconstructions (and mels, for audio)."""
+    originals, recon, _ = preview_pairs(store, manifest, fit, count, device)
+    preset = n_frames = None
+    if fit.sidecar["modality"] == "audio":
+        preset = get_preset(fit.sidecar["mel_preset"])
+        n_frames = preset.n_frames(fit.sidecar["mel_seconds"])
+    return comparison_png(originals, recon, preset, n_frames)
+
+
+def comparison_png(originals: np.ndarray, reconstructions: np.ndarray, preset: MelPreset | None = None,
+                   n_frames: int | None = None, frames_shown: int = 4, height: int = 96) -> bytes:
+    """One row per clip, input next to reconstruction (stages.preview style).
+
+    Audio images: [input, reconstruction, input mel, reconstructed mel] (mels in colour, when a
+    preset is given). Frames [n, T, ...]: ``frames_shown`` evenly spaced frames, each input next to
+    its reconstruction.
+    """
+    import io
+
+    from PIL import Image
+
+    from stages.preview import colorize
+
+    def tile(image: np.ndarray, width: int | None = None) -> np.ndarray:
+        picture = Image.fromarray(np.ascontiguousarray(image))
+        size = (width or height, height)
+        resample = Image.Resampling.NEAREST if width is None else Image.Resampling.BILINEAR
+        return np.pad(np.asarray(picture.resize(size, resample)), ((2, 2), (2, 2), (0, 0)), constant_values=255)
+
+    rows = []
+    for original, recon in zip(originals, reconstructions):
+        if original.ndim == 4:  # frames
+            picks = np.linspace(0, len(original) - 1, num=min(frames_shown, len(original))).round().astype(int)
+            tiles = [t for i in picks for t in (tile(original[i]), tile(recon[i]), np.full((height + 4, 6, 3), 255, np.uint8))]
+        else:
+            tiles = [tile(original), tile(recon)]
+            if preset is not None:
+                mels = audio_image_to_mel(np.stack([original, recon]), preset, int(n_frames))
+                # One colour scale for both: low frequencies at the bottom, as stages.preview draws them.
+                both = colorize(np.concatenate([mels[0][::-1], mels[1][::-1]], axis=1))
+                half, width = mels.shape[2], round(mels.shape[2] * height / mels.shape[1])
+                tiles += [tile(both[:, :half], width), tile(both[:, half:], width)]
+        rows.append(np.concatenate(tiles, axis=1))
+    width = max(r.shape[1] for r in rows)
+    canvas = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -127,12 +127,13 @@ class RealTimeFactor:
         return self.audio_seconds / self.compute_seconds if self.compute_seconds > 0 else float("inf")
 
 
-def measure_real_time_factor(vocoder: Vocoder, mels: np.ndarray, repeats: int = 1) -> RealTimeFactor:
-    """Best-of-``repeats`` wall time of vocoding ``mels`` (after one warm-up call on a short slice)."""
+def measure_real_time_factor(vocoder: Vocoder, mels: np.ndarray, repeats: int = 1) -> tuple[RealTimeFactor, np.ndarray]:
+    """Best-of-``repeats`` wall time of vocoding ``mels`` (after a warm-up call on a short slice),
+    and the waveforms."""
     vocoder(mels[:1, :, :16])
-    best = float("inf")
+    best, waves = float("inf"), None
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        vocoder(mels)
+        waves = vocoder(mels)
         best = min(best, time.perf_counter() - start)
-    return RealTimeFactor(mels.shape[0] * mels.shape[-1] * HOP_LENGTH / SAMPLE_RATE, best)
+    return RealTimeFactor(mels.shape[0] * mels.shape[-1] * HOP_LENGTH / SAMPLE_RATE, best), waves

@@ -1,0 +1,268 @@
+"""Cached features of the frozen pretrained towers (models.towers), one feature per modality.
+
+    audio_tower   pooled [N, 512] f32, per_second [N, S, 512] (f16 by default), logits [N, 69] f32
+    frame_tower   pooled [N, 1280] f32, per_second [N, S, 1280] (f16 by default)
+    text_tower    text [N, 384] f32, unit norm
+
+S = floor(seconds). The feature key holds the parameters below and the tower's settings()
+(package, version, weight file sha256, input settings), so another checkpoint or frame size is
+another key beside the old one. Shard jobs follow stages.features.compute_mel_shard: decode,
+quarantine bad clips with a one-line reason, embed the rest batched, write the shard.
+
+Why float16 for per_second: it is the largest array (S x 512 or S x 1280 per clip), used to train
+contrastive heads; float16 halves it with a relative error of at most 4e-4 of the largest value
+(aisfx embeddings reach ~9; EfficientNet features ~6). pooled and logits stay float32: they are
+small and logits feed KL / IS, where exact values matter more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, get_tower
+from stages.decode import AudioSpec, ClipError, FrameSpec, load_audio, load_frames
+from stages.features import ShardJob, ShardResult, _limit_threads, _shard_manifest, _store
+from stages.store import feature_key
+
+AUDIO_TOWER_FEATURE = "audio_tower"
+FRAME_TOWER_FEATURE = "frame_tower"
+TEXT_TOWER_FEATURE = "text_tower"
+# Bump when the code here changes the numbers it stores (the towers carry their own version).
+AUDIO_TOWER_CODE_VERSION = "1"
+FRAME_TOWER_CODE_VERSION = "1"
+TEXT_TOWER_CODE_VERSION = "1"
+
+NO_TEXT_REASON = "no caption or label"
+_DTYPES = ("float16", "float32")
+_EMBED_CLIPS = 32  # clips embedded at once: bounds memory for large shards
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in _DTYPES:
+        raise ValueError(f"per_second_dtype must be 'float16' or 'float32', got {dtype!r}")
+
+
+@dataclass(frozen=True)
+class AudioTowerParams:
+    seconds: float = 4.0
+    min_seconds: float = 1.0
+    fit: str = "pad"
+    silence_dbfs: float = -60.0
+    per_second_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.fit not in ("pad", "tile"):
+            raise ValueError(f"fit must be 'pad' or 'tile', got {self.fit!r}")
+        _check_dtype(self.per_second_dtype)
+        if self.seconds < 1:
+            raise ValueError(f"seconds must be at least 1 (one embedding per second), got {self.seconds}")
+        if not 0 < self.min_seconds <= self.seconds:
+            raise ValueError(f"need 0 < min_seconds <= seconds, got {self.min_seconds} and {self.seconds}")
+
+    @classmethod
+    def from_params(cls, params: dict) -> "AudioTowerParams":
+        return cls(**{k: v for k, v in params.items() if k != "tower"})
+
+    def params(self) -> dict:
+        return {**asdict(self), "tower": AudioTower.describe()}
+
+    def key(self) -> str:
+        return feature_key(AUDIO_TOWER_FEATURE, self.params(), AUDIO_TOWER_CODE_VERSION)
+
+    @property
+    def n_seconds(self) -> int:
+        return int(math.floor(self.seconds + 1e-9))
+
+    def audio_spec(self) -> AudioSpec:
+        return AudioSpec(
+            sample_rate=AudioTower.sample_rate,
+            seconds=self.seconds,
+            min_seconds=self.min_seconds,
+            fit=self.fit,
+            silence_dbfs=self.silence_dbfs,
+        )
+
+
+@dataclass(frozen=True)
+class FrameTowerParams:
+    seconds: float = 4.0
+    fps: float = 4.0
+    size: int = DEFAULT_FRAME_SIZE
+    per_second_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check_dtype(self.per_second_dtype)
+        if self.seconds < 1:
+            raise ValueError(f"seconds must be at least 1 (one embedding per second), got {self.seconds}")
+        if not 1 <= self.fps <= 60:
+            raise ValueError(f"fps must be within 1..60 (every second needs a frame), got {self.fps}")
+        if not 32 <= self.size <= 512:
+            raise ValueError(f"size must be within 32..512, got {self.size}")
+
+    @classmethod
+    def from_params(cls, params: dict) -> "FrameTowerParams":
+        return cls(**{k: v for k, v in params.items() if k != "tower"})
+
+    def params(self) -> dict:
+        return {**asdict(self), "tower": FrameTower.describe(size=self.size)}
+
+    def key(self) -> str:
+        return feature_key(FRAME_TOWER_FEATURE, self.params(), FRAME_TOWER_CODE_VERSION)
+
+    @property
+    def n_seconds(self) -> int:
+        return int(math.floor(self.seconds + 1e-9))
+
+    def frame_spec(self) -> FrameSpec:
+        # Decoded straight at the tower's input size: one resize, done by the decoder.
+        return FrameSpec(fps=self.fps, size=self.size, seconds=self.seconds)
+
+    def second_of_frame(self) -> np.ndarray:
+        """The second each decoded frame falls in (frame j is taken at (j + 0.5) / fps)."""
+        n_frames = self.frame_spec().n_frames
+        return np.floor((np.arange(n_frames) + 0.5) / self.fps).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TextTowerParams:
+    """Nothing to choose yet beyond the tower: texts are each clip's caption, else its label."""
+
+    def params(self) -> dict:
+        return {"tower": TextTower.describe()}
+
+    def key(self) -> str:
+        return feature_key(TEXT_TOWER_FEATURE, self.params(), TEXT_TOWER_CODE_VERSION)
+
+
+def _tower_for(job: ShardJob, cls, **kwargs):
+    """The process's shared tower; its settings must be the ones the feature key was made from."""
+    tower = get_tower(cls, device=job.device, **kwargs)
+    expected = job.params.get("tower")
+    if expected is not None and tower.settings() != expected:
+        changed = sorted(k for k in set(expected) | set(tower.settings()) if expected.get(k) != tower.settings().get(k))
+        raise RuntimeError(
+            f"{cls.__name__} on this worker differs from the one the feature key {job.key} was made for "
+            f"(in {', '.join(changed)}): install the same package versions everywhere"
+        )
+    return tower
+
+
+def compute_audio_tower_shard(job: ShardJob) -> ShardResult:
+    """Decode at 44.1 kHz (same length / silence rules as the mels), aisfx embeddings, write the shard."""
+    start = time.perf_counter()
+    _limit_threads(job)
+    store = _store(job)
+    params = AudioTowerParams.from_params(job.params)
+    spec = params.audio_spec()
+    ok_ids, hashes, audio, quarantined = [], [], [], []
+    for clip_id, uri, digest in job.clips:
+        try:
+            audio.append(load_audio(uri, spec, job.storage_options))
+            ok_ids.append(clip_id)
+            hashes.append(digest)
+        except ClipError as exc:
+            quarantined.append({"id": clip_id, "reason": str(exc)})
+    n_sec, dim = params.n_seconds, AudioTower.dim
+    pooled = np.zeros((len(audio), dim), np.float32)
+    per_second = np.zeros((len(audio), n_sec, dim), params.per_second_dtype)
+    logits = np.zeros((len(audio), AudioTower.n_classes), np.float32)
+    if audio:
+        tower = _tower_for(job, AudioTower)
+        for lo in range(0, len(audio), _EMBED_CLIPS):
+            out = tower.embed(np.stack(audio[lo : lo + _EMBED_CLIPS]), seconds=params.seconds)
+            hi = lo + len(out["pooled"])
+            pooled[lo:hi], per_second[lo:hi], logits[lo:hi] = out["pooled"], out["per_second"], out["logits"]
+    store.write_shard(
+        job.dataset, job.feature, job.key, job.shard,
+        clip_ids=ok_ids,
+        arrays={"pooled": pooled, "per_second": per_second, "logits": logits},
+        sample_meta=[{"content_hash": h} for h in hashes],
+        manifest=_shard_manifest(job, quarantined, start),
+    )
+    return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
+
+
+def compute_frame_tower_shard(job: ShardJob) -> ShardResult:
+    """Frames at ``fps`` (decord), EfficientNet-lite0 per frame, averaged per second and per clip."""
+    start = time.perf_counter()
+    _limit_threads(job)
+    store = _store(job)
+    params = FrameTowerParams.from_params(job.params)
+    spec = params.frame_spec()
+    ok_ids, hashes, clips, quarantined = [], [], [], []
+    for clip_id, uri, digest in job.clips:
+        try:
+            clips.append(load_frames(uri, spec, job.storage_options))
+            ok_ids.append(clip_id)
+            hashes.append(digest)
+        except ClipError as exc:
+            quarantined.append({"id": clip_id, "reason": str(exc)})
+    n_sec, dim, n_frames = params.n_seconds, FrameTower.dim, spec.n_frames
+    second = params.second_of_frame()
+    pooled = np.zeros((len(clips), dim), np.float32)
+    per_second = np.zeros((len(clips), n_sec, dim), params.per_second_dtype)
+    if clips:
+        tower = _tower_for(job, FrameTower, size=params.size)
+        for lo in range(0, len(clips), _EMBED_CLIPS):
+            frames = np.stack(clips[lo : lo + _EMBED_CLIPS])  # [n, T, size, size, 3]
+            n = len(frames)
+            emb = tower.embed(frames.reshape(n * n_frames, *frames.shape[2:])).reshape(n, n_frames, dim)
+            pooled[lo : lo + n] = emb.mean(axis=1)
+            for s in range(n_sec):
+                per_second[lo : lo + n, s] = emb[:, second == s].mean(axis=1)
+    store.write_shard(
+        job.dataset, job.feature, job.key, job.shard,
+        clip_ids=ok_ids,
+        arrays={"pooled": pooled, "per_second": per_second},
+        sample_meta=[{"content_hash": h} for h in hashes],
+        manifest=_shard_manifest(job, quarantined, start),
+    )
+    return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
+
+
+def text_digest(text: str) -> str:
+    """Short hash of the text a row was embedded from (kept per clip in the shard manifest)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def clean_text(text: str | None) -> str:
+    return " ".join(str(text or "").split())
+
+
+def compute_text_tower_shard(job: ShardJob) -> ShardResult:
+    """MiniLM embeddings of each clip's caption (else its label); an empty text is quarantined."""
+    start = time.perf_counter()
+    _limit_threads(job)
+    store = _store(job)
+    if len(job.texts) != len(job.clips):
+        raise ValueError(f"shard {job.shard}: {len(job.texts)} texts for {len(job.clips)} clips (ShardJob.texts)")
+    ok_ids, hashes, texts, quarantined = [], [], [], []
+    for (clip_id, _, digest), raw in zip(job.clips, job.texts):
+        text = clean_text(raw)
+        if not text:
+            quarantined.append({"id": clip_id, "reason": NO_TEXT_REASON})
+            continue
+        ok_ids.append(clip_id)
+        hashes.append(digest)
+        texts.append(text)
+    if texts:
+        embeddings = _tower_for(job, TextTower).encode(texts)
+    else:
+        embeddings = np.zeros((0, TextTower.dim), np.float32)
+    manifest = _shard_manifest(job, quarantined, start)
+    # The shard name follows the clips' media hashes, not their captions: keep what was embedded
+    # so a check can tell when a caption changed under an unchanged shard name.
+    manifest["text_digests"] = {clip_id: text_digest(t) for clip_id, t in zip(ok_ids, texts)}
+    store.write_shard(
+        job.dataset, job.feature, job.key, job.shard,
+        clip_ids=ok_ids,
+        arrays={"text": embeddings},
+        sample_meta=[{"content_hash": h, "text": t} for h, t in zip(hashes, texts)],
+        manifest=manifest,
+    )
+    return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
