@@ -1,0 +1,239 @@
+"""Tower feature assets: clip_manifest -> audio / frame / text embeddings of the frozen towers.
+
+Thin wrappers like mel_spectrograms: read the config, call stages.towers through run_feature
+(only the shards whose key is missing are computed), report. The feature key carries each
+tower's settings (package, version, weight sha256, input settings).
+"""
+
+
+import numpy as np
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    Config,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from assets.features import _check_feature, _data_version, _LazyExecutor, _run_metadata
+from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
+from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, TowerWeightsError
+from stages import features as F
+from stages import towers as T
+from stages.manifest import load_manifest
+from stages.store import FeatureStore
+
+UNIT_NORM_TOLERANCE = 1e-3
+PROBLEMS_SHOWN = 10
+
+
+class AudioTowerConfig(Config):
+    seconds: float = Field(default=4.0, description="Clip length in seconds (>= 1); one 512-d embedding per whole second.")
+    min_seconds: float = Field(default=1.0, description="Clips with less audio than this are quarantined.")
+    fit: str = Field(default="pad", description="How a short clip reaches `seconds`: 'pad' (zeros) or 'tile' (repeat).")
+    silence_dbfs: float = Field(default=-60.0, description="Clips whose peak is below this level are quarantined as silent.")
+    per_second_dtype: str = Field(default="float16", description="Stored dtype of per_second: float16 (rel. error <= 4e-4) or float32.")
+
+
+class FrameTowerConfig(Config):
+    seconds: float = Field(default=4.0, description="Clip length in seconds (>= 1); one 1280-d embedding per whole second.")
+    fps: float = Field(default=4.0, description="Frames decoded per second (1..60); averaged within each second.")
+    size: int = Field(default=DEFAULT_FRAME_SIZE, description="EfficientNet-lite0 input side in pixels; frames are resized to it.")
+    per_second_dtype: str = Field(default="float16", description="Stored dtype of per_second: float16 or float32.")
+
+
+def _params_or_failure(asset_name: str, build):
+    try:
+        params = build()
+        return params, params.key(), params.params()
+    except (ValueError, TypeError) as exc:
+        raise Failure(f"bad {asset_name} config: {exc}") from None
+    except TowerWeightsError as exc:
+        raise Failure(str(exc)) from None
+
+
+def _run_tower(
+    context: AssetExecutionContext,
+    asset_name: str,
+    feature: str,
+    key: str,
+    params: dict,
+    code_version: str,
+    compute_fn,
+    clip_manifest: F.ManifestRef,
+    feature_store: FeatureStoreResource,
+    compute: ComputeResource,
+    device: DeviceResource,
+) -> Output[F.FeatureRef]:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    try:
+        run = F.run_feature(
+            store, manifest, feature, key, params, code_version, compute_fn, _LazyExecutor(compute),
+            device=device.device(), worker_threads=compute.worker_threads,
+        )
+    except TowerWeightsError as exc:
+        raise Failure(str(exc)) from None
+    context.log.info(f"{asset_name} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
+    ref = F.FeatureRef(manifest.dataset, feature, run.key, clip_manifest.digest, tuple(run.shards))
+    metadata = _run_metadata(store, run)
+    tower = params["tower"]
+    metadata["tower"] = f"{tower['package']} {tower['package_version']}"
+    metadata["tower_settings"] = MetadataValue.json(tower)
+    return Output(ref, data_version=_data_version(run), metadata=metadata)
+
+
+@asset(
+    description="aisfx audio embeddings per clip: pooled [512], per second [S, 512] and 69 'ucsMixed' class logits.",
+    code_version=f"audio_tower_features-{T.AUDIO_TOWER_CODE_VERSION}",
+)
+def audio_tower_features(
+    context: AssetExecutionContext,
+    config: AudioTowerConfig,
+    clip_manifest: F.ManifestRef,
+    feature_store: FeatureStoreResource,
+    compute: ComputeResource,
+    device: DeviceResource,
+) -> Output[F.FeatureRef]:
+    _, key, params = _params_or_failure("audio_tower_features", lambda: T.AudioTowerParams(**config.model_dump()))
+    return _run_tower(
+        context, "audio_tower_features", T.AUDIO_TOWER_FEATURE, key, params, T.AUDIO_TOWER_CODE_VERSION,
+        T.compute_audio_tower_shard, clip_manifest, feature_store, compute, device,
+    )
+
+
+@asset(
+    description="EfficientNet-lite0 (ImageNet) frame embeddings per clip: pooled [1280] and per second [S, 1280].",
+    code_version=f"frame_tower_features-{T.FRAME_TOWER_CODE_VERSION}",
+)
+def frame_tower_features(
+    context: AssetExecutionContext,
+    config: FrameTowerConfig,
+    clip_manifest: F.ManifestRef,
+    feature_store: FeatureStoreResource,
+    compute: ComputeResource,
+    device: DeviceResource,
+) -> Output[F.FeatureRef]:
+    _, key, params = _params_or_failure("frame_tower_features", lambda: T.FrameTowerParams(**config.model_dump()))
+    return _run_tower(
+        context, "frame_tower_features", T.FRAME_TOWER_FEATURE, key, params, T.FRAME_TOWER_CODE_VERSION,
+        T.compute_frame_tower_shard, clip_manifest, feature_store, compute, device,
+    )
+
+
+@asset(
+    description="MiniLM (all-MiniLM-L6-v2) sentence embeddings [384], unit norm, of each clip's caption, else its label.",
+    code_version=f"text_tower_features-{T.TEXT_TOWER_CODE_VERSION}",
+)
+def text_tower_features(
+    context: AssetExecutionContext,
+    clip_manifest: F.ManifestRef,
+    feature_store: FeatureStoreResource,
+    compute: ComputeResource,
+    device: DeviceResource,
+) -> Output[F.FeatureRef]:
+    # No config: texts are fixed (caption, else label) and the tower has no input settings to choose.
+    _, key, params = _params_or_failure("text_tower_features", T.TextTowerParams)
+    return _run_tower(
+        context, "text_tower_features", T.TEXT_TOWER_FEATURE, key, params, T.TEXT_TOWER_CODE_VERSION,
+        T.compute_text_tower_shard, clip_manifest, feature_store, compute, device,
+    )
+
+
+# ---- asset checks -------------------------------------------------------------------------------
+
+def _check_tower(
+    store: FeatureStore,
+    ref: F.FeatureRef,
+    shapes: dict[str, tuple],
+    norm_array: str,
+    unit_norm: bool,
+    manifest_texts: dict[str, str] | None = None,
+) -> AssetCheckResult:
+    """_check_feature on the first array (row counts, shape, finite), then the other arrays' shapes
+    and finiteness, per-row norms of ``norm_array`` (unit, or at least non-zero) and, for text,
+    that every stored row was embedded from the clip's current caption."""
+    names = list(shapes)
+    base = _check_feature(store, ref, names[0], shapes[names[0]])
+    problems = [] if base.passed else [base.description]
+    norm_min, norm_max = np.inf, 0.0
+    for shard in ref.shards:
+        table = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=[shard], names=names[1:] + [norm_array])
+        if not len(table):
+            continue
+        for name in names[1:]:
+            values = table.arrays[name]
+            if tuple(values.shape[1:]) != tuple(shapes[name]):
+                problems.append(f"{shard}: {name} shape {values.shape[1:]} != {tuple(shapes[name])}")
+            if not np.isfinite(values).all():
+                problems.append(f"{shard}: {name} has {int((~np.isfinite(values)).sum())} NaN/Inf values")
+        norms = np.linalg.norm(table.arrays[norm_array].astype(np.float64), axis=1)
+        norm_min, norm_max = min(norm_min, float(norms.min())), max(norm_max, float(norms.max()))
+        if unit_norm and np.abs(norms - 1).max() > UNIT_NORM_TOLERANCE:
+            problems.append(f"{shard}: {norm_array} rows are not unit norm (norms {norms.min():.4f}..{norms.max():.4f})")
+        if not unit_norm and not (norms > 1e-6).all():
+            problems.append(f"{shard}: {int((norms <= 1e-6).sum())} all-zero {norm_array} rows")
+        if manifest_texts is not None:
+            stored = store.shard_manifest(ref.dataset, ref.feature, ref.key, shard).get("text_digests", {})
+            stale = [c for c in table.clip_ids if stored.get(c) != T.text_digest(T.clean_text(manifest_texts.get(c)))]
+            if stale:
+                problems.append(f"{shard}: {len(stale)} rows embed an older caption (e.g. {stale[0]}); the shard name "
+                                "does not follow captions, delete the shard to recompute it")
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        description="; ".join(problems[:PROBLEMS_SHOWN])
+        or f"shapes, finiteness, {norm_array} norms and row counts match the clip manifest",
+        metadata={
+            **base.metadata,
+            "problems": len(problems),
+            f"{norm_array}_norm_min": float(norm_min) if np.isfinite(norm_min) else 0.0,
+            f"{norm_array}_norm_max": float(norm_max),
+        },
+    )
+
+
+def _params_of(store: FeatureStore, ref: F.FeatureRef) -> dict:
+    return store.shard_manifest(ref.dataset, ref.feature, ref.key, ref.shards[0])["params"]
+
+
+@asset_check(
+    asset=audio_tower_features,
+    description="pooled [512], per_second [S, 512], logits [69]; finite; non-zero rows; rows + quarantined == manifest clips.",
+)
+def audio_tower_features_valid(audio_tower_features: F.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    store = feature_store.store()
+    params = T.AudioTowerParams.from_params(_params_of(store, audio_tower_features))
+    shapes = {"pooled": (AudioTower.dim,), "per_second": (params.n_seconds, AudioTower.dim), "logits": (AudioTower.n_classes,)}
+    return _check_tower(store, audio_tower_features, shapes, "pooled", unit_norm=False)
+
+
+@asset_check(
+    asset=frame_tower_features,
+    description="pooled [1280], per_second [S, 1280]; finite; non-zero rows; rows + quarantined == manifest clips.",
+)
+def frame_tower_features_valid(frame_tower_features: F.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    store = feature_store.store()
+    params = T.FrameTowerParams.from_params(_params_of(store, frame_tower_features))
+    shapes = {"pooled": (FrameTower.dim,), "per_second": (params.n_seconds, FrameTower.dim)}
+    return _check_tower(store, frame_tower_features, shapes, "pooled", unit_norm=False)
+
+
+@asset_check(
+    asset=text_tower_features,
+    description="text [384], finite, unit norm, embedded from the current caption; rows + quarantined == manifest clips.",
+)
+def text_tower_features_valid(text_tower_features: F.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    store = feature_store.store()
+    manifest = load_manifest(store, text_tower_features.dataset, text_tower_features.manifest_digest)
+    texts = {c.id: c.caption or c.label for c in manifest.clips}
+    return _check_tower(store, text_tower_features, {"text": (TextTower.dim,)}, "text", unit_norm=True, manifest_texts=texts)
+
+
+TOWER_ASSETS = [audio_tower_features, frame_tower_features, text_tower_features]
+TOWER_CHECKS = [audio_tower_features_valid, frame_tower_features_valid, text_tower_features_valid]
