@@ -90,7 +90,8 @@ class ClipManifest:
 
 
 def shard_fingerprint(clips: list[Clip]) -> str:
-    members = sorted((c.id, c.content_hash) for c in clips)
+    # Captions and labels are inputs too (text features): editing one re-keys its shard.
+    members = sorted((c.id, c.content_hash, c.caption, c.label) for c in clips)
     return hashlib.blake2b(canonical_json(members).encode(), digest_size=5).hexdigest()
 
 
