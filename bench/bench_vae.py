@@ -1,0 +1,167 @@
+"""Benchmark of the KL-VAE (encode / decode images/s at batch 1, 16, 64) and of the way back to sound.
+
+  (a) VAE encode: uint8 images -> posterior means, images/s, at batch 1 / 16 / 64
+  (b) VAE decode: latents -> uint8 images, images/s, at batch 1 / 16 / 64
+  (c) HiFi-GAN vocoder on 4 s clips (hifigan22k log-mels of demo clips): real-time factor
+      = seconds of audio per second of compute, at batch 1 and batch 4
+  (d) the whole way back for 4 s clips: latent -> audio image -> mel -> waveform, real-time factor
+
+The VAE is the default architecture of the audio_vae / frame_vae assets (64x64x3 -> 4x16x16,
+models.vae.VaeConfig()); its weights do not change its speed, so it is freshly initialised.
+Interleaved repeats, medians (and best-of). Prints the machine, the command, a table and the
+ratios. No asserts: a benchmark reports, it does not fail.
+
+    .venv/bin/python bench/bench_vae.py [--repeats 5] [--torch-threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_features import command_line, load_average, machine_line  # noqa: E402
+
+BATCHES = (1, 16, 64)
+CLIP_SECONDS = 4.0
+
+
+@dataclass
+class Row:
+    label: str
+    what: str
+    units: float  # images, or seconds of audio, per call
+    walls: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def rate(self) -> float:
+        return self.units / self.median
+
+    @property
+    def best_rate(self) -> float:
+        return self.units / min(self.walls)
+
+
+def timed(row: Row, fn) -> object:
+    start = time.perf_counter()
+    out = fn()
+    row.walls.append(time.perf_counter() - start)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported (default 5)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--size", type=int, default=64, help="image size (default 64)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    from models.vae import VaeConfig, build_vae, decode, encode
+    from models.vocoder import get_vocoder
+    from stages.decode import AudioSpec, load_audio
+    from stages.demo import DemoSpec, generate_demo
+    from stages.spectral import MelSpectrogram, get_preset, mel_to_audio_image
+    from stages.vae import decode_latents
+    from stages.vocode import images_to_mels, log_mel_error
+
+    print(f"machine: {machine_line(args.torch_threads)}")
+    print(f"command: {command_line()}")
+    print(f"load average (1/5/15 min) at start: {load_average()} on {os.cpu_count()} cores"
+          " (other processes on the machine share the cores and slow every row)")
+
+    config = VaeConfig()
+    vae = build_vae(config, seed=0).eval()
+    params = sum(p.numel() for p in vae.parameters())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(max(BATCHES), args.size, args.size, 3), dtype=np.uint8)
+    latents = encode(vae, images)
+    print(f"VAE: AutoencoderKL {list(config.block_out_channels)}, {params / 1e6:.2f} M parameters, "
+          f"{args.size}x{args.size}x3 -> {list(latents.shape[1:])}")
+
+    with tempfile.TemporaryDirectory(prefix="bench_vae-") as work:
+        jsonl = generate_demo(os.path.join(work, "demo"), DemoSpec(n_clips=4, min_seconds=4.0, max_seconds=4.0))
+        uris = sorted(str(p) for p in (jsonl.parent / "media").glob("*.mp4"))
+        audio = np.stack([load_audio(u, AudioSpec(sample_rate=22050, seconds=CLIP_SECONDS)) for u in uris])
+    preset = get_preset("hifigan22k")
+    mels = MelSpectrogram(preset)(audio)
+    vocoder = get_vocoder()
+    audio_images = mel_to_audio_image(mels, preset, args.size)
+    audio_latents = latents[:4].numpy()  # any latent decodes at the same speed
+
+    rows: dict[str, Row] = {}
+    for b in BATCHES:
+        rows[f"enc{b}"] = Row("(a)", f"VAE encode, batch {b}", b)
+        rows[f"dec{b}"] = Row("(b)", f"VAE decode, batch {b}", b)
+    rows["voc1"] = Row("(c)", "vocoder, 1 clip of 4 s", CLIP_SECONDS)
+    rows["voc4"] = Row("(c)", "vocoder, batch of 4 clips of 4 s", 4 * CLIP_SECONDS)
+    rows["way1"] = Row("(d)", "latent -> image -> mel -> waveform, 1 clip", CLIP_SECONDS)
+
+    # warm-up (untimed): every code path once
+    for b in BATCHES:
+        encode(vae, images[:b], batch_size=b)
+        decode(vae, latents[:b], batch_size=b)
+    vocoder(mels[:1, :, :32])
+    for r in range(args.repeats):
+        r0 = time.perf_counter()
+        for b in BATCHES:
+            timed(rows[f"enc{b}"], lambda: encode(vae, images[:b], batch_size=b))
+            timed(rows[f"dec{b}"], lambda: decode(vae, latents[:b], batch_size=b))
+        timed(rows["voc1"], lambda: vocoder(mels[:1]))
+        waves = timed(rows["voc4"], lambda: vocoder(mels))
+        timed(rows["way1"], lambda: vocoder(images_to_mels(decode_latents(vae, audio_latents[:1], 1.0), preset, CLIP_SECONDS)))
+        print(f"repeat {r + 1}/{args.repeats}: {time.perf_counter() - r0:.1f} s")
+
+    again = MelSpectrogram(preset)(waves)
+    error = np.mean([log_mel_error(mels[i], again[i]) for i in range(len(mels))])
+    image_error = np.mean([log_mel_error(mels[i], images_to_mels(audio_images[i : i + 1], preset, CLIP_SECONDS)[0])
+                           for i in range(len(mels))])
+
+    print(f"\n### KL-VAE and vocoder, median of {args.repeats} interleaved repeats, {args.torch_threads} torch thread(s)\n")
+    print("| step | what | median s | rate | best-of rate |")
+    print("|---|---|---:|---:|---:|")
+    for key, row in rows.items():
+        unit = "images/s" if key[:3] in ("enc", "dec") else "x real time"
+        print(f"| {row.label} | {row.what} | {row.median:.4f} | {row.rate:,.1f} {unit} | {row.best_rate:,.1f} |")
+
+    ratios = [
+        ("encode batch 64 / batch 1, images/s", rows["enc64"].rate / rows["enc1"].rate, "x"),
+        ("decode batch 64 / batch 1, images/s", rows["dec64"].rate / rows["dec1"].rate, "x"),
+        ("encode batch 16 / batch 64, images/s (16 is the default)", rows["enc16"].rate / rows["enc64"].rate, "x"),
+        ("decode batch 16 / batch 64, images/s", rows["dec16"].rate / rows["dec64"].rate, "x"),
+        ("encode / decode at batch 16, images/s", rows["enc16"].rate / rows["dec16"].rate, "x"),
+        ("vocoder real-time factor, 1 clip (audio s / compute s)", rows["voc1"].rate, ""),
+        ("vocoder real-time factor, 4 clips", rows["voc4"].rate, ""),
+        ("whole way back real-time factor, 1 clip", rows["way1"].rate, ""),
+        ("VAE decode share of the way back", rows["dec1"].median / rows["way1"].median * 100, "%"),
+    ]
+    print("\n| ratio | value | real time? |")
+    print("|---|---:|---|")
+    for name, value, unit in ratios:
+        verdict = ("faster" if value >= 1 else "slower") if "real-time" in name else ""
+        print(f"| {name} | {value:.2f}{unit} | {verdict} |")
+    print(f"\ncheck: vocoded demo clips vs their mels: mean |delta log-mel| over bins > ln(1e-5) = {error:.3f}; "
+          f"the 64x64 audio image alone (mel -> image -> mel) loses {image_error:.3f}")
+    print(f"load average (1/5/15 min) at the end: {load_average()}")
+    print(f"date: {_dt.datetime.now().astimezone().isoformat(timespec='minutes')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

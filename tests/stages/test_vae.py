@@ -1,0 +1,248 @@
+"""video_frames, VAE fitting (train / reuse / checkpoint), vae_latents shards and the way back to a mel.
+
+One tiny VAE is trained once for the module on the demo's 32x32 audio images (a few seconds) and
+reused by the tests below.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from models.vae import encode
+from stages.checkpoints import load_checkpoint, save_checkpoint
+from stages.features import (
+    AUDIO_IMAGE_CODE_VERSION,
+    AUDIO_IMAGE_FEATURE,
+    MEL_CODE_VERSION,
+    MEL_FEATURE,
+    AudioImageParams,
+    MelParams,
+    compute_audio_image_shard,
+    compute_mel_shard,
+    run_feature,
+)
+from stages.frames import FRAMES_CODE_VERSION, VIDEO_FRAMES_FEATURE, FrameParams, compute_frames_shard
+from stages.manifest import build_manifest
+from stages.parallel import InProcessExecutor
+from stages.sources import SourceConfig, read_source
+from stages.spectral import get_preset
+from stages.store import FeatureStore
+from stages.vae import (
+    AUDIO_VAE,
+    LATENT_CODE_VERSION,
+    LATENT_FEATURE,
+    LatentParams,
+    VaeTrainConfig,
+    compute_latent_shard,
+    decode_latents,
+    encode_scaled,
+    fit_vae,
+    latent_statistics,
+    latent_vaes,
+    load_vae,
+    psnr,
+    read_image_set,
+    reconstruction_metrics,
+    spectral_convergence,
+)
+from stages.vocode import VocodeError, check_vocoder_preset, images_to_mels, log_mel_error
+
+IMAGE_SIZE = 32
+TINY = VaeTrainConfig(steps=60, batch_size=8, learning_rate=2e-3, eval_every=30, block_out_channels=(16, 32, 32),
+                      norm_num_groups=4, max_val_images=64)
+# Round trip image -> latent (float16) -> image -> mel with the 60-step tiny VAE on 32x32 images:
+# measured mean |delta log-mel| 0.9-1.0 against the image's own mel (the mean image scores ~1.8,
+# the untrained VAE ~3).
+ROUND_TRIP_MEL_L1 = 1.3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def must_not_compute(job):
+    raise AssertionError(f"shard {job.shard} was computed again")
+
+
+@pytest.fixture(scope="module")
+def prepared(demo_dataset, tmp_path_factory):
+    """Store with mels, 32x32 audio images and 2 fps 32x32 frames of the 40 demo clips (3 shards)."""
+    torch.set_num_threads(1)
+    store = FeatureStore(str(tmp_path_factory.mktemp("vae_store")))
+    listing = read_source(SourceConfig(kind="jsonl", path=str(demo_dataset)))
+    manifest, _ = build_manifest("demo", listing, None, 16)
+    mel = MelParams()
+    run_feature(store, manifest, MEL_FEATURE, mel.key(), mel.params(), MEL_CODE_VERSION, compute_mel_shard, InProcessExecutor())
+    images = AudioImageParams(size=IMAGE_SIZE)
+    image_key = images.key(mel.key())
+    run_feature(store, manifest, AUDIO_IMAGE_FEATURE, image_key, images.params(), AUDIO_IMAGE_CODE_VERSION,
+                compute_audio_image_shard, InProcessExecutor(), input_keys=(mel.key(),))
+    frames = FrameParams(fps=2.0, size=IMAGE_SIZE)
+    run_feature(store, manifest, VIDEO_FRAMES_FEATURE, frames.key(), frames.params(), FRAMES_CODE_VERSION,
+                compute_frames_shard, InProcessExecutor())
+    fit = fit_vae(store, manifest, AUDIO_VAE, "audio", image_key, TINY)
+    return {"store": store, "manifest": manifest, "mel_key": mel.key(), "image_key": image_key,
+            "frames_key": frames.key(), "fit": fit}
+
+
+def test_video_frames_feature_and_no_video_quarantine(demo_dataset, bad_media, tmp_path):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    for path in sorted((demo_dataset.parent / "media").glob("*.mp4"))[:3]:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(bad_media["audio_only_m4a"], folder / "audio_only.m4a")
+    shutil.copy(bad_media["corrupt_mp4"], folder / "corrupt.mp4")
+    shutil.copy(bad_media["wide_video_mp4"], folder / "wide.mp4")
+    listing = read_source(SourceConfig(kind="folder", path=str(folder)))
+    manifest, _ = build_manifest("mixed", listing, None, 4)
+    store = FeatureStore(str(tmp_path / "store"))
+    params = FrameParams()  # 4 fps, 64x64, 4 s
+    run = run_feature(store, manifest, VIDEO_FRAMES_FEATURE, params.key(), params.params(), FRAMES_CODE_VERSION,
+                      compute_frames_shard, InProcessExecutor())
+    assert (run.clips_ok, run.clips_quarantined) == (4, 2)
+    reasons = {q["id"]: q["reason"] for q in run.quarantined}
+    assert reasons["audio_only"] == "no video stream"
+    assert reasons["corrupt"].startswith("cannot decode video") and "\n" not in reasons["corrupt"]
+    table = store.read_arrays("mixed", VIDEO_FRAMES_FEATURE, params.key())
+    assert table.arrays["frames"].shape == (4, 16, 64, 64, 3) and table.arrays["frames"].dtype == np.uint8
+    wide = table.arrays["frames"][table.clip_ids.index("wide")]
+    assert wide[..., 1].mean() > 180 and wide[..., 0].mean() < 30  # the centre crop keeps the green middle
+    again = run_feature(store, manifest, VIDEO_FRAMES_FEATURE, params.key(), params.params(), FRAMES_CODE_VERSION,
+                        must_not_compute, InProcessExecutor())
+    assert again.shards_new == 0 and again.clips_ok == 4
+    assert FrameParams(fps=8).key() != params.key()
+    with pytest.raises(ValueError, match="fps"):
+        FrameParams(fps=0)
+
+
+def test_trained_vae_beats_untrained_and_mean_image(prepared):
+    sidecar = prepared["fit"].sidecar
+    trained, base = sidecar["metrics"], sidecar["baselines"]
+    print(f"\ntiny audio VAE ({TINY.steps} steps, {IMAGE_SIZE}x{IMAGE_SIZE}) on the {sidecar['metrics_split']} split: "
+          f"trained {trained}; mean image {base['mean_image']}; untrained {base['untrained']}")
+    assert sidecar["metrics_split"] == "val" and sidecar["clips_val"] >= 2
+    # measured: PSNR 18.3 dB vs 16.0 (mean image) and 10.5 (untrained); mel L1 1.03 vs 1.71 and 2.67
+    assert trained["psnr"] > base["untrained"]["psnr"] + 5.0
+    assert trained["psnr"] > base["mean_image"]["psnr"] + 1.0
+    assert trained["mel_l1"] < 0.8 * base["mean_image"]["mel_l1"] and trained["mel_l1"] < 0.5 * base["untrained"]["mel_l1"]
+    assert trained["spectral_convergence"] < base["untrained"]["spectral_convergence"]
+    # The 32x32 image itself already loses most of the mel's detail; the VAE adds a little on top.
+    assert trained["mel_l1_source_image"] <= trained["mel_l1_source_recon"]
+    assert sidecar["latent_shape"] == [4, 8, 8] and sidecar["mel_preset"] == "hifigan22k"
+
+
+def test_scaling_factor_gives_unit_std_on_the_training_split(prepared):
+    store, manifest, fit = prepared["store"], prepared["manifest"], prepared["fit"]
+    vae, sidecar = load_vae(store, "demo", AUDIO_VAE, fit.key)
+    train = read_image_set(store, manifest, "audio", prepared["image_key"]).subset("train")
+    scaled = encode_scaled(vae, train.images, sidecar["scaling_factor"])
+    assert abs(float(scaled.std()) - 1.0) < 1e-3
+    assert abs(float(encode(vae, train.images).std()) - 1.0 / sidecar["scaling_factor"]) < 1e-3
+
+
+def test_checkpoint_round_trip_and_reuse(prepared):
+    store, manifest, fit = prepared["store"], prepared["manifest"], prepared["fit"]
+    state, sidecar = load_checkpoint(store, "demo", AUDIO_VAE, fit.key)
+    assert sidecar["input_keys"]["audio_images"] == prepared["image_key"]
+    assert sidecar["input_keys"]["mel_spectrograms"] == prepared["mel_key"]
+    assert sidecar["shards"] == sorted(manifest.by_shard()) and sidecar["steps"] == TINY.steps
+    assert [h["step"] for h in sidecar["history"]] == [0, 30, 60] and 0 < sidecar["best_step"] <= 60
+    vae, _ = load_vae(store, "demo", AUDIO_VAE, fit.key)
+    assert all(torch.equal(state[k], v) for k, v in vae.state_dict().items())
+    # The rebuilt model reproduces the metrics stored with it.
+    val = read_image_set(store, manifest, "audio", prepared["image_key"]).subset("val")
+    metrics, _ = reconstruction_metrics(vae, val.images)
+    assert abs(metrics["psnr"] - sidecar["metrics"]["psnr"]) < 1e-3
+    # Same inputs and config: the checkpoint is reused, nothing is trained.
+    again = fit_vae(store, manifest, AUDIO_VAE, "audio", prepared["image_key"], TINY)
+    assert again.reused and again.key == fit.key
+    changed = VaeTrainConfig(**{**TINY.params(), "steps": 0})
+    fresh = fit_vae(store, manifest, AUDIO_VAE, "audio", prepared["image_key"], changed)
+    assert not fresh.reused and fresh.key != fit.key and fresh.sidecar["best_step"] == 0
+
+
+def test_latent_shards_round_trip_to_mels(prepared):
+    store, manifest, fit = prepared["store"], prepared["manifest"], prepared["fit"]
+    params = LatentParams()  # audio + frames, float16
+    # The frames go through the same tiny VAE here (the asset test trains a frame VAE of its own).
+    vaes = {m: {"name": AUDIO_VAE, "key": fit.key, "scaling_factor": fit.scaling_factor} for m in ("audio", "frames")}
+    job_params = params.job_params(vaes, {"audio": prepared["image_key"], "frames": prepared["frames_key"]})
+    key = LatentParams.key(job_params)
+    run = run_feature(store, manifest, LATENT_FEATURE, key, job_params, LATENT_CODE_VERSION, compute_latent_shard,
+                      InProcessExecutor(), input_keys=LatentParams.input_keys(job_params))
+    assert (run.clips_ok, run.clips_quarantined, run.shards_new) == (40, 0, 3)
+    table = store.read_arrays("demo", LATENT_FEATURE, key)
+    audio, frames = table.arrays["audio"], table.arrays["frames"]
+    assert audio.shape == (40, 4, 8, 8) and frames.shape == (40, 8, 4, 8, 8) and audio.dtype == np.float16
+    stats = latent_statistics(audio)
+    assert stats["non_finite"] == 0 and 0.8 < stats["std"] < 1.25
+    assert latent_vaes(store, "demo", key)["audio"]["key"] == fit.key
+    # Keyed by the checkpoint: another VAE gives another key; a re-run computes nothing.
+    other = params.job_params({m: dict(v, key="0" * 16) for m, v in vaes.items()},
+                              {"audio": prepared["image_key"], "frames": prepared["frames_key"]})
+    assert LatentParams.key(other) != key
+    again = run_feature(store, manifest, LATENT_FEATURE, key, job_params, LATENT_CODE_VERSION, must_not_compute,
+                        InProcessExecutor(), input_keys=LatentParams.input_keys(job_params))
+    assert again.shards_reused == 3
+
+    # image -> latent (float16, scaled) -> image -> mel, against the image's own mel
+    vae, sidecar = load_vae(store, "demo", AUDIO_VAE, fit.key)
+    images = store.read_arrays("demo", AUDIO_IMAGE_FEATURE, prepared["image_key"]).arrays["image"]
+    decoded = decode_latents(vae, audio, fit.scaling_factor)
+    preset = get_preset("hifigan22k")
+    reference, round_trip = images_to_mels(images, preset), images_to_mels(decoded, preset)
+    error = float(np.abs(reference - round_trip).mean())
+    exact = decode_latents(vae, encode_scaled(vae, images, fit.scaling_factor, "float32"), fit.scaling_factor)
+    print(f"\nround trip image -> latent -> image -> mel: mean |delta log-mel| {error:.3f}, audible bins "
+          f"{log_mel_error(reference, round_trip):.3f}, spectral convergence {spectral_convergence(reference, round_trip):.3f}; "
+          f"PSNR float16 {psnr(images, decoded):.2f} dB vs float32 latents {psnr(images, exact):.2f} dB")
+    assert error < ROUND_TRIP_MEL_L1
+    assert abs(psnr(images, decoded) - psnr(images, exact)) < 0.05  # float16 storage costs nothing visible
+    frame_images = decode_latents(vae, frames[:2], fit.scaling_factor)
+    assert frame_images.shape == (2, 8, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_latents_quarantine_clips_missing_an_input(prepared, demo_dataset, bad_media):
+    """A clip without video has an audio image but no frames: with both modalities it is quarantined
+    with the reason of the input that lacks it; with audio only it gets its latent."""
+    store, fit = prepared["store"], prepared["fit"]
+    folder = store.fs._strip_protocol(store.path("_media_mixed"))
+    os.makedirs(folder)
+    for path in sorted((demo_dataset.parent / "media").glob("*.mp4"))[:2]:
+        shutil.copy(path, os.path.join(folder, path.name))
+    shutil.copy(bad_media["audio_only_m4a"], os.path.join(folder, "audio_only.m4a"))
+    manifest, _ = build_manifest("mixed", read_source(SourceConfig(kind="folder", path=folder)), None, 8)
+    mel, images, frames = MelParams(), AudioImageParams(size=IMAGE_SIZE), FrameParams(fps=2.0, size=IMAGE_SIZE)
+    run_feature(store, manifest, MEL_FEATURE, mel.key(), mel.params(), MEL_CODE_VERSION, compute_mel_shard, InProcessExecutor())
+    run_feature(store, manifest, AUDIO_IMAGE_FEATURE, images.key(mel.key()), images.params(), AUDIO_IMAGE_CODE_VERSION,
+                compute_audio_image_shard, InProcessExecutor(), input_keys=(mel.key(),))
+    run_feature(store, manifest, VIDEO_FRAMES_FEATURE, frames.key(), frames.params(), FRAMES_CODE_VERSION,
+                compute_frames_shard, InProcessExecutor())
+    state, sidecar = load_checkpoint(store, "demo", AUDIO_VAE, fit.key)
+    save_checkpoint(store, "mixed", AUDIO_VAE, fit.key, state, sidecar)
+    vae = {"name": AUDIO_VAE, "key": fit.key, "scaling_factor": fit.scaling_factor}
+    inputs = {"audio": images.key(mel.key()), "frames": frames.key()}
+
+    both = LatentParams().job_params({"audio": vae, "frames": vae}, inputs)
+    run = run_feature(store, manifest, LATENT_FEATURE, LatentParams.key(both), both, LATENT_CODE_VERSION,
+                      compute_latent_shard, InProcessExecutor(), input_keys=LatentParams.input_keys(both))
+    assert (run.clips_ok, run.quarantined) == (2, [{"id": "audio_only", "reason": "video_frames: no video stream",
+                                                     "shard": run.shards[0]}])
+    audio_only = LatentParams(modalities=("audio",), dtype="float32").job_params({"audio": vae}, inputs)
+    run = run_feature(store, manifest, LATENT_FEATURE, LatentParams.key(audio_only), audio_only, LATENT_CODE_VERSION,
+                      compute_latent_shard, InProcessExecutor(), input_keys=LatentParams.input_keys(audio_only))
+    table = store.read_arrays("mixed", LATENT_FEATURE, run.key)
+    assert run.clips_ok == 3 and set(table.arrays) == {"audio"} and table.arrays["audio"].dtype == np.float32
+    with pytest.raises(ValueError, match="modalities"):
+        LatentParams(modalities=("smell",))
+    with pytest.raises(VocodeError, match="audioldm16k"):
+        check_vocoder_preset("audioldm16k")
