@@ -11,9 +11,9 @@ from assets.features import clip_manifest
 from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
 from assets.towers import TOWER_ASSETS, TOWER_CHECKS
 from stages.store import FeatureStore
-from tests.models import one_torch_thread, tower_weights_dir  # noqa: F401
+from tests.models import tower_weights_dir  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("tower_weights_dir", "one_torch_thread")
+pytestmark = pytest.mark.usefixtures("tower_weights_dir")
 
 ASSETS = [clip_manifest, *TOWER_ASSETS, *TOWER_CHECKS]
 NAMES = ("audio_tower_features", "frame_tower_features", "text_tower_features")

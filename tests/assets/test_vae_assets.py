@@ -25,14 +25,6 @@ RUN_CONFIG = {"ops": {
 }}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _resources(root) -> dict:
     return {
         "feature_store": FeatureStoreResource(root=str(root)),

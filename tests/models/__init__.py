@@ -12,15 +12,3 @@ def tower_weights_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XMODAL_WEIGHTS_DIR", str(path))
         yield path
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Towers on one torch thread, as in the Dask workers. On a busy 2-core machine two OpenMP
-    threads spin against the other processes: text forwards measured 40x slower, frames 3-10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

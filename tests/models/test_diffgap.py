@@ -48,14 +48,6 @@ def test_training_bridges_the_gap_in_both_directions():
         assert matched > 0.5 and matched > np.mean(np.sum(condition * target, axis=1)) + 0.4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    from stages.parallel import torch_threads
-
-    with torch_threads(1):  # tiny models: see stages.parallel.torch_threads
-        yield
-
-
 def test_sampling_is_seeded_and_steps_50_20_5_all_run():
     model = Denoiser(DenoiserConfig(embed_dim=16, width=32, depth=1))
     condition = torch.from_numpy(normalize(np.random.default_rng(0).normal(size=(3, 16))))

@@ -14,9 +14,8 @@ from models import towers as M
 from models.towers import AudioTower, FrameTower, TextTower, TowerWeightsError, get_tower
 from stages.decode import AudioSpec, FrameSpec, load_audio, load_frames
 from stages.demo import DemoSpec, generate_demo
-from tests.models import one_torch_thread, tower_weights_dir  # noqa: F401
+from tests.models import tower_weights_dir  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SR = AudioTower.sample_rate
 PROBE_CLIPS = 48  # 4 clips of each of the 12 demo classes

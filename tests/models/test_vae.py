@@ -25,15 +25,6 @@ from models.vae import (
 TINY = VaeConfig(block_out_channels=(8, 16), norm_num_groups=8, latent_channels=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The suite shares two busy cores: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(n: int = 3, size: int = 32) -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)

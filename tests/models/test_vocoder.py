@@ -30,14 +30,6 @@ LOG_MEL_TOLERANCE = 0.6
 EXCERPT_FRAMES = 96  # 1.1 s per clip keeps the test short (the vocoder runs ~0.5-2x real time here)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def count_torch_load(monkeypatch):
     """Counts (and records the weights_only flag of) every torch.load call."""

@@ -14,12 +14,6 @@ DIM = 16
 SMALL = dict(width=64, depth=2, learning_rate=2e-3, steps=300, bst_interval=50, checkpoint_every=100, update_steps=60)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
 def _clips(n: int, start: int = 0, shard_size: int = 40) -> list[Clip]:
     splits = ["train"] * 6 + ["val", "val", "test", "test"]
     return [

@@ -11,9 +11,9 @@ from stages import towers as T
 from stages.decode import AudioSpec, FrameSpec, load_audio, load_frames
 from stages.features import ShardJob
 from stages.store import FeatureStore
-from tests.models import one_torch_thread, tower_weights_dir  # noqa: F401
+from tests.models import tower_weights_dir  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("tower_weights_dir", "one_torch_thread")
+pytestmark = pytest.mark.usefixtures("tower_weights_dir")
 
 
 @pytest.fixture(scope="module")

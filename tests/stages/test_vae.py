@@ -61,14 +61,6 @@ TINY = VaeTrainConfig(steps=60, batch_size=8, learning_rate=2e-3, eval_every=30,
 ROUND_TRIP_MEL_L1 = 1.3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def must_not_compute(job):
     raise AssertionError(f"shard {job.shard} was computed again")
 

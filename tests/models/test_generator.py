@@ -1,0 +1,81 @@
+"""The latent diffusion generator: shapes, classifier-free guidance, schedulers, learning a toy task."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.generator import (GeneratorConfig, LatentGenerator, diffusion_loss, make_sample_scheduler,
+                              make_train_scheduler, sample_latents)
+
+TINY = GeneratorConfig(cond_dim=6, latent_channels=2, latent_size=8, block_out_channels=(8, 16), norm_num_groups=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_shapes_and_null_condition():
+    torch.manual_seed(0)
+    model = LatentGenerator(TINY)
+    z, t, c = torch.randn(3, 2, 8, 8), torch.tensor([0, 500, 999]), torch.randn(3, 6)
+    assert model(z, t, c).shape == (3, 2, 8, 8)
+    drop = torch.tensor([True, False, True])
+    mixed = model.conditions(c, drop)
+    assert torch.equal(mixed[1], c[1]) and torch.equal(mixed[0], model.null_condition)
+    # a dropped condition gives exactly the unconditional prediction, whatever the condition was
+    out_a = model(z, t, c, torch.ones(3, dtype=torch.bool))
+    out_b = model(z, t, torch.randn(3, 6), torch.ones(3, dtype=torch.bool))
+    assert torch.allclose(out_a, out_b)
+
+
+def test_bad_config_fails_with_a_clear_message():
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        GeneratorConfig(block_out_channels=(10, 16), norm_num_groups=4)
+    with pytest.raises(ValueError, match="latent_size"):
+        GeneratorConfig(latent_size=9, block_out_channels=(8, 16), norm_num_groups=4)
+
+
+def test_guidance_scale_one_equals_conditional_and_zero_equals_unconditional():
+    torch.manual_seed(0)
+    model = LatentGenerator(TINY)
+    c = torch.randn(2, 6)
+    cond = sample_latents(model, c, steps=5, guidance_scale=1.0, generator=torch.Generator().manual_seed(1))
+    guided = sample_latents(model, c, steps=5, guidance_scale=1.0 + 1e-12, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(cond, guided, atol=1e-5)
+    uncond = sample_latents(model, c, steps=5, guidance_scale=0.0, generator=torch.Generator().manual_seed(1))
+    other_c = sample_latents(model, torch.randn(2, 6), steps=5, guidance_scale=0.0, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(uncond, other_c, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [50, 20, 5])
+def test_ddim_trailing_schedule_starts_from_pure_noise(steps):
+    scheduler = make_sample_scheduler(TINY)
+    scheduler.set_timesteps(steps)
+    assert len(scheduler.timesteps) == steps and int(scheduler.timesteps[0]) == TINY.num_train_timesteps - 1
+
+
+def test_learns_a_conditional_toy_distribution():
+    """Latents are +1 or -1 everywhere depending on the condition's sign: after a short training,
+    DDIM samples carry the sign of their condition."""
+    torch.manual_seed(0)
+    config = GeneratorConfig(cond_dim=2, latent_channels=1, latent_size=4, block_out_channels=(8, 16), norm_num_groups=4)
+    model = LatentGenerator(config)
+    scheduler = make_train_scheduler(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        sign = torch.randint(0, 2, (32,), generator=gen).float() * 2 - 1
+        z0 = sign[:, None, None, None].expand(32, 1, 4, 4).clone()
+        cond = torch.stack([sign, torch.ones(32)], dim=1)
+        loss = diffusion_loss(model, scheduler, z0, cond, 0.1, gen)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    cond = torch.tensor([[1.0, 1.0], [-1.0, 1.0]]).repeat(4, 1)
+    out = sample_latents(model, cond, steps=20, guidance_scale=2.0, generator=torch.Generator().manual_seed(3))
+    means = out.mean(dim=(1, 2, 3)).numpy()
+    assert np.all(means[0::2] > 0.3) and np.all(means[1::2] < -0.3), means
