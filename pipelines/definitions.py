@@ -17,7 +17,7 @@ from dagster import (
     sensor,
 )
 
-from assets import contrastive, diffgap, towers, vae
+from assets import contrastive, diffgap, generation, towers, vae
 from assets.features import audio_images, audio_images_valid, clip_manifest, mel_spectrograms, mel_spectrograms_valid
 from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
                               PretrainedClapResource)
@@ -29,7 +29,8 @@ EMBEDDING_ASSETS = [contrastive.clap_head, contrastive.cavp_head, contrastive.cl
                     contrastive.retrieval_evaluation]
 DIFFGAP_ASSETS = [diffgap.diffgap_clap, diffgap.diffgap_cavp, diffgap.diffgap_evaluation, diffgap.diffgap_ablations]
 VAE_ASSETS = list(vae.VAE_ASSETS)
-ALL_ASSETS = FEATURE_ASSETS + TOWER_ASSETS + EMBEDDING_ASSETS + DIFFGAP_ASSETS + VAE_ASSETS
+GENERATION_ASSETS = [generation.audio_generator, generation.generated_audio, generation.generation_evaluation]
+ALL_ASSETS = FEATURE_ASSETS + TOWER_ASSETS + EMBEDDING_ASSETS + DIFFGAP_ASSETS + VAE_ASSETS + GENERATION_ASSETS
 ALL_CHECKS = [
     mel_spectrograms_valid, audio_images_valid,
     towers.audio_tower_features_valid, towers.frame_tower_features_valid, towers.text_tower_features_valid,
@@ -65,6 +66,14 @@ train_vae = define_asset_job(
     executor_def=in_process_executor,
     config=QUIET_CONSOLE,
     description="KL-VAEs on audio images and video frames, and the latents of every clip.",
+)
+
+generate_audio = define_asset_job(
+    "generate_audio",
+    selection=AssetSelection.assets(*GENERATION_ASSETS).upstream(),
+    executor_def=in_process_executor,
+    config=QUIET_CONSOLE,
+    description="Everything text/video-to-audio generation needs, the generator, WAVs and Tables I/II.",
 )
 
 daily_refresh = ScheduleDefinition(
@@ -118,7 +127,7 @@ def _resources() -> dict:
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[refresh_features, train_diffgap, train_vae],
+    jobs=[refresh_features, train_diffgap, train_vae, generate_audio],
     schedules=[daily_refresh],
     sensors=[new_media_sensor],
     resources=_resources(),

@@ -10,14 +10,6 @@ from models.generator import (GeneratorConfig, LatentGenerator, diffusion_loss, 
 TINY = GeneratorConfig(cond_dim=6, latent_channels=2, latent_size=8, block_out_channels=(8, 16), norm_num_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_shapes_and_null_condition():
     torch.manual_seed(0)
     model = LatentGenerator(TINY)

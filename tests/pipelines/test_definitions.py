@@ -29,6 +29,8 @@ def test_definitions_wire_the_feature_graph():
             "retrieval_evaluation"} <= chain
     vae_job = {k.to_user_string() for k in defs.resolve_job_def("train_vae").asset_layer.executable_asset_keys}
     assert {"video_frames", "audio_vae", "frame_vae", "vae_latents"} <= vae_job
+    generation_job = {k.to_user_string() for k in defs.resolve_job_def("generate_audio").asset_layer.executable_asset_keys}
+    assert {"audio_generator", "generated_audio", "generation_evaluation", "diffgap_clap", "vae_latents"} <= generation_job
     schedule = defs.resolve_schedule_def("daily_feature_refresh")
     assert schedule.cron_schedule == "0 3 * * *" and schedule.job_name == "refresh_features"
     assert defs.resolve_sensor_def("new_media_sensor").job_name == "refresh_features"

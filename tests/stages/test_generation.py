@@ -40,14 +40,6 @@ RUN_CONFIG = {"ops": {
 }}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _metadata(result, name):
     (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == name]
     return {k: v.value for k, v in event.materialization.metadata.items()}

