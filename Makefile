@@ -9,7 +9,7 @@ demo: setup
 
 test:
 	./scripts/setup.sh --test
-	XMODAL_CI=$${CI:-0} .venv/bin/python -m pytest
+	.venv/bin/python -m pytest
 
 bench:
 	./scripts/setup.sh --bench
