@@ -15,7 +15,7 @@ import torch
 
 from models.contrastive import CavpHead, ClapHead, HeadConfig
 from stages.checkpoints import load_checkpoint
-from stages.features import ShardJob, ShardResult
+from stages.features import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
 from stages.manifest import ClipManifest
 from stages.store import FeatureStore
 
@@ -213,9 +213,8 @@ def load_head(store: FeatureStore, dataset: str, kind: str, key: str):
 def compute_embedding_shard(job: ShardJob) -> ShardResult:
     """Embed one shard's tower features with a trained head; clips missing an input are quarantined."""
     start = time.perf_counter()
-    if job.worker_threads:
-        torch.set_num_threads(job.worker_threads)
-    store = FeatureStore(job.store_root, job.storage_options)
+    limit_threads(job)
+    store = job_store(job)
     kind, head_key = job.params["head"], job.params["head_key"]
     tower_keys = job.params["tower_keys"]
     rows: dict[str, dict[str, np.ndarray]] = {}
@@ -241,14 +240,7 @@ def compute_embedding_shard(job: ShardJob) -> ShardResult:
         job.dataset, job.feature, job.key, job.shard,
         clip_ids=clip_ids,
         arrays={k: v.astype(np.float32) for k, v in out.items()},
-        manifest={
-            "params": job.params,
-            "code_version": job.code_version,
-            "input_keys": list(job.input_keys),
-            "clips": [{"id": c, "content_hash": h} for c, _, h in job.clips],
-            "quarantined": quarantined,
-            "compute_seconds": round(time.perf_counter() - start, 4),
-        },
+        manifest=shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(clip_ids), quarantined, time.perf_counter() - start, True)
 

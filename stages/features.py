@@ -127,11 +127,12 @@ class FeatureRun:
         return self.clips_computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def _store(job: ShardJob) -> FeatureStore:
+def job_store(job: ShardJob) -> FeatureStore:
     return FeatureStore(job.store_root, job.storage_options)
 
 
-def _limit_threads(job: ShardJob) -> None:
+def limit_threads(job: ShardJob) -> None:
+    """Set this worker's torch threads as the job asks (0 leaves torch's default)."""
     if job.worker_threads:
         import torch
 
@@ -141,8 +142,8 @@ def _limit_threads(job: ShardJob) -> None:
 def compute_mel_shard(job: ShardJob) -> ShardResult:
     """Decode every clip of the shard, quarantine bad ones, batched log-mel, write the shard."""
     start = time.perf_counter()
-    _limit_threads(job)
-    store = _store(job)
+    limit_threads(job)
+    store = job_store(job)
     params = MelParams(**{k: v for k, v in job.params.items() if k != "preset_values"})
     spec = params.audio_spec()
     preset = get_preset(params.preset)
@@ -178,7 +179,7 @@ def compute_mel_shard(job: ShardJob) -> ShardResult:
         clip_ids=ok_ids,
         arrays={"mel": mels},
         sample_meta=[{"content_hash": h} for h in hashes],
-        manifest=_shard_manifest(job, quarantined, start),
+        manifest=shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
 
@@ -186,7 +187,7 @@ def compute_mel_shard(job: ShardJob) -> ShardResult:
 def compute_audio_image_shard(job: ShardJob) -> ShardResult:
     """Audio images of one shard from its cached mels (no decoding)."""
     start = time.perf_counter()
-    store = _store(job)
+    store = job_store(job)
     (mel_key,) = job.input_keys
     mel_manifest = store.shard_manifest(job.dataset, MEL_FEATURE, mel_key, job.shard)
     table = store.read_arrays(job.dataset, MEL_FEATURE, mel_key, shards=[job.shard], names=["mel"])
@@ -202,14 +203,16 @@ def compute_audio_image_shard(job: ShardJob) -> ShardResult:
         clip_ids=table.clip_ids,
         arrays={"image": images},
         tar_encodings={"image": "png"},
-        manifest=_shard_manifest(job, quarantined, start),
+        manifest=shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(table), quarantined, time.perf_counter() - start, True)
 
 
-def _shard_manifest(job: ShardJob, quarantined: list[dict], start: float) -> dict[str, Any]:
+def shard_manifest(job: ShardJob, quarantined: list[dict], start: float, params: dict | None = None) -> dict[str, Any]:
+    """The provenance every shard function commits: params, code version, input keys, source
+    clips with their content hashes, quarantine, compute time, device."""
     return {
-        "params": job.params,
+        "params": job.params if params is None else params,
         "code_version": job.code_version,
         "input_keys": list(job.input_keys),
         "clips": [{"id": clip_id, "content_hash": digest} for clip_id, _, digest in job.clips],

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stages.decode import ClipError, FrameSpec, load_frames
-from stages.features import ShardJob, ShardResult, _shard_manifest, _store
+from stages.features import ShardJob, ShardResult, shard_manifest, job_store
 from stages.store import feature_key
 
 VIDEO_FRAMES_FEATURE = "video_frames"
@@ -56,7 +56,7 @@ class FrameParams:
 def compute_frames_shard(job: ShardJob) -> ShardResult:
     """Decode every clip's frames, quarantine clips without usable video, write the shard."""
     start = time.perf_counter()
-    store = _store(job)
+    store = job_store(job)
     params = FrameParams(**job.params)
     spec = params.frame_spec()
     ok_ids, hashes, frames, quarantined = [], [], [], []
@@ -76,7 +76,7 @@ def compute_frames_shard(job: ShardJob) -> ShardResult:
         clip_ids=ok_ids,
         arrays={"frames": stacked},
         sample_meta=[{"content_hash": h} for h in hashes],
-        manifest=_shard_manifest(job, quarantined, start),
+        manifest=shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
 

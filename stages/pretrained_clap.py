@@ -39,8 +39,8 @@ import numpy as np
 
 from stages.contrastive import CLAP_FEATURE
 from stages.decode import AudioSpec, ClipError, load_audio
-from stages.features import ShardJob, ShardResult
-from stages.store import FeatureStore, feature_key
+from stages.features import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
+from stages.store import feature_key
 
 # Bump when this code changes the numbers it stores (preprocessing, pooling, normalisation).
 PRETRAINED_CLAP_CODE_VERSION = "1"
@@ -420,10 +420,7 @@ def compute_pretrained_clap_shard(job: ShardJob) -> ShardResult:
     "no caption or label". Writes "audio" and "text", [N, dim] float32, L2-normalised.
     """
     start = time.perf_counter()
-    if job.worker_threads:
-        import torch
-
-        torch.set_num_threads(job.worker_threads)
+    limit_threads(job)
     params = PretrainedClapParams.from_params(job.params)
     clap = load_pretrained_clap(params.model_dir, job.device)
     expected = job.params.get("model")
@@ -453,20 +450,12 @@ def compute_pretrained_clap_shard(job: ShardJob) -> ShardResult:
         text_vectors = clap.embed_text(captions, params.batch_size)
     else:
         audio_vectors = text_vectors = np.zeros((0, clap.dim), np.float32)
-    FeatureStore(job.store_root, job.storage_options).write_shard(
+    job_store(job).write_shard(
         job.dataset, job.feature, job.key, job.shard,
         clip_ids=ok_ids,
         arrays={"audio": audio_vectors, "text": text_vectors},
         sample_meta=[{"content_hash": h} for h in hashes],
-        manifest={
-            "params": job.params,
-            "code_version": job.code_version,
-            "input_keys": list(job.input_keys),
-            "clips": [{"id": clip_id, "content_hash": digest} for clip_id, _, digest in job.clips],
-            "quarantined": quarantined,
-            "compute_seconds": round(time.perf_counter() - start, 4),
-            "device": job.device,
-        },
+        manifest=shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, get_tower
 from stages.decode import AudioSpec, ClipError, FrameSpec, load_audio, load_frames
-from stages.features import ShardJob, ShardResult, _limit_threads, _shard_manifest, _store
+from stages.features import ShardJob, ShardResult, limit_threads, shard_manifest, job_store
 from stages.store import feature_key
 
 AUDIO_TOWER_FEATURE = "audio_tower"
@@ -155,8 +155,8 @@ def _tower_for(job: ShardJob, cls, **kwargs):
 def compute_audio_tower_shard(job: ShardJob) -> ShardResult:
     """Decode at 44.1 kHz (same length / silence rules as the mels), aisfx embeddings, write the shard."""
     start = time.perf_counter()
-    _limit_threads(job)
-    store = _store(job)
+    limit_threads(job)
+    store = job_store(job)
     params = AudioTowerParams.from_params(job.params)
     spec = params.audio_spec()
     ok_ids, hashes, audio, quarantined = [], [], [], []
@@ -182,7 +182,7 @@ def compute_audio_tower_shard(job: ShardJob) -> ShardResult:
         clip_ids=ok_ids,
         arrays={"pooled": pooled, "per_second": per_second, "logits": logits},
         sample_meta=[{"content_hash": h} for h in hashes],
-        manifest=_shard_manifest(job, quarantined, start),
+        manifest=shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
 
@@ -190,8 +190,8 @@ def compute_audio_tower_shard(job: ShardJob) -> ShardResult:
 def compute_frame_tower_shard(job: ShardJob) -> ShardResult:
     """Frames at ``fps`` (decord), EfficientNet-lite0 per frame, averaged per second and per clip."""
     start = time.perf_counter()
-    _limit_threads(job)
-    store = _store(job)
+    limit_threads(job)
+    store = job_store(job)
     params = FrameTowerParams.from_params(job.params)
     spec = params.frame_spec()
     ok_ids, hashes, clips, quarantined = [], [], [], []
@@ -220,7 +220,7 @@ def compute_frame_tower_shard(job: ShardJob) -> ShardResult:
         clip_ids=ok_ids,
         arrays={"pooled": pooled, "per_second": per_second},
         sample_meta=[{"content_hash": h} for h in hashes],
-        manifest=_shard_manifest(job, quarantined, start),
+        manifest=shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
 
@@ -237,8 +237,8 @@ def clean_text(text: str | None) -> str:
 def compute_text_tower_shard(job: ShardJob) -> ShardResult:
     """MiniLM embeddings of each clip's caption (else its label); an empty text is quarantined."""
     start = time.perf_counter()
-    _limit_threads(job)
-    store = _store(job)
+    limit_threads(job)
+    store = job_store(job)
     if len(job.texts) != len(job.clips):
         raise ValueError(f"shard {job.shard}: {len(job.texts)} texts for {len(job.clips)} clips (ShardJob.texts)")
     ok_ids, hashes, texts, quarantined = [], [], [], []
@@ -254,7 +254,7 @@ def compute_text_tower_shard(job: ShardJob) -> ShardResult:
         embeddings = _tower_for(job, TextTower).encode(texts)
     else:
         embeddings = np.zeros((0, TextTower.dim), np.float32)
-    manifest = _shard_manifest(job, quarantined, start)
+    manifest = shard_manifest(job, quarantined, start)
     # The shard name follows the clips' media hashes, not their captions: keep what was embedded
     # so a check can tell when a caption changed under an unchanged shard name.
     manifest["text_digests"] = {clip_id: text_digest(t) for clip_id, t in zip(ok_ids, texts)}

@@ -46,7 +46,7 @@ from models.vae import (
     vae_loss,
 )
 from stages.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
-from stages.features import AUDIO_IMAGE_FEATURE, MEL_FEATURE, ShardJob, ShardResult
+from stages.features import AUDIO_IMAGE_FEATURE, MEL_FEATURE, ShardJob, ShardResult, job_store, shard_manifest
 from stages.frames import VIDEO_FRAMES_FEATURE
 from stages.manifest import ClipManifest
 from stages.parallel import torch_threads
@@ -436,7 +436,7 @@ def compute_latent_shard(job: ShardJob) -> ShardResult:
 
 def _latent_shard(job: ShardJob) -> ShardResult:
     start = time.perf_counter()
-    store = FeatureStore(job.store_root, job.storage_options)
+    store = job_store(job)
     params = job.params
     rows: dict[str, dict[str, np.ndarray]] = {}
     reasons: dict[str, str] = {}
@@ -466,15 +466,7 @@ def _latent_shard(job: ShardJob) -> ShardResult:
         job.dataset, job.feature, job.key, job.shard,
         clip_ids=clip_ids,
         arrays=arrays,
-        manifest={
-            "params": params,
-            "code_version": job.code_version,
-            "input_keys": list(job.input_keys),
-            "clips": [{"id": c, "content_hash": h} for c, _, h in job.clips],
-            "quarantined": quarantined,
-            "compute_seconds": round(time.perf_counter() - start, 4),
-            "device": job.device,
-        },
+        manifest=shard_manifest(job, quarantined, start, params),
     )
     return ShardResult(job.shard, len(clip_ids), quarantined, time.perf_counter() - start, True)
 
