@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset, asset_check, AssetCheckResult
 from pydantic import Field
 
-from assets.features import _LazyExecutor, _check_feature, _run_metadata, _data_version
+from assets.features import _check_feature, _data_version, compute_feature
 from assets.resources import ComputeResource, FeatureStoreResource, PretrainedClapResource
 from stages import contrastive as C
 from stages.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
-from stages.features import FeatureRef, ManifestRef, run_feature
+from stages.features import FeatureRef, ManifestRef
 from stages.manifest import load_manifest
 from stages.store import feature_key
 
@@ -139,7 +139,6 @@ def cavp_head(
 
 def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature_store, compute) -> Output:
     store = feature_store.writable_store()
-    manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
     feature = C.EMBEDDING_FEATURE[kind]
     if head.pretrained_dir:
         from stages.pretrained_clap import PretrainedClapParams, compute_pretrained_clap_shard, PRETRAINED_CLAP_CODE_VERSION
@@ -153,11 +152,8 @@ def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature
         inputs = (head.key, *sorted(head.tower_keys.values()))
         key = feature_key(feature, params, C.EMBEDDING_CODE_VERSION, inputs)
         code_version, compute_fn = C.EMBEDDING_CODE_VERSION, C.compute_embedding_shard
-    run = run_feature(store, manifest, feature, key, params, code_version, compute_fn, _LazyExecutor(compute),
-                      input_keys=tuple(inputs), worker_threads=compute.worker_threads)
-    context.log.info(f"{feature} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
-    ref = FeatureRef(manifest.dataset, feature, run.key, manifest_ref.digest, tuple(run.shards))
-    metadata = _run_metadata(store, run)
+    run, ref, metadata = compute_feature(context, store, manifest_ref.dataset, manifest_ref.digest, feature, key, params,
+                                         code_version, compute_fn, compute, input_keys=tuple(inputs))
     metadata["head_key"] = head.key or f"pretrained:{head.pretrained_dir}"
     return Output(ref, data_version=_data_version(run), metadata=metadata)
 

@@ -82,6 +82,21 @@ def _run_metadata(store: FeatureStore, run: F.FeatureRun) -> dict:
     }
 
 
+def compute_feature(
+    context, store: FeatureStore, dataset: str, manifest_digest: str, feature: str, key: str, params: dict, code_version: str,
+    compute_fn, compute: ComputeResource, device: str = "cpu", input_keys: tuple[str, ...] = (),
+) -> tuple[F.FeatureRun, F.FeatureRef, dict]:
+    """What every per-shard feature asset does: compute the key's missing shards of the manifest
+    (lazily starting the cluster), log new/reused, and return the run, its ref and the standard
+    metadata, to which the asset adds its own."""
+    manifest = load_manifest(store, dataset, manifest_digest)
+    run = F.run_feature(store, manifest, feature, key, params, code_version, compute_fn, _LazyExecutor(compute),
+                        input_keys=input_keys, device=device, worker_threads=compute.worker_threads)
+    context.log.info(f"{feature} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
+    ref = F.FeatureRef(dataset, feature, run.key, manifest_digest, tuple(run.shards))
+    return run, ref, _run_metadata(store, run)
+
+
 def _data_version(run: F.FeatureRun) -> DataVersion:
     return DataVersion(feature_key(run.feature, {"shards": run.shards}, "", [run.key]))
 
@@ -148,15 +163,11 @@ def mel_spectrograms(
         params = F.MelParams(**config.model_dump())
     except ValueError as exc:
         raise Failure(f"bad mel_spectrograms config: {exc}") from None
-    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
-    run = F.run_feature(
-        store, manifest, F.MEL_FEATURE, params.key(), params.params(), F.MEL_CODE_VERSION,
-        F.compute_mel_shard, _LazyExecutor(compute), device=device.device(), worker_threads=compute.worker_threads,
+    run, ref, metadata = compute_feature(
+        context, store, clip_manifest.dataset, clip_manifest.digest, F.MEL_FEATURE, params.key(), params.params(), F.MEL_CODE_VERSION,
+        F.compute_mel_shard, compute, device.device(),
     )
-    context.log.info(f"mel_spectrograms {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
-    ref = F.FeatureRef(manifest.dataset, F.MEL_FEATURE, run.key, clip_manifest.digest, tuple(run.shards))
     preview = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=ref.shards[:1])
-    metadata = _run_metadata(store, run)
     metadata["preset"] = params.preset
     if len(preview):
         metadata["preview"] = _preview_markdown(preview_png(mels=preview.arrays["mel"][:PREVIEW_CLIPS]))
@@ -180,18 +191,13 @@ def audio_images(
         params = F.AudioImageParams(size=config.size)
     except ValueError as exc:
         raise Failure(f"bad audio_images config: {exc}") from None
-    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
-    run = F.run_feature(
-        store, manifest, F.AUDIO_IMAGE_FEATURE, params.key(mel_spectrograms.key), params.params(),
-        F.AUDIO_IMAGE_CODE_VERSION, F.compute_audio_image_shard, _LazyExecutor(compute),
-        input_keys=(mel_spectrograms.key,),
+    run, ref, metadata = compute_feature(
+        context, store, clip_manifest.dataset, clip_manifest.digest, F.AUDIO_IMAGE_FEATURE, params.key(mel_spectrograms.key), params.params(),
+        F.AUDIO_IMAGE_CODE_VERSION, F.compute_audio_image_shard, compute, input_keys=(mel_spectrograms.key,),
     )
-    ref = F.FeatureRef(manifest.dataset, F.AUDIO_IMAGE_FEATURE, run.key, clip_manifest.digest, tuple(run.shards))
     context.log.info(
-        f"audio_images {run.key}: {run.shards_new} new / {run.shards_reused} reused shards. Features of "
-        f"{manifest.dataset!r} are in {store.url_root} (catalog: python -m stages.store {store.url_root})"
+        f"Features of {ref.dataset!r} are in {store.url_root} (catalog: python -m stages.store {store.url_root})"
     )
-    metadata = _run_metadata(store, run)
     metadata["mel_feature_key"] = mel_spectrograms.key
     mels = store.read_arrays(ref.dataset, F.MEL_FEATURE, mel_spectrograms.key, shards=ref.shards[:1])
     images = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=ref.shards[:1])

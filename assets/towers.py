@@ -20,7 +20,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.features import _check_feature, _data_version, _LazyExecutor, _run_metadata
+from assets.features import _check_feature, _data_version, compute_feature
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
 from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, TowerWeightsError
 from stages import features as F
@@ -71,17 +71,12 @@ def _run_tower(
     device: DeviceResource,
 ) -> Output[F.FeatureRef]:
     store = feature_store.writable_store()
-    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     try:
-        run = F.run_feature(
-            store, manifest, feature, key, params, code_version, compute_fn, _LazyExecutor(compute),
-            device=device.device(), worker_threads=compute.worker_threads,
+        run, ref, metadata = compute_feature(
+            context, store, clip_manifest.dataset, clip_manifest.digest, feature, key, params, code_version, compute_fn, compute, device.device()
         )
     except TowerWeightsError as exc:
         raise Failure(str(exc)) from None
-    context.log.info(f"{asset_name} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
-    ref = F.FeatureRef(manifest.dataset, feature, run.key, clip_manifest.digest, tuple(run.shards))
-    metadata = _run_metadata(store, run)
     tower = params["tower"]
     metadata["tower"] = f"{tower['package']} {tower['package_version']}"
     metadata["tower_settings"] = MetadataValue.json(tower)

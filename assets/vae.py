@@ -26,12 +26,12 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.features import _LazyExecutor, _check_feature, _data_version, _preview_markdown, _run_metadata
+from assets.features import _check_feature, _data_version, _preview_markdown, compute_feature
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
 from models.vae import PretrainedVaeError
 from stages import frames as FR
 from stages import vae as V
-from stages.features import FeatureRef, ManifestRef, run_feature
+from stages.features import FeatureRef, ManifestRef
 from stages.manifest import load_manifest
 
 warnings.filterwarnings("ignore", message=r"Parameter `data_version`")
@@ -111,14 +111,10 @@ def video_frames(
         params = FR.FrameParams(**config.model_dump())
     except ValueError as exc:
         raise Failure(f"bad video_frames config: {exc}") from None
-    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
-    run = run_feature(
-        store, manifest, FR.VIDEO_FRAMES_FEATURE, params.key(), params.params(), FR.FRAMES_CODE_VERSION,
-        FR.compute_frames_shard, _LazyExecutor(compute), worker_threads=compute.worker_threads,
+    run, ref, metadata = compute_feature(
+        context, store, clip_manifest.dataset, clip_manifest.digest, FR.VIDEO_FRAMES_FEATURE, params.key(), params.params(), FR.FRAMES_CODE_VERSION,
+        FR.compute_frames_shard, compute,
     )
-    context.log.info(f"video_frames {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
-    ref = FeatureRef(manifest.dataset, FR.VIDEO_FRAMES_FEATURE, run.key, clip_manifest.digest, tuple(run.shards))
-    metadata = _run_metadata(store, run)
     metadata.update(fps=params.fps, frames_per_clip=params.n_frames, size=params.size)
     for shard in ref.shards:
         preview = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=[shard])
@@ -247,15 +243,11 @@ def vae_latents(
         {m: {"name": v.name, "key": v.key, "scaling_factor": v.scaling_factor} for m, v in vaes.items()},
         {m: ref.key for m, ref in inputs.items()},
     )
-    manifest = load_manifest(store, audio_images.dataset, audio_images.manifest_digest)
-    run = run_feature(
-        store, manifest, V.LATENT_FEATURE, V.LatentParams.key(job_params), job_params, V.LATENT_CODE_VERSION,
-        V.compute_latent_shard, _LazyExecutor(compute), input_keys=V.LatentParams.input_keys(job_params),
-        device=device.device(), worker_threads=compute.worker_threads,
+    run, ref, metadata = compute_feature(
+        context, store, audio_images.dataset, audio_images.manifest_digest, V.LATENT_FEATURE,
+        V.LatentParams.key(job_params), job_params, V.LATENT_CODE_VERSION, V.compute_latent_shard, compute,
+        device.device(), tuple(V.LatentParams.input_keys(job_params)),
     )
-    context.log.info(f"vae_latents {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
-    ref = FeatureRef(manifest.dataset, V.LATENT_FEATURE, run.key, audio_images.manifest_digest, tuple(run.shards))
-    metadata = _run_metadata(store, run)
     metadata["dtype"] = params.dtype
     metadata["vae_keys"] = MetadataValue.json({m: job_params["vaes"][m]["key"] for m in params.modalities})
     if run.clips_ok:
