@@ -11,6 +11,7 @@ from assets.features import clip_manifest
 from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
                               PretrainedClapResource)
 from stages.store import FeatureStore
+from tests.fixtures.dagster_results import materialization_metadata
 
 CHAIN = [clip_manifest, towers.audio_tower_features, towers.frame_tower_features, towers.text_tower_features,
          contrastive.clap_head, contrastive.cavp_head, contrastive.clap_embeddings, contrastive.cavp_embeddings,
@@ -27,11 +28,6 @@ RUN_CONFIG = {"ops": {
     "diffgap_evaluation": {"config": EVAL}, "diffgap_ablations": {"config": {**EVAL, "seeds": [0]}},
     "frame_tower_features": {"config": {"size": 64}},
 }}
-
-
-def _metadata(result, name):
-    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == name]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
 @pytest.fixture
@@ -61,15 +57,15 @@ def test_train_diffgap_chain_end_to_end_and_incremental(demo_copy, tmp_path):
     first = materialize(CHAIN, resources=resources, instance=instance, run_config=RUN_CONFIG)
     assert first.success
 
-    clap = _metadata(first, "diffgap_clap")
+    clap = materialization_metadata(first, "diffgap_clap")
     assert clap["status"] == "trained" and clap["steps_run"] == 120 and clap["weights_mb"] > 0
-    evaluation = _metadata(first, "diffgap_evaluation")
+    evaluation = materialization_metadata(first, "diffgap_evaluation")
     for direction in ("T->A", "A->T", "V->A", "A->V"):
         assert direction in evaluation["summary"]
     assert "ridge control" in evaluation["table"] and "base encoder" in evaluation["table"]
-    ablations = _metadata(first, "diffgap_ablations")
+    ablations = materialization_metadata(first, "diffgap_ablations")
     assert "CDM" in ablations["table_V"] and "| 5 |" in ablations["table_VI"]
-    retrieval = _metadata(first, "retrieval_evaluation")
+    retrieval = materialization_metadata(first, "retrieval_evaluation")
     assert "random embeddings" in retrieval["table"] and "untrained head" in retrieval["table"]
     store = FeatureStore(str(tmp_path / "store"))
     assert store.fs.exists(evaluation["csv"]) and store.fs.exists(ablations["table_VII_csv"])
@@ -80,8 +76,8 @@ def test_train_diffgap_chain_end_to_end_and_incremental(demo_copy, tmp_path):
     demo_copy.write_text("\n".join(lines) + "\n")
     second = materialize(CHAIN, resources=resources, instance=instance, run_config=RUN_CONFIG)
     assert second.success
-    assert _metadata(second, "audio_tower_features")["shards_reused"] == 2
-    assert _metadata(second, "clap_head")["reused"] is True
-    assert _metadata(second, "clap_embeddings")["shards_new"] == 1
-    warm = _metadata(second, "diffgap_clap")
+    assert materialization_metadata(second, "audio_tower_features")["shards_reused"] == 2
+    assert materialization_metadata(second, "clap_head")["reused"] is True
+    assert materialization_metadata(second, "clap_embeddings")["shards_new"] == 1
+    warm = materialization_metadata(second, "diffgap_clap")
     assert warm["status"] == "warm-started" and warm["steps_run"] == 30 and warm["warm_start_from"] == clap["checkpoint_key"]

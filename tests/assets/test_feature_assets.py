@@ -10,6 +10,7 @@ from assets.features import audio_images, audio_images_valid, clip_manifest, mel
 from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
 from stages.spectral import get_preset
 from stages.store import FeatureStore
+from tests.fixtures.dagster_results import check_passed, materialization_metadata
 
 ASSETS = [clip_manifest, mel_spectrograms, audio_images, mel_spectrograms_valid, audio_images_valid]
 
@@ -23,16 +24,6 @@ def _resources(source: ClipSourceResource, root) -> dict:
     }
 
 
-def _metadata(result, asset_name: str) -> dict:
-    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset_name]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
-
-
-def _checks(result) -> dict:
-    return {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
-            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
-
-
 @pytest.fixture
 def demo_source(demo_dataset):
     return ClipSourceResource(kind="jsonl", path=str(demo_dataset), dataset="demo", shard_size=16)
@@ -42,17 +33,17 @@ def test_materialize_reports_and_reuses(demo_source, tmp_path):
     instance = DagsterInstance.ephemeral()
     first = materialize(ASSETS, resources=_resources(demo_source, tmp_path), instance=instance)
     assert first.success
-    manifest_meta = _metadata(first, "clip_manifest")
+    manifest_meta = materialization_metadata(first, "clip_manifest")
     assert manifest_meta["clips"] == 40 and manifest_meta["shards"] == 3 and manifest_meta["clips_added"] == 40
-    mel = _metadata(first, "mel_spectrograms")
+    mel = materialization_metadata(first, "mel_spectrograms")
     assert (mel["shards_total"], mel["shards_new"], mel["shards_reused"]) == (3, 3, 0)
     assert mel["clips_ok"] == 40 and mel["clips_quarantined"] == 0
     assert mel["throughput_clips_per_s"] > 0 and len(mel["feature_key"]) == 16
     assert mel["preview"].startswith("![preview](data:image/png;base64,")
-    images = _metadata(first, "audio_images")
+    images = materialization_metadata(first, "audio_images")
     assert images["mel_feature_key"] == mel["feature_key"] and images["clips_ok"] == 40
     assert "data:image/png;base64," in images["preview"]
-    assert _checks(first) == {"mel_spectrograms_valid": True, "audio_images_valid": True}
+    assert check_passed(first) == {"mel_spectrograms_valid": True, "audio_images_valid": True}
 
     store = FeatureStore(str(tmp_path))
     table = store.read_arrays("demo", "mel_spectrograms", mel["feature_key"])
@@ -61,7 +52,7 @@ def test_materialize_reports_and_reuses(demo_source, tmp_path):
     assert np.isfinite(table.arrays["mel"]).all()
 
     again = materialize(ASSETS, resources=_resources(demo_source, tmp_path), instance=instance)
-    mel_again = _metadata(again, "mel_spectrograms")
+    mel_again = materialization_metadata(again, "mel_spectrograms")
     assert (mel_again["shards_new"], mel_again["shards_reused"], mel_again["clips_computed"]) == (0, 3, 0)
     assert mel_again["feature_key"] == mel["feature_key"]
     # Same shards, same key: the same data version, so nothing downstream looks stale.
@@ -76,14 +67,14 @@ def test_materialize_reports_and_reuses(demo_source, tmp_path):
 def test_changing_the_preset_builds_a_new_key_beside_the_old(demo_source, tmp_path):
     instance = DagsterInstance.ephemeral()
     first = materialize(ASSETS, resources=_resources(demo_source, tmp_path), instance=instance)
-    old_key = _metadata(first, "mel_spectrograms")["feature_key"]
+    old_key = materialization_metadata(first, "mel_spectrograms")["feature_key"]
     second = materialize(
         ASSETS,
         resources=_resources(demo_source, tmp_path),
         instance=instance,
         run_config={"ops": {"mel_spectrograms": {"config": {"preset": "audioldm16k"}}, "audio_images": {"config": {"size": 32}}}},
     )
-    new = _metadata(second, "mel_spectrograms")
+    new = materialization_metadata(second, "mel_spectrograms")
     assert new["feature_key"] != old_key and new["shards_new"] == 3
     store = FeatureStore(str(tmp_path))
     assert store.read_arrays("demo", "mel_spectrograms", old_key).arrays["mel"].shape[1] == 80
@@ -103,14 +94,14 @@ def test_bad_clips_are_quarantined_and_the_rest_goes_on(demo_dataset, bad_media,
     source = ClipSourceResource(kind="folder", path=str(folder), dataset="mixed", shard_size=8)
     result = materialize(ASSETS, resources=_resources(source, tmp_path / "store"), instance=DagsterInstance.ephemeral())
     assert result.success
-    manifest = _metadata(result, "clip_manifest")
-    mel = _metadata(result, "mel_spectrograms")
+    manifest = materialization_metadata(result, "clip_manifest")
+    mel = materialization_metadata(result, "mel_spectrograms")
     # An empty file is refused when it is hashed (manifest level); the rest when decoded.
     assert manifest["clips_quarantined"] == 1 and "empty file (0 bytes)" in manifest["quarantine"]
     assert mel["clips_ok"] == 5 and mel["clips_quarantined"] == 5
     for fragment in ("no audio stream", "silent", "too short", "bad_corrupt_mp4", "bad_truncated_moov_mp4"):
         assert fragment in mel["quarantine"]
-    assert _checks(result) == {"mel_spectrograms_valid": True, "audio_images_valid": True}
+    assert check_passed(result) == {"mel_spectrograms_valid": True, "audio_images_valid": True}
 
 
 def test_whole_run_problems_fail_with_one_clear_line(tmp_path):

@@ -12,6 +12,7 @@ from assets.resources import ClipSourceResource, ComputeResource, DeviceResource
 from assets.towers import TOWER_ASSETS, TOWER_CHECKS
 from stages.store import FeatureStore
 from tests.models import tower_weights_dir  # noqa: F401
+from tests.fixtures.dagster_results import check_evaluations, materialization_metadata
 
 pytestmark = pytest.mark.usefixtures("tower_weights_dir")
 
@@ -46,19 +47,9 @@ def _resources(jsonl, root) -> dict:
     }
 
 
-def _metadata(result, asset_name: str) -> dict:
-    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset_name]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
-
-
 def _version(result, asset_name: str) -> str:
     (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset_name]
     return event.materialization.tags.get("dagster/data_version")
-
-
-def _checks(result) -> dict:
-    return {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data
-            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
 
 
 def test_tower_assets_materialize_check_and_reuse(small_source, tmp_path):
@@ -66,7 +57,7 @@ def test_tower_assets_materialize_check_and_reuse(small_source, tmp_path):
     store_root = tmp_path / "store"
     first = materialize(ASSETS, resources=_resources(small_source, store_root), instance=instance)
     assert first.success
-    audio, frames, text = (_metadata(first, name) for name in NAMES)
+    audio, frames, text = (materialization_metadata(first, name) for name in NAMES)
     assert (audio["shards_total"], audio["shards_new"], audio["clips_ok"], audio["clips_quarantined"]) == (2, 2, 7, 0)
     assert (frames["clips_ok"], frames["clips_quarantined"]) == (6, 1)
     assert "| tone_only |" in frames["quarantine"] and "no video stream" in frames["quarantine"]
@@ -76,7 +67,7 @@ def test_tower_assets_materialize_check_and_reuse(small_source, tmp_path):
         assert len(meta["feature_key"]) == 16 and meta["throughput_clips_per_s"] > 0 and meta["clips_computed"] == 7
     assert audio["tower"] == "aisfx 0.1.2" and frames["tower_settings"]["size"] == 128
     assert text["tower_settings"]["weights_sha256"].startswith("53aa5117")
-    checks = _checks(first)
+    checks = check_evaluations(first)
     assert {name: c.passed for name, c in checks.items()} == {f"{n}_valid": True for n in NAMES}
     assert checks["text_tower_features_valid"].metadata["text_norm_max"].value == pytest.approx(1.0, abs=1e-3)
     assert checks["audio_tower_features_valid"].metadata["rows"].value == 7
@@ -92,11 +83,11 @@ def test_tower_assets_materialize_check_and_reuse(small_source, tmp_path):
     again = materialize(ASSETS, resources=_resources(small_source, store_root), instance=instance)
     assert again.success
     for name in NAMES:
-        meta = _metadata(again, name)
+        meta = materialization_metadata(again, name)
         assert (meta["shards_new"], meta["shards_reused"], meta["clips_computed"]) == (0, 2, 0)
-        assert meta["feature_key"] == _metadata(first, name)["feature_key"]
+        assert meta["feature_key"] == materialization_metadata(first, name)["feature_key"]
         assert _version(again, name) == _version(first, name) is not None
-    assert all(c.passed for c in _checks(again).values())
+    assert all(c.passed for c in check_evaluations(again).values())
 
 
 def test_a_changed_caption_recomputes_only_its_shard(small_source, tmp_path):
@@ -111,10 +102,9 @@ def test_a_changed_caption_recomputes_only_its_shard(small_source, tmp_path):
     rows[0]["caption"] = "a completely different caption"
     small_source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     second = materialize(only_text, resources=resources, instance=instance)
-    text_meta = [e for e in second.get_asset_materialization_events() if e.asset_key.path[-1] == "text_tower_features"][0]
-    metadata = {k: v.value for k, v in text_meta.materialization.metadata.items()}
+    metadata = materialization_metadata(second, "text_tower_features")
     assert metadata["shards_new"] == 1 and metadata["shards_reused"] == metadata["shards_total"] - 1
-    assert _checks(second)["text_tower_features_valid"].passed
+    assert check_evaluations(second)["text_tower_features_valid"].passed
 
 
 def test_bad_tower_config_fails_with_one_line(small_source, tmp_path):

@@ -13,6 +13,7 @@ from assets.vae import VAE_ASSETS, VAE_CHECKS
 from models.vae import VaeConfig, build_vae
 from stages.store import FeatureStore
 from stages.vae import LATENT_FEATURE, latent_vaes
+from tests.fixtures.dagster_results import check_passed, materialization_metadata
 
 ASSETS = [clip_manifest, mel_spectrograms, audio_images, *VAE_ASSETS, *VAE_CHECKS]
 TINY_VAE = {"steps": 30, "batch_size": 8, "learning_rate": 2e-3, "eval_every": 15, "block_out_channels": [16, 32, 32],
@@ -33,16 +34,6 @@ def _resources(root) -> dict:
     }
 
 
-def _metadata(result, asset_name: str) -> dict:
-    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset_name]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
-
-
-def _checks(result) -> dict:
-    return {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
-            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
-
-
 @pytest.fixture
 def demo_source(demo_dataset):
     return ClipSourceResource(kind="jsonl", path=str(demo_dataset), dataset="demo", shard_size=16)
@@ -53,25 +44,25 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
     resources = {"clip_source": demo_source, **_resources(tmp_path)}
     first = materialize(ASSETS, resources=resources, instance=instance, run_config=RUN_CONFIG)
     assert first.success
-    frames = _metadata(first, "video_frames")
+    frames = materialization_metadata(first, "video_frames")
     assert (frames["shards_new"], frames["clips_ok"], frames["frames_per_clip"]) == (3, 40, 8)
     assert frames["preview"].startswith("![preview](data:image/png;base64,")
 
-    audio = _metadata(first, "audio_vae")
+    audio = materialization_metadata(first, "audio_vae")
     assert audio["reused"] is False and audio["source"] == "trained" and audio["steps"] == 30
     assert audio["psnr_db"] > audio["psnr_db_untrained"] + 3 and audio["psnr_db"] > audio["psnr_db_mean_image"]
     assert audio["mel_l1"] < audio["metrics"]["untrained"]["mel_l1"] and audio["latent_shape"] == [4, 8, 8]
     assert "data:image/png;base64," in audio["preview"] and "| step |" in audio["loss_curve"]
-    frame = _metadata(first, "frame_vae")
+    frame = materialization_metadata(first, "frame_vae")
     assert frame["psnr_db"] > frame["psnr_db_untrained"] + 3 and frame["images_train"] == frame["clips_train"] * 4
 
-    latents = _metadata(first, "vae_latents")
+    latents = materialization_metadata(first, "vae_latents")
     assert (latents["shards_new"], latents["clips_ok"], latents["dtype"]) == (3, 40, "float16")
     assert latents["audio_shape"] == [4, 8, 8] and latents["frames_shape"] == [8, 4, 8, 8]
     assert 0.75 < latents["audio_std"] < 1.33 and 0.75 < latents["frames_std"] < 1.33
     assert latents["vae_keys"] == {"audio": audio["checkpoint_key"], "frames": frame["checkpoint_key"]}
     assert "data:image/png;base64," in latents["preview"]
-    checks = _checks(first)
+    checks = check_passed(first)
     # 30 steps are enough for the audio VAE to beat the mean image, not reliably for the frame VAE
     # (a WARN check telling to train longer): only its evaluation is asserted.
     assert checks.pop("frame_vae_beats_baselines") in (True, False)
@@ -93,9 +84,9 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
     monkeypatch.setattr(stage, "train_vae", no_training)
     again = materialize(ASSETS, resources=resources, instance=instance, run_config=RUN_CONFIG)
     assert again.success
-    assert _metadata(again, "audio_vae")["reused"] is True and _metadata(again, "frame_vae")["reused"] is True
-    assert _metadata(again, "audio_vae")["checkpoint_key"] == audio["checkpoint_key"]
-    latents_again = _metadata(again, "vae_latents")
+    assert materialization_metadata(again, "audio_vae")["reused"] is True and materialization_metadata(again, "frame_vae")["reused"] is True
+    assert materialization_metadata(again, "audio_vae")["checkpoint_key"] == audio["checkpoint_key"]
+    latents_again = materialization_metadata(again, "vae_latents")
     assert (latents_again["shards_new"], latents_again["shards_reused"], latents_again["clips_computed"]) == (0, 3, 0)
     assert latents_again["feature_key"] == latents["feature_key"]
     versions = [
@@ -114,7 +105,7 @@ def test_pretrained_folder_instead_of_training(demo_source, tmp_path):
     selection = [clip_manifest, mel_spectrograms, audio_images, VAE_ASSETS[1]]  # up to audio_vae
     resources = {"clip_source": demo_source, **_resources(tmp_path / "store")}
     result = materialize(selection, resources=resources, instance=DagsterInstance.ephemeral(), run_config=config)
-    meta = _metadata(result, "audio_vae")
+    meta = materialization_metadata(result, "audio_vae")
     assert meta["source"] == f"pretrained: {folder}" and meta["steps"] == 0 and meta["latent_shape"] == [4, 8, 8]
     # The folder holds an untrained VAE: loaded as is (no training), it is no better than the mean image.
     assert meta["psnr_db"] < meta["psnr_db_mean_image"]

@@ -13,6 +13,7 @@ from assets.features import audio_images, clip_manifest, mel_spectrograms
 from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
                               PretrainedClapResource)
 from stages.store import FeatureStore
+from tests.fixtures.dagster_results import materialization_metadata
 
 CHAIN = [clip_manifest, mel_spectrograms, audio_images, vae.video_frames, vae.audio_vae, vae.frame_vae, vae.vae_latents,
          towers.audio_tower_features, towers.frame_tower_features, towers.text_tower_features,
@@ -40,11 +41,6 @@ RUN_CONFIG = {"ops": {
 }}
 
 
-def _metadata(result, name):
-    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == name]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
-
-
 def test_generation_chain_through_dagster(demo_dataset, tmp_path):
     resources = {
         "clip_source": ClipSourceResource(kind="jsonl", path=str(demo_dataset), dataset="demo", shard_size=20),
@@ -56,7 +52,7 @@ def test_generation_chain_through_dagster(demo_dataset, tmp_path):
     result = materialize(CHAIN, resources=resources, instance=DagsterInstance.ephemeral(), run_config=RUN_CONFIG)
     assert result.success
 
-    trained = _metadata(result, "audio_generator")
+    trained = materialization_metadata(result, "audio_generator")
     assert trained["clap_status"] == "trained" and trained["cavp_status"] == "trained"
     ref = result.output_for_node("audio_generator")
     assert set(ref.keys) == {"clap", "cavp"}
@@ -66,7 +62,7 @@ def test_generation_chain_through_dagster(demo_dataset, tmp_path):
     assert len(generated["wavs"]) == 10
     wave, rate = sf.read(generated["wavs"][0])
     assert rate == 22050 and wave.ndim == 1 and len(wave) > 22050 and np.isfinite(wave).all()
-    meta = _metadata(result, "generated_audio")
+    meta = materialization_metadata(result, "generated_audio")
     assert meta["T2A_prompts_preview"].startswith("![preview](data:image/png;base64,")
 
     rows = result.output_for_node("generation_evaluation")
@@ -78,7 +74,7 @@ def test_generation_chain_through_dagster(demo_dataset, tmp_path):
         assert row["IS (aiSFX)"] >= 1.0 - 1e-9
         if row["task"] == "V2A":
             assert 0 <= row["Acc"] <= 100
-    evaluation = _metadata(result, "generation_evaluation")
+    evaluation = materialization_metadata(result, "generation_evaluation")
     assert "| method | IS (aiSFX) | KL (aiSFX) | FD (aiSFX) | Acc | n |" in evaluation["table_I_V2A"]
     assert "FAD (aiSFX)" in evaluation["table_II_T2A"]
     store = FeatureStore(str(tmp_path / "store"))
@@ -98,7 +94,7 @@ def test_generation_chain_through_dagster(demo_dataset, tmp_path):
     # Same config again: the generators are reused, not retrained.
     again = materialize([*CHAIN[:-2]], resources=resources, instance=DagsterInstance.ephemeral(), run_config={
         "ops": {k: v for k, v in RUN_CONFIG["ops"].items() if k not in ("generated_audio", "generation_evaluation")}})
-    assert _metadata(again, "audio_generator")["clap_status"] == "reused"
+    assert materialization_metadata(again, "audio_generator")["clap_status"] == "reused"
 
 
 def test_hifigan_decoder_and_tables():
