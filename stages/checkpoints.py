@@ -67,6 +67,16 @@ def load_checkpoint(store: FeatureStore, dataset: str, name: str, key: str) -> t
     return load_safetensors(data), sidecar
 
 
+def load_module(store: FeatureStore, dataset: str, name: str, key: str, build) -> tuple[torch.nn.Module, dict]:
+    """A stored torch module in eval mode and its sidecar; ``build(sidecar)`` makes the empty
+    module from the configuration the sidecar recorded."""
+    state, sidecar = load_checkpoint(store, dataset, name, key)
+    module = build(sidecar)
+    module.load_state_dict(state)
+    module.eval()
+    return module, sidecar
+
+
 def list_checkpoints(store: FeatureStore, dataset: str, name: str) -> list[dict]:
     """Sidecars of every committed checkpoint of one model, newest first."""
     pattern = posixpath.join(store.path(check_name(dataset, "dataset"), MODELS_FOLDER, check_name(name, "model name")), "*", "checkpoint.json")

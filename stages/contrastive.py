@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from models.contrastive import CavpHead, ClapHead, HeadConfig
-from stages.checkpoints import load_checkpoint
+from stages.checkpoints import load_checkpoint, load_module
 from stages.features import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
 from stages.manifest import ClipManifest
 from stages.store import FeatureStore
@@ -198,10 +198,8 @@ def embed(model, kind: str, data: Mapping[str, np.ndarray]) -> dict[str, np.ndar
 @lru_cache(maxsize=4)
 def _cached_head(store_root: str, storage_items: tuple, dataset: str, kind: str, key: str):
     store = FeatureStore(store_root, dict(storage_items))
-    state, sidecar = load_checkpoint(store, dataset, kind, key)
-    model = build_head(kind, sidecar["input_dims"], HeadConfig(**sidecar["head_config"]))
-    model.load_state_dict(state)
-    model.eval()
+    model, _ = load_module(store, dataset, kind, key,
+                           lambda s: build_head(kind, s["input_dims"], HeadConfig(**s["head_config"])))
     return model
 
 

@@ -343,13 +343,9 @@ class FitResult:
 
 
 def load_model(store: FeatureStore, dataset: str, space: str, key: str) -> tuple[Denoiser, dict]:
-    from stages.checkpoints import load_checkpoint
+    from stages.checkpoints import load_module
 
-    state, sidecar = load_checkpoint(store, dataset, model_name(space), key)
-    model = Denoiser(DenoiserConfig(**sidecar["denoiser_config"]))
-    model.load_state_dict(state)
-    model.eval()
-    return model, sidecar
+    return load_module(store, dataset, model_name(space), key, lambda s: Denoiser(DenoiserConfig(**s["denoiser_config"])))
 
 
 def fit_space(

@@ -175,13 +175,10 @@ class GeneratorFit:
 
 
 def load_generator(store: FeatureStore, dataset: str, space: str, key: str) -> tuple[LatentGenerator, dict]:
-    from stages.checkpoints import load_checkpoint
+    from stages.checkpoints import load_module
 
-    state, sidecar = load_checkpoint(store, dataset, model_name(space), key)
-    model = LatentGenerator(GeneratorConfig(**sidecar["generator_config"]))
-    model.load_state_dict(state)
-    model.eval()
-    return model, sidecar
+    return load_module(store, dataset, model_name(space), key,
+                       lambda s: LatentGenerator(GeneratorConfig(**s["generator_config"])))
 
 
 def fit_generator(
