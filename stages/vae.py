@@ -212,8 +212,11 @@ def train_vae(
     history = [{"step": 0, "train_l1": None, "train_kl": None, "val_l1": round(best[0], 5)}]
     if config.steps:
         optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        # 5% warm-up, but at least 2 steps: OneCycleLR divides by (warm-up steps - 1), so a warm-up
+        # of exactly one step (steps=20) raised ZeroDivisionError.
+        pct_start = 0.05 if config.steps < 4 else min(0.5, max(0.05, 2.0 / config.steps))
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=0.05, anneal_strategy="cos"
+            optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=pct_start, anneal_strategy="cos"
         )
     vae.train()
     batch = min(config.batch_size, len(train))

@@ -238,3 +238,16 @@ def test_latents_quarantine_clips_missing_an_input(prepared, demo_dataset, bad_m
         LatentParams(modalities=("smell",))
     with pytest.raises(VocodeError, match="audioldm16k"):
         check_vocoder_preset("audioldm16k")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 20])
+def test_short_training_runs_have_a_valid_learning_rate_schedule(steps):
+    # steps=20 once gave a one-step warm-up, and OneCycleLR divided by zero.
+    from stages.vae import train_vae
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
+    config = VaeTrainConfig(steps=steps, batch_size=2, eval_every=steps, block_out_channels=(8, 16), norm_num_groups=4,
+                            max_val_images=2)
+    result = train_vae(images[:4], images[4:], config)
+    assert result.history[-1]["step"] == steps
