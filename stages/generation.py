@@ -31,10 +31,11 @@ from stages.manifest import ClipManifest
 from stages.parallel import torch_threads
 from stages.store import FeatureStore, feature_key
 
-GENERATOR_CODE_VERSION = "1"
+GENERATOR_CODE_VERSION = "2"  # 2: v-prediction
 # space -> (embedding feature, the other modality's array, its CLAP/CAVP head kind, task name)
 SPACES = {"clap": (CLAP_FEATURE, "text", CLAP_HEAD, "T2A"), "cavp": (CAVP_FEATURE, "video", CAVP_HEAD, "V2A")}
 BASELINE, WITH_DIFFGAP, ORACLE = "baseline (no DiffGAP)", "DiffGAP", "oracle: VAE + vocoder of the real latent"
+REAL = "real audio (the reference itself)"
 
 
 def model_name(space: str) -> str:
@@ -56,6 +57,7 @@ class GeneratorTrainConfig:
     norm_num_groups: int = 8
     attention: bool = False
     clip_sample_range: float = 6.0
+    prediction_type: str = "v_prediction"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
@@ -66,7 +68,7 @@ class GeneratorTrainConfig:
         return GeneratorConfig(cond_dim=cond_dim, latent_channels=latent_channels, latent_size=latent_size,
                                block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                                norm_num_groups=self.norm_num_groups, attention=self.attention,
-                               clip_sample_range=self.clip_sample_range)
+                               clip_sample_range=self.clip_sample_range, prediction_type=self.prediction_type)
 
     def params(self) -> dict:
         params = {**asdict(self), "block_out_channels": list(self.block_out_channels)}
@@ -165,6 +167,40 @@ def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Calla
         return GeneratorTrainResult(model, history, time.perf_counter() - start)
 
 
+@torch.no_grad()
+def condition_sensitivity(model: LatentGenerator, pairs: LatentPairs, timesteps: Sequence[int] = (300, 600, 900),
+                          repeats: int = 4, seed: int = 0) -> dict[str, float]:
+    """How much the generator uses its condition: its loss (eps / v MSE) on ``pairs`` at fixed timesteps with the
+    clip's own condition, another clip's (a derangement) and the null condition, on the same noise.
+
+    ``shuffled_over_matched`` > 1 means the condition carries information about the latent; about
+    1 means the generator ignores it (it then samples the same audio for every prompt)."""
+    from models.generator import diffusion_target, make_train_scheduler
+
+    if len(pairs) < 2:
+        raise ValueError(f"condition sensitivity needs at least 2 clips, got {len(pairs)}")
+    scheduler = make_train_scheduler(model.config)
+    model.eval()
+    z0, cond = torch.from_numpy(pairs.latents), torch.from_numpy(pairs.audio)
+    shift = int(np.random.default_rng(seed).integers(1, len(pairs)))
+    others = torch.roll(cond, shift, dims=0)
+    null = torch.ones(len(pairs), dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+    totals = {"matched": 0.0, "shuffled": 0.0, "null": 0.0}
+    for t in timesteps:
+        tt = torch.full((len(pairs),), int(t), dtype=torch.long)
+        for _ in range(repeats):
+            noise = torch.randn(z0.shape, generator=generator)
+            zt = scheduler.add_noise(z0, noise, tt)
+            target = diffusion_target(scheduler, z0, noise, tt)
+            for name, c, drop in (("matched", cond, None), ("shuffled", others, None), ("null", cond, null)):
+                totals[name] += torch.nn.functional.mse_loss(model(zt, tt, c, drop), target).item()
+    count = len(timesteps) * repeats
+    out = {f"loss_{k}": round(v / count, 5) for k, v in totals.items()}
+    out["shuffled_over_matched"] = round(totals["shuffled"] / max(totals["matched"], 1e-12), 4)
+    return out
+
+
 @dataclass
 class GeneratorFit:
     space: str
@@ -199,6 +235,11 @@ def fit_generator(
     pairs = load_latent_pairs(store, manifest, space, latent_key, embedding_key)
     train = pairs.subset("train")
     result = train_generator(train, config, log)
+    held_out = pairs.subset("val") if len(pairs.subset("val")) >= 2 else train
+    with torch_threads(config.threads):
+        sensitivity = condition_sensitivity(result.model, held_out)
+    if log:
+        log(f"audio generator ({space}): loss with another clip's condition / its own = {sensitivity['shuffled_over_matched']:.3f}")
     vaes = latent_vaes(store, manifest.dataset, latent_key)
     if "audio" not in vaes:
         raise ValueError(f"vae_latents key {latent_key} holds no audio latents")
@@ -214,6 +255,7 @@ def fit_generator(
         "clips_train": len(train),
         "history": result.history,
         "train_seconds": round(result.seconds, 2),
+        "condition_sensitivity": {"split": held_out.splits[0], **sensitivity},
     })
     return GeneratorFit(space, key, sidecar, False, result.model)
 
@@ -227,7 +269,7 @@ class SampleConfig:
     sampler: str = "ddim"
     seed: int = 0
     diffgap_steps: int = 50
-    diffgap_samples: int = 4
+    diffgap_samples: int = 16  # as in DiffGAP retrieval: the mean of 16 samples sits far closer to the real embedding than 1-4
     vocoder: str = "hifigan"  # or "griffinlim" (fast, low quality; for tests and previews)
     griffinlim_iters: int = 16
     threads: int = 2
@@ -281,6 +323,12 @@ class Decoder:
     preset: str
     seconds: float
     vocoder: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def sample_rate(self) -> int:
+        from stages.vocode import check_vocoder_preset
+
+        return check_vocoder_preset(self.preset).sample_rate
 
     def __call__(self, latents: np.ndarray) -> dict[str, np.ndarray]:
         from stages.vae import decode_latents
@@ -355,7 +403,7 @@ def write_wav(store: FeatureStore, path: str, audio: np.ndarray, rate: int = 220
 @dataclass(frozen=True)
 class EvalConfig:
     split: str = "test"
-    max_clips: int = 32
+    max_clips: int = 64
     oracle: bool = True  # also score the VAE + vocoder reconstruction of the real latents (the ceiling)
     alignment: M.AlignmentConfig = M.AlignmentConfig()
     # The alignment classifier trains on this split: the CAVP head was fitted on "train", where
@@ -363,8 +411,12 @@ class EvalConfig:
     alignment_split: str = "val"
 
 
-def reference_audio(manifest: ClipManifest, clip_ids: Sequence[str], seconds: float, rate: int = 44100) -> tuple[list[str], np.ndarray]:
-    """The real audio of the clips at aiSFX's rate (clips that fail to decode are left out)."""
+def reference_audio(manifest: ClipManifest, clip_ids: Sequence[str], seconds: float, rate: int) -> tuple[list[str], np.ndarray]:
+    """The real audio of the clips at ``rate`` (clips that fail to decode are left out).
+
+    Evaluation loads it at the generated audio's rate, so that real and generated audio reach
+    aiSFX (44.1 kHz) with the same bandwidth: otherwise every metric would also score the
+    vocoder's missing top octave."""
     from stages.decode import AudioSpec, ClipError, load_audio
 
     spec = AudioSpec(sample_rate=rate, seconds=seconds, min_seconds=min(1.0, seconds), silence_dbfs=-120.0)
@@ -379,59 +431,100 @@ def reference_audio(manifest: ClipManifest, clip_ids: Sequence[str], seconds: fl
     return kept, np.stack(waves) if waves else np.zeros((0, spec.n_samples), np.float32)
 
 
+def motion_envelopes(manifest: ClipManifest, clip_ids: Sequence[str], fps: float, seconds: float) -> np.ndarray:
+    """Motion envelopes [N, round(seconds x fps)] of the clips' videos (the alignment classifier's timing cue)."""
+    from stages.decode import ClipError, FrameSpec, load_frames
+
+    index = manifest.index()
+    spec = FrameSpec(fps=fps, size=64, seconds=seconds)
+    envelopes = []
+    for clip_id in clip_ids:
+        try:
+            envelopes.append(M.motion_envelope(load_frames(index[clip_id].uri, spec)))
+        except ClipError as exc:
+            raise ValueError(f"alignment: cannot decode the video of clip {clip_id}: {exc}") from None
+    return np.stack(envelopes) if envelopes else np.zeros((0, spec.n_frames), np.float32)
+
+
+def alignment_pairs(manifest: ClipManifest, pairs: LatentPairs, audio: np.ndarray, rate: int, seconds: float,
+                    config: M.AlignmentConfig) -> M.AlignmentPairs:
+    """The alignment classifier's view of the clips of ``pairs`` with the waveforms ``audio`` (rows paired)."""
+    frames = int(round(seconds * config.fps))
+    return M.AlignmentPairs(motion_envelopes(manifest, pairs.clip_ids, config.fps, seconds),
+                            M.onset_envelopes(audio, rate, config.fps, frames),
+                            pairs.per_second["video_per_second"], pairs.per_second["audio_per_second"])
+
+
+def fit_alignment(manifest: ClipManifest, pairs: LatentPairs, evaluation: EvalConfig, seconds: float, rate: int):
+    """Train the alignment classifier on the real pairs of ``evaluation.alignment_split`` (train
+    when that split has < 2 clips)."""
+    fit = pairs.subset(evaluation.alignment_split)
+    if len(fit) < 2:
+        fit = pairs.subset("train")
+    ids, audio = reference_audio(manifest, fit.clip_ids, seconds, rate)
+    fit = fit.subset(clip_ids=ids)
+    with torch_threads(1):
+        return M.train_alignment(alignment_pairs(manifest, fit, audio, rate, seconds, evaluation.alignment), evaluation.alignment)
+
+
 def evaluate_space(
     store: FeatureStore, manifest: ClipManifest, space: str, generator: LatentGenerator, generator_sidecar: Mapping,
     diffgap_model, sample: SampleConfig, evaluation: EvalConfig, device: str = "cpu", log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """Rows of Table I (V2A: IS, KL, FD, Acc) or II (T2A: IS, KL, FAD, FD) on ``evaluation.split``:
-    baseline, DiffGAP and (optionally) the oracle reconstruction; and the generated outputs."""
+    baseline, DiffGAP and (optionally) the oracle reconstruction and the real audio; and per method
+    its outputs (audio, and "aisfx": the aiSFX pooled / per-second / logits the metrics used)."""
     from models.towers import AudioTower, get_tower
 
     task = SPACES[space][3]
     pairs = load_latent_pairs(store, manifest, space, generator_sidecar["latent_key"], generator_sidecar["embedding_key"])
     test = pairs.subset(evaluation.split)
     decoder = make_decoder(store, manifest.dataset, generator_sidecar["audio_vae"], sample, device)
-    ids, ref_wave = reference_audio(manifest, test.clip_ids[: evaluation.max_clips], decoder.seconds)
+    rate = decoder.sample_rate
+    ids, ref_wave = reference_audio(manifest, test.clip_ids[: evaluation.max_clips], decoder.seconds, rate)
     if len(ids) < 2:
         raise ValueError(f"{task}: need at least 2 {evaluation.split} clips with latents, embeddings and audio, got {len(ids)}")
     test = test.subset(clip_ids=ids)
     tower = get_tower(AudioTower, device)
     with torch_threads(sample.threads):
-        reference = M.aisfx_outputs(tower, ref_wave, tower.sample_rate, decoder.seconds)
-    alignment = head = None
+        reference = M.aisfx_outputs(tower, ref_wave, rate, decoder.seconds)
+    alignment = head = real_pairs = None
     if space == "cavp":
-        train = pairs.subset(evaluation.alignment_split)
-        if len(train) < 2:
-            train = pairs.subset("train")
-        with torch_threads(1):
-            alignment = M.train_alignment(train.per_second["video_per_second"], train.per_second["audio_per_second"],
-                                          evaluation.alignment)
+        alignment = fit_alignment(manifest, pairs, evaluation, decoder.seconds, rate)
+        real_pairs = alignment_pairs(manifest, test, ref_wave, rate, decoder.seconds, evaluation.alignment)
         head = cavp_audio_head(store, manifest.dataset, generator_sidecar["embedding_key"])
     methods: dict[str, dict] = {}
     start = time.perf_counter()
     methods[BASELINE] = generate(generator, decoder, test.other, sample)
-    methods[WITH_DIFFGAP] = generate(generator, decoder, test.other, sample, diffgap_model) if diffgap_model is not None else None
+    if diffgap_model is not None:
+        methods[WITH_DIFFGAP] = generate(generator, decoder, test.other, sample, diffgap_model)
     if evaluation.oracle:
         with torch_threads(sample.threads):
             methods[ORACLE] = decoder(test.latents)
-    if methods[WITH_DIFFGAP] is None:
-        methods.pop(WITH_DIFFGAP)
+    methods[REAL] = {"audio": ref_wave}
     rows = []
     for method, out in methods.items():
-        with torch_threads(sample.threads):
-            scored = M.aisfx_outputs(tower, out["audio"], 22050, decoder.seconds)
+        if method == REAL:
+            scored = reference
+        else:
+            with torch_threads(sample.threads):
+                scored = M.aisfx_outputs(tower, out["audio"], rate, decoder.seconds)
+        out["aisfx"] = scored
         metrics = M.generation_metrics(scored, reference)
         row = {"task": task, "space": space, "method": method, "n": len(ids), "steps": sample.steps,
                "guidance_scale": sample.guidance_scale, "vocoder": sample.vocoder, **metrics}
         if alignment is not None:
-            video = test.per_second["video_per_second"]
-            if head is not None:
+            if method == REAL:
+                row["Acc"] = M.alignment_accuracy(alignment, real_pairs)
+            elif head is not None:
+                video_seconds = test.per_second["video_per_second"].shape[1]
                 with torch.no_grad():
-                    audio_ps = head.embed_audio(torch.from_numpy(_fit_seconds(scored["per_second"], video.shape[1]))).numpy()
-                row["Acc"] = M.alignment_accuracy(alignment, video, audio_ps)
+                    audio_ps = head.embed_audio(torch.from_numpy(_fit_seconds(scored["per_second"], video_seconds))).numpy()
+                onsets = M.onset_envelopes(out["audio"], rate, evaluation.alignment.fps, real_pairs.onsets.shape[1])
+                row["Acc"] = M.alignment_accuracy(alignment, real_pairs.with_audio(onsets, audio_ps))
             else:
                 row["Acc"] = float("nan")
-            row["Acc (real pairs vs misaligned)"] = M.classifier_accuracy(alignment, video, test.per_second["audio_per_second"])
+            row["Acc (real pairs vs misaligned)"] = M.classifier_accuracy(alignment, real_pairs)
         if out.get("condition") is not None:
             row["cos(condition, real audio emb)"] = float(np.mean(np.sum(_unit(out["condition"]) * _unit(test.audio), axis=1)))
         rows.append(row)
@@ -466,6 +559,9 @@ def table_markdown(rows: list[dict], task: str) -> str:
             continue
         cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    trust = [r["Acc (real pairs vs misaligned)"] for r in rows if r["task"] == task and "Acc (real pairs vs misaligned)" in r]
+    if trust:
+        lines.append(f"\nAlignment classifier accuracy on real aligned + misaligned pairs of this split: {trust[0]:.1f}%.")
     return "\n".join(lines)
 
 

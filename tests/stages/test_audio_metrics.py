@@ -54,16 +54,62 @@ def test_inception_score_of_one_hot_uniform_predictions_is_the_class_count():
     assert M.inception_score(50.0 * np.eye(4)) == pytest.approx(4.0, rel=1e-6)
 
 
+def _synthetic_alignment_pairs(n: int, rng: np.random.Generator, frames: int = 32, seconds: int = 4, dim: int = 8) -> M.AlignmentPairs:
+    """Videos with 1-3 motion spikes; their audio has onsets at the same frames (plus noise), and
+    per-second embeddings that follow the video's content."""
+    motion = 0.05 * rng.random((n, frames))
+    for row in motion:
+        row[rng.choice(np.arange(2, frames - 2), size=rng.integers(1, 4), replace=False)] += 1.0
+    onsets = motion + 0.1 * rng.random((n, frames))
+    video = rng.normal(size=(n, seconds, dim))
+    audio = video + 0.3 * rng.normal(size=video.shape)
+    return M.AlignmentPairs(motion, onsets, video, audio)
+
+
 def test_alignment_classifier_tells_aligned_from_swapped_and_shifted():
     rng = np.random.default_rng(0)
-    n, seconds, dim = 200, 4, 8
-    video = rng.normal(size=(n, seconds, dim)).astype(np.float32)
-    audio = (video + 0.1 * rng.normal(size=video.shape)).astype(np.float32)  # audio follows video second by second
-    model = M.train_alignment(video[:150], audio[:150], M.AlignmentConfig(steps=300, hidden=32))
-    assert M.alignment_accuracy(model, video[150:], audio[150:]) >= 90.0
-    assert M.classifier_accuracy(model, video[150:], audio[150:]) >= 85.0
-    shifted = np.roll(audio[150:], 1, axis=1)
-    assert M.alignment_accuracy(model, video[150:], shifted) <= 20.0
+    pairs = _synthetic_alignment_pairs(200, rng)
+    train, test = pairs.take(np.arange(150)), pairs.take(np.arange(150, 200))
+    model = M.train_alignment(train, M.AlignmentConfig(steps=600))
+    assert M.alignment_accuracy(model, test) >= 90.0
+    assert M.classifier_accuracy(model, test) >= 85.0
+    # the clip's own audio three frames late: same content, wrong timing
+    late = test.with_audio(np.roll(test.onsets, 3, axis=1), test.audio_per_second)
+    assert M.alignment_accuracy(model, late) <= 20.0
+    # another clip's audio at its own timing
+    swapped = test.with_audio(test.onsets[::-1], test.audio_per_second[::-1])
+    assert M.alignment_accuracy(model, swapped) <= 20.0
+
+
+def test_negatives_shift_by_at_least_min_shift_frames_or_swap():
+    rng = np.random.default_rng(1)
+    pairs = _synthetic_alignment_pairs(64, rng)
+    neg = M.negatives(pairs, np.random.default_rng(2), fps=8.0, min_shift=2)
+    for i in range(len(pairs)):
+        swapped = not np.allclose(neg.audio_per_second[i], pairs.audio_per_second[i]) and \
+            not any(np.allclose(neg.audio_per_second[i], np.roll(pairs.audio_per_second[i], k, axis=0)) for k in range(4))
+        if swapped:
+            continue
+        shift = next(k for k in range(32) if np.allclose(neg.onsets[i], np.roll(pairs.onsets[i], k)))
+        assert 2 <= shift <= 30
+
+
+def test_motion_and_onset_envelopes_mark_the_event_frame():
+    frames = np.zeros((16, 8, 8, 3), np.float32)
+    frames[6:] = 255.0  # the picture changes at frame 6
+    motion = M.motion_envelope(frames)
+    assert motion.shape == (16,) and int(np.argmax(motion)) == 6 and motion[0] == 0
+    rate, fps = 22050, 8.0
+    wave = np.zeros(2 * rate, np.float32)
+    onset = int(0.77 * rate)  # inside frame 6 (0.75-0.875 s)
+    wave[onset : onset + 2000] = np.sin(np.arange(2000) * 2 * np.pi * 800 / rate)
+    envelope = M.onset_envelope(wave, rate, fps, 16)
+    assert envelope.shape == (16,) and int(np.argmax(envelope)) == 6
+
+
+def test_alignment_pairs_refuse_mismatched_shapes():
+    with pytest.raises(ValueError, match="disagree in shape"):
+        M.AlignmentPairs(np.zeros((3, 8)), np.zeros((3, 9)), np.zeros((3, 2, 4)), np.zeros((3, 2, 4)))
 
 
 def test_aisfx_outputs_resample_and_pad():
