@@ -1,11 +1,14 @@
 # Every target sets up what it needs first (idempotent): see scripts/setup.sh.
-.PHONY: setup demo test bench ui clean-demo
+.PHONY: setup demo generate test bench ui clean-demo
 
 setup:
 	./scripts/setup.sh
 
 demo: setup
 	.venv/bin/dagster job execute -j train_diffgap
+
+generate: setup
+	.venv/bin/dagster job execute -j generate_audio
 
 test:
 	./scripts/setup.sh --test

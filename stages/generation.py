@@ -31,7 +31,7 @@ from stages.manifest import ClipManifest
 from stages.parallel import torch_threads
 from stages.store import FeatureStore, feature_key
 
-GENERATOR_CODE_VERSION = "2"  # 2: v-prediction
+GENERATOR_CODE_VERSION = "2"  # 2: prediction_type in the key
 # space -> (embedding feature, the other modality's array, its CLAP/CAVP head kind, task name)
 SPACES = {"clap": (CLAP_FEATURE, "text", CLAP_HEAD, "T2A"), "cavp": (CAVP_FEATURE, "video", CAVP_HEAD, "V2A")}
 BASELINE, WITH_DIFFGAP, ORACLE = "baseline (no DiffGAP)", "DiffGAP", "oracle: VAE + vocoder of the real latent"
@@ -57,7 +57,7 @@ class GeneratorTrainConfig:
     norm_num_groups: int = 8
     attention: bool = False
     clip_sample_range: float = 6.0
-    prediction_type: str = "v_prediction"
+    prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))

@@ -133,7 +133,8 @@ def _class_latents(n: int, rng: np.random.Generator, classes: int = 4, size: int
     return G.LatentPairs([f"c{i}" for i in range(n)], f32(latents), f32(cond), f32(cond), ["train"] * n), labels
 
 
-def test_trained_generator_follows_its_condition():
+@pytest.mark.parametrize("prediction_type, steps, min_ratio", [("v_prediction", 300, 1.5), ("epsilon", 800, 1.1)])
+def test_trained_generator_follows_its_condition(prediction_type, steps, min_ratio):
     """The condition-sensitivity diagnostic and the samples agree: after training, another clip's
     condition costs more eps-MSE than the clip's own, and samples light up the conditioned channel."""
     from stages import generation as G
@@ -141,13 +142,14 @@ def test_trained_generator_follows_its_condition():
     rng = np.random.default_rng(0)
     train, _ = _class_latents(128, rng)
     held_out, labels = _class_latents(32, rng)
-    config = G.GeneratorTrainConfig(steps=300, batch_size=32, learning_rate=2e-3, block_out_channels=(16, 32), norm_num_groups=4, threads=1)
+    config = G.GeneratorTrainConfig(steps=steps, batch_size=32, learning_rate=2e-3, block_out_channels=(16, 32), norm_num_groups=4,
+                                    threads=1, prediction_type=prediction_type)
     untrained = G.LatentGenerator(config.generator_config(16, 4, 8))
     assert abs(G.condition_sensitivity(untrained, held_out)["shuffled_over_matched"] - 1.0) < 0.05
 
     model = G.train_generator(train, config).model
     sensitivity = G.condition_sensitivity(model, held_out)
-    assert sensitivity["shuffled_over_matched"] > 1.2, sensitivity
+    assert sensitivity["shuffled_over_matched"] > min_ratio, sensitivity
     assert sensitivity["loss_matched"] < sensitivity["loss_null"]
     z = G.generate_latents(model, held_out.audio, G.SampleConfig(steps=10, guidance_scale=2.0, threads=1))
     predicted = z.mean(axis=(2, 3)).argmax(axis=1)
