@@ -2,7 +2,7 @@
 as mean +- std over sampling seeds, at 50 / 20 / 5 DDIM steps, with a class-accuracy diagnostic.
 
     .venv/bin/python bench/generation_tables.py --store .data/features [--dataset demo] \
-        [--seeds 0 1 2] [--steps 50 20 5] [--split test]
+        [--seeds 0 1 2] [--steps 50 20 5] [--split test] [--spaces cavp clap]
 
 Uses the newest audio_generator_{clap,cavp} checkpoints and the newest seed-0 BST DiffGAP model of
 each space. Besides the issue's metrics it prints "class acc": a logistic-regression probe on
@@ -62,6 +62,8 @@ def main() -> int:
     parser.add_argument("--max-clips", type=int, default=64)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--spaces", nargs="+", default=["cavp", "clap"], choices=["cavp", "clap"],
+                        help="cavp = Table I (V2A), clap = Table II (T2A)")
     args = parser.parse_args()
 
     from stages import diffgap as D
@@ -74,7 +76,7 @@ def main() -> int:
     manifest = load_manifest(store, args.dataset)
     if manifest is None:
         raise SystemExit(f"no clip manifest for dataset {args.dataset!r} in {args.store}")
-    for space in ("cavp", "clap"):
+    for space in args.spaces:
         generators = list_checkpoints(store, args.dataset, G.model_name(space))
         diffgaps = [s for s in list_checkpoints(store, args.dataset, D.model_name(space))
                     if s["train_config"]["bst"] and s["train_config"]["seed"] == 0]
