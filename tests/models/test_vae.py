@@ -50,8 +50,10 @@ def test_encode_decode_shapes_and_pixel_range():
     assert z.shape == (3, 4, 16, 16) and z.dtype == torch.float32
     back = decode(vae, z, batch_size=2)
     assert back.shape == images.shape and back.dtype == np.uint8
-    # posterior means are deterministic; samples are seeded
-    assert torch.equal(z, encode(vae, images))
+    # posterior means are deterministic; samples are seeded. Across batch sizes oneDNN
+    # may pick another conv kernel, so that comparison is up to float rounding.
+    assert torch.equal(z, encode(vae, images, batch_size=2))
+    assert torch.allclose(z, encode(vae, images), atol=1e-5)
     assert torch.equal(encode(vae, images, sample=True, seed=1), encode(vae, images, sample=True, seed=1))
     assert not torch.equal(encode(vae, images, sample=True, seed=1), z)
 
