@@ -197,12 +197,14 @@ class GenerationEvalConfig(SamplingConfig):
     split: str = Field(default="test", description="Held-out split to evaluate on.")
     max_clips: int = Field(default=64, description="At most this many clips of the split per task (vocoding costs ~1 s per second of audio per core).")
     oracle: bool = Field(default=True, description="Also score the VAE + vocoder reconstruction of the real latents (the ceiling of any generator).")
+    audio_condition: bool = Field(default=True, description="Also generate from the clip's real audio embedding: what a perfect "
+                                                            "bridge would give, so the most DiffGAP could gain.")
     alignment_steps: int = Field(default=400, description="Training steps of the video-audio alignment classifier (Acc).")
     alignment_split: str = Field(default="val", description="Split the alignment classifier trains on (held out from the CAVP head; falls back to train when it has < 2 clips).")
 
 
 @asset(description="Tables I (V2A: IS, KL, FD, Acc) and II (T2A: IS, KL, FAD, FD) on aiSFX, with and without DiffGAP.",
-       code_version="generation_evaluation-1")
+       code_version="generation_evaluation-2")
 def generation_evaluation(
     context: AssetExecutionContext,
     config: GenerationEvalConfig,
@@ -216,8 +218,10 @@ def generation_evaluation(
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     sample = config.sample_config()
-    evaluation = G.EvalConfig(config.split, config.max_clips, config.oracle, AlignmentConfig(steps=config.alignment_steps, seed=config.seed),
-                              config.alignment_split)
+    evaluation = G.EvalConfig(split=config.split, max_clips=config.max_clips, oracle=config.oracle,
+                              audio_condition=config.audio_condition,
+                              alignment=AlignmentConfig(steps=config.alignment_steps, seed=config.seed),
+                              alignment_split=config.alignment_split)
     rows = []
     for space, (model, sidecar, diffgap) in _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp}).items():
         try:

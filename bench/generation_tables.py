@@ -107,7 +107,7 @@ def main() -> int:
                     if probe is not None:
                         truth = [labels[c] for c in out["clip_ids"]]
                         row["class acc"] = float(100 * np.mean(probe.predict(out["aisfx"]["pooled"]) == np.array(truth)))
-                    shown_steps = steps if row["method"] in (G.BASELINE, G.WITH_DIFFGAP) else "-"
+                    shown_steps = steps if row["method"] in G.SAMPLED else "-"
                     results.setdefault((row["method"], shown_steps), []).append(row)
                     if "Acc (real pairs vs misaligned)" in row:
                         trust.append(row["Acc (real pairs vs misaligned)"])

@@ -36,6 +36,10 @@ GENERATOR_CODE_VERSION = "2"  # 2: prediction_type in the key
 SPACES = {"clap": (CLAP_FEATURE, "text", CLAP_HEAD, "T2A"), "cavp": (CAVP_FEATURE, "video", CAVP_HEAD, "V2A")}
 BASELINE, WITH_DIFFGAP, ORACLE = "baseline (no DiffGAP)", "DiffGAP", "oracle: VAE + vocoder of the real latent"
 REAL = "real audio (the reference itself)"
+# The generator trains on audio embeddings; this row conditions it on the clip's real one, i.e.
+# what a perfect text/video -> audio bridge would hand it: the most DiffGAP could gain.
+AUDIO_CONDITION = "condition: the real audio embedding (a perfect bridge)"
+SAMPLED = (BASELINE, WITH_DIFFGAP, AUDIO_CONDITION)  # rows that depend on the sampling seed and steps
 
 
 def model_name(space: str) -> str:
@@ -405,6 +409,7 @@ class EvalConfig:
     split: str = "test"
     max_clips: int = 64
     oracle: bool = True  # also score the VAE + vocoder reconstruction of the real latents (the ceiling)
+    audio_condition: bool = True  # also generate from the real audio embedding (AUDIO_CONDITION)
     alignment: M.AlignmentConfig = M.AlignmentConfig()
     # The alignment classifier trains on this split: the CAVP head was fitted on "train", where
     # aligned pairs are far more similar (demo: cosine 0.51) than on held-out clips (0.23).
@@ -472,7 +477,8 @@ def evaluate_space(
     diffgap_model, sample: SampleConfig, evaluation: EvalConfig, device: str = "cpu", log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict], dict[str, dict]]:
     """Rows of Table I (V2A: IS, KL, FD, Acc) or II (T2A: IS, KL, FAD, FD) on ``evaluation.split``:
-    baseline, DiffGAP and (optionally) the oracle reconstruction and the real audio; and per method
+    baseline, DiffGAP, (optionally) the real-audio-embedding condition and the oracle reconstruction,
+    and the real audio; and per method
     its outputs (audio, and "aisfx": the aiSFX pooled / per-second / logits the metrics used)."""
     from models.towers import AudioTower, get_tower
 
@@ -498,6 +504,8 @@ def evaluate_space(
     methods[BASELINE] = generate(generator, decoder, test.other, sample)
     if diffgap_model is not None:
         methods[WITH_DIFFGAP] = generate(generator, decoder, test.other, sample, diffgap_model)
+    if evaluation.audio_condition:
+        methods[AUDIO_CONDITION] = generate(generator, decoder, test.audio, sample)
     if evaluation.oracle:
         with torch_threads(sample.threads):
             methods[ORACLE] = decoder(test.latents)

@@ -70,6 +70,9 @@ def test_generation_chain_through_dagster(demo_dataset, tmp_path):
     methods = {(r["task"], r["method"]) for r in rows}
     assert ("T2A", "DiffGAP") in methods and ("V2A", "baseline (no DiffGAP)") in methods
     assert ("V2A", "real audio (the reference itself)") in methods
+    assert ("T2A", "condition: the real audio embedding (a perfect bridge)") in methods
+    bridged = next(r for r in rows if r["task"] == "T2A" and r["method"].startswith("condition:"))
+    assert bridged["cos(condition, real audio emb)"] > 0.999
     for row in rows:
         for name in ("IS (aiSFX)", "KL (aiSFX)", "FAD (aiSFX)", "FD (aiSFX)"):
             assert np.isfinite(row[name]) and row[name] >= 0
