@@ -478,8 +478,8 @@ def evaluate_space(
 ) -> tuple[list[dict], dict[str, dict]]:
     """Rows of Table I (V2A: IS, KL, FD, Acc) or II (T2A: IS, KL, FAD, FD) on ``evaluation.split``:
     baseline, DiffGAP, (optionally) the real-audio-embedding condition and the oracle reconstruction,
-    and the real audio; and per method
-    its outputs (audio, and "aisfx": the aiSFX pooled / per-second / logits the metrics used)."""
+    and the real audio; and per method its outputs (audio, and "aisfx": the aiSFX pooled /
+    per-second / logits the metrics used)."""
     from models.towers import AudioTower, get_tower
 
     task = SPACES[space][3]
