@@ -4,8 +4,9 @@ as mean +- std over sampling seeds, at 50 / 20 / 5 DDIM steps, with a class-accu
     .venv/bin/python bench/generation_tables.py --store .data/features [--dataset demo] \
         [--seeds 0 1 2] [--steps 50 20 5] [--split test] [--spaces cavp clap]
 
-Uses the newest audio_generator_{clap,cavp} checkpoints and the newest seed-0 BST DiffGAP model of
-each space. Besides the issue's metrics it prints "class acc": a logistic-regression probe on
+Uses the newest audio_generator_{clap,cavp} checkpoint and the newest BST DiffGAP model of each
+space, of the training seeds --generator-seed / --diffgap-seed (default: any generator, DiffGAP
+seed 0). Training variance is larger than sampling variance: compare trainings of several seeds. Besides the issue's metrics it prints "class acc": a logistic-regression probe on
 the aiSFX embeddings of the real train clips' audio (at the generator's sample rate, so real and
 generated audio share a bandwidth) predicts each generated clip's label; the real-audio row is
 its ceiling. It says whether the generated sound is the right *kind* of sound, which IS / FD on
@@ -62,6 +63,8 @@ def main() -> int:
     parser.add_argument("--max-clips", type=int, default=64)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--generator-seed", type=int, default=None, help="training seed of the generator (default: the newest)")
+    parser.add_argument("--diffgap-seed", type=int, default=0, help="training seed of the DiffGAP model")
     parser.add_argument("--spaces", nargs="+", default=["cavp", "clap"], choices=["cavp", "clap"],
                         help="cavp = Table I (V2A), clap = Table II (T2A)")
     args = parser.parse_args()
@@ -77,9 +80,10 @@ def main() -> int:
     if manifest is None:
         raise SystemExit(f"no clip manifest for dataset {args.dataset!r} in {args.store}")
     for space in args.spaces:
-        generators = list_checkpoints(store, args.dataset, G.model_name(space))
+        generators = [s for s in list_checkpoints(store, args.dataset, G.model_name(space))
+                      if args.generator_seed is None or s["train_config"]["seed"] == args.generator_seed]
         diffgaps = [s for s in list_checkpoints(store, args.dataset, D.model_name(space))
-                    if s["train_config"]["bst"] and s["train_config"]["seed"] == 0]
+                    if s["train_config"]["bst"] and s["train_config"]["seed"] == args.diffgap_seed]
         if not generators or not diffgaps:
             print(f"<!-- {space}: no generator or DiffGAP checkpoint; skipped -->")
             continue
