@@ -6,10 +6,11 @@ as mean +- std over sampling seeds, at 50 / 20 / 5 DDIM steps, with a class-accu
 
 Uses the newest audio_generator_{clap,cavp} checkpoint and the newest BST DiffGAP model of each
 space, of the training seeds --generator-seed / --diffgap-seed (default: any generator, DiffGAP
-seed 0). Training variance is larger than sampling variance: compare trainings of several seeds. Besides the issue's metrics it prints "class acc": a logistic-regression probe on
-the aiSFX embeddings of the real train clips' audio (at the generator's sample rate, so real and
-generated audio share a bandwidth) predicts each generated clip's label; the real-audio row is
-its ceiling. It says whether the generated sound is the right *kind* of sound, which IS / FD on
+seed 0). Training variance is larger than sampling variance: compare trainings of several seeds.
+
+Besides the issue's metrics it prints "class acc": a logistic-regression probe on the aiSFX
+embeddings of the real train clips' audio (at the generator's sample rate, so real and generated
+audio share a bandwidth) predicts each generated clip's label; the real-audio row is its ceiling. It says whether the generated sound is the right *kind* of sound, which IS / FD on
 69 sound-effect classes cannot on synthetic demo audio.
 """
 
