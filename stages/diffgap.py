@@ -150,7 +150,11 @@ def _train_diffgap(
         raise ValueError(f"need at least 2 training clips with embeddings, got {len(train)}")
     start = time.perf_counter()
     progress = progress or Progress()
-    model = Denoiser(config.denoiser_config(train.audio.shape[1]))
+    # Initialisation from the config's seed, not the caller's global RNG: two fits of one config
+    # end with identical weights (the caller's RNG is left as it was).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = Denoiser(config.denoiser_config(train.audio.shape[1]))
     if init_state is not None:
         model.load_state_dict(init_state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)

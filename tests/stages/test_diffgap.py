@@ -100,3 +100,25 @@ def test_evaluation_rows_choose_blend_on_val_and_report_controls(tmp_path):
     assert by[("T->A", "DiffGAP")]["R@1"] > 3 * max(by[("T->A", "base encoder")]["R@1"], 2.5)
     assert all(0 <= r["blend_weight"] <= 1 for r in rows if r["blend_weight"] is not None)
     assert all(r["n"] == 80 for r in rows)
+
+
+def test_two_fits_of_one_config_and_seed_give_identical_weights(tmp_path):
+    """The denoiser is initialised from the config's seed, not the global RNG (issue 12)."""
+    import torch
+
+    config = D.DiffgapTrainConfig(**{**SMALL, "steps": 20, "checkpoint_every": 0})
+    weights = []
+    for run in range(2):
+        store = FeatureStore(str(tmp_path / f"run{run}"))
+        manifest = ClipManifest("toy", 40, _clips(80))
+        key = _write_space(store, manifest)
+        torch.manual_seed(1000 + run)  # a different global RNG state must not matter
+        weights.append(D.fit_space(store, manifest, "clap", key, config).model.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    other = D.DiffgapTrainConfig(**{**config.params(), "seed": 1})
+    store = FeatureStore(str(tmp_path / "seed1"))
+    manifest = ClipManifest("toy", 40, _clips(80))
+    changed = D.fit_space(store, manifest, "clap", _write_space(store, manifest), other).model.state_dict()
+    assert any(not torch.equal(weights[0][n], changed[n]) for n in weights[0])
