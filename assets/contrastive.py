@@ -8,11 +8,13 @@ from pydantic import Field
 
 from assets.features import _check_feature, _data_version, compute_feature
 from assets.resources import ComputeResource, FeatureStoreResource, PretrainedClapResource
-from stages import contrastive as C
-from stages.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
-from stages.features import FeatureRef, ManifestRef
-from stages.manifest import load_manifest
-from stages.store import feature_key
+from stages.core import tables
+from stages.embeddings import heads
+from stages.embeddings import retrieval as head_retrieval
+from stages.core.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
+from stages.core.refs import FeatureRef, ManifestRef
+from stages.ingest.manifest import load_manifest
+from stages.core.store import feature_key
 
 
 @dataclass(frozen=True)
@@ -45,18 +47,18 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
     manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
     settings = config.model_dump()
     revision = settings.pop("revision")
-    train_config = C.HeadTrainConfig(**settings)
+    train_config = heads.HeadTrainConfig(**settings)
     tower_keys = {ref.feature: ref.key for ref in towers.values()}
     shards = sorted(manifest.by_shard())
     # The key leaves the shard list out on purpose: new clips are embedded with the head already
     # trained, so the space DiffGAP and downstream models live in stays fixed. `revision` retrains.
-    key = feature_key(kind, {**train_config.params(), "revision": revision}, C.HEAD_CODE_VERSION, sorted(tower_keys.values()))
+    key = feature_key(kind, {**train_config.params(), "revision": revision}, heads.HEAD_CODE_VERSION, sorted(tower_keys.values()))
     reused = has_checkpoint(store, manifest.dataset, kind, key)
     if not reused:
-        data = C.paired_features(store, manifest, kind, tower_keys)
+        data = heads.paired_features(store, manifest, kind, tower_keys)
         train, val = data.subset("train"), data.subset("val")
         try:
-            result = C.train_head(kind, train, val, train_config, log=context.log.debug)
+            result = heads.train_head(kind, train, val, train_config, log=context.log.debug)
         except (ValueError, FloatingPointError) as exc:
             raise Failure(f"{kind} training failed: {exc}") from None
         save_checkpoint(
@@ -64,7 +66,7 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
             {
                 "head_config": train_config.head_config().params(),
                 "train_config": train_config.params(),
-                "input_dims": C.input_dims(train),
+                "input_dims": heads.input_dims(train),
                 "tower_keys": tower_keys,
                 "shards": shards,
                 "clips_train": len(train),
@@ -80,7 +82,7 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
     context.log.info(
         f"{kind} {key}: {'reused' if reused else 'trained'}; best val loss {sidecar['best_val_loss']:.4f} at step {sidecar['best_step']}"
     )
-    curve = C.rows_to_markdown(history, ["step", "train_loss", "val_loss", "temperature"]) if history else ""
+    curve = tables.rows_to_markdown(history, ["step", "train_loss", "val_loss", "temperature"]) if history else ""
     return Output(
         HeadRef(manifest.dataset, kind, key, tower_keys),
         data_version=DataVersion(key),
@@ -102,7 +104,7 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
 
 
 @asset(description="CLAP-style audio<->text projection heads (symmetric InfoNCE) on the frozen audio and text towers.",
-       code_version=f"clap_head-{C.HEAD_CODE_VERSION}")
+       code_version=f"clap_head-{heads.HEAD_CODE_VERSION}")
 def clap_head(
     context: AssetExecutionContext,
     config: HeadTrainingConfig,
@@ -115,16 +117,16 @@ def clap_head(
     if pretrained_clap.enabled:
         context.log.info(f"using the pretrained ClapModel at {pretrained_clap.model_dir}; no head is trained")
         return Output(
-            HeadRef(clip_manifest.dataset, C.CLAP_HEAD, "", {}, pretrained_clap.model_dir),
+            HeadRef(clip_manifest.dataset, heads.CLAP_HEAD, "", {}, pretrained_clap.model_dir),
             data_version=DataVersion(f"pretrained:{pretrained_clap.model_dir}"),
             metadata={"pretrained_model_dir": pretrained_clap.model_dir},
         )
-    return _train(context, C.CLAP_HEAD, config, clip_manifest,
+    return _train(context, heads.CLAP_HEAD, config, clip_manifest,
                   {"audio": audio_tower_features, "text": text_tower_features}, feature_store)
 
 
 @asset(description="CAVP-style audio<->video per-second projection heads (Eq. 1 of DiffGAP, temporal negatives).",
-       code_version=f"cavp_head-{C.HEAD_CODE_VERSION}")
+       code_version=f"cavp_head-{heads.HEAD_CODE_VERSION}")
 def cavp_head(
     context: AssetExecutionContext,
     config: HeadTrainingConfig,
@@ -133,15 +135,15 @@ def cavp_head(
     frame_tower_features: FeatureRef,
     feature_store: FeatureStoreResource,
 ) -> Output[HeadRef]:
-    return _train(context, C.CAVP_HEAD, config, clip_manifest,
+    return _train(context, heads.CAVP_HEAD, config, clip_manifest,
                   {"audio": audio_tower_features, "video": frame_tower_features}, feature_store)
 
 
 def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature_store, compute) -> Output:
     store = feature_store.writable_store()
-    feature = C.EMBEDDING_FEATURE[kind]
+    feature = head_retrieval.EMBEDDING_FEATURE[kind]
     if head.pretrained_dir:
-        from stages.pretrained_clap import PretrainedClapParams, compute_pretrained_clap_shard, PRETRAINED_CLAP_CODE_VERSION
+        from stages.embeddings.pretrained_clap import PretrainedClapParams, compute_pretrained_clap_shard, PRETRAINED_CLAP_CODE_VERSION
 
         params_obj = PretrainedClapParams(model_dir=head.pretrained_dir)
         params, key, code_version, compute_fn, inputs = (
@@ -150,8 +152,8 @@ def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature
     else:
         params = {"head": kind, "head_key": head.key, "tower_keys": head.tower_keys}
         inputs = (head.key, *sorted(head.tower_keys.values()))
-        key = feature_key(feature, params, C.EMBEDDING_CODE_VERSION, inputs)
-        code_version, compute_fn = C.EMBEDDING_CODE_VERSION, C.compute_embedding_shard
+        key = feature_key(feature, params, heads.EMBEDDING_CODE_VERSION, inputs)
+        code_version, compute_fn = heads.EMBEDDING_CODE_VERSION, heads.compute_embedding_shard
     run, ref, metadata = compute_feature(context, store, manifest_ref.dataset, manifest_ref.digest, feature, key, params,
                                          code_version, compute_fn, compute, input_keys=tuple(inputs))
     metadata["head_key"] = head.key or f"pretrained:{head.pretrained_dir}"
@@ -159,17 +161,17 @@ def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature
 
 
 @asset(description="CLAP embeddings of every clip's audio and caption (L2-normalised), from the trained head or a pretrained ClapModel.",
-       code_version=f"clap_embeddings-{C.EMBEDDING_CODE_VERSION}")
+       code_version=f"clap_embeddings-{heads.EMBEDDING_CODE_VERSION}")
 def clap_embeddings(context: AssetExecutionContext, clap_head: HeadRef, clip_manifest: ManifestRef,
                     feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[FeatureRef]:
-    return _embed(context, C.CLAP_HEAD, clap_head, clip_manifest, feature_store, compute)
+    return _embed(context, heads.CLAP_HEAD, clap_head, clip_manifest, feature_store, compute)
 
 
 @asset(description="CAVP embeddings of every clip's audio and video: pooled and per second (L2-normalised).",
-       code_version=f"cavp_embeddings-{C.EMBEDDING_CODE_VERSION}")
+       code_version=f"cavp_embeddings-{heads.EMBEDDING_CODE_VERSION}")
 def cavp_embeddings(context: AssetExecutionContext, cavp_head: HeadRef, clip_manifest: ManifestRef,
                     feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[FeatureRef]:
-    return _embed(context, C.CAVP_HEAD, cavp_head, clip_manifest, feature_store, compute)
+    return _embed(context, heads.CAVP_HEAD, cavp_head, clip_manifest, feature_store, compute)
 
 
 class RetrievalConfig(Config):
@@ -194,18 +196,18 @@ def retrieval_evaluation(
 ) -> Output[list]:
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
-    heads = {
-        C.CLAP_HEAD: {"embedding_key": clap_embeddings.key, "head_key": clap_head.key, "tower_keys": clap_head.tower_keys},
-        C.CAVP_HEAD: {"embedding_key": cavp_embeddings.key, "head_key": cavp_head.key, "tower_keys": cavp_head.tower_keys},
+    spaces = {
+        heads.CLAP_HEAD: {"embedding_key": clap_embeddings.key, "head_key": clap_head.key, "tower_keys": clap_head.tower_keys},
+        heads.CAVP_HEAD: {"embedding_key": cavp_embeddings.key, "head_key": cavp_head.key, "tower_keys": cavp_head.tower_keys},
     }
     try:
-        rows = C.evaluate_retrieval(store, manifest, heads, split=config.split, seed=config.seed)
+        rows = head_retrieval.evaluate_retrieval(store, manifest, spaces, split=config.split, seed=config.seed)
     except ValueError as exc:
         raise Failure(f"retrieval evaluation: {exc}") from None
     key = feature_key("retrieval_evaluation", config.model_dump(), "1", [clap_embeddings.key, cavp_embeddings.key])
     csv_path = posixpath.join(store.path(manifest.dataset, "evaluations", "retrieval"), f"{key}.csv")
-    store.write_bytes(csv_path, C.rows_to_csv(rows).encode())
-    table = C.rows_to_markdown(rows, RETRIEVAL_COLUMNS)
+    store.write_bytes(csv_path, tables.rows_to_csv(rows).encode())
+    table = tables.rows_to_markdown(rows, RETRIEVAL_COLUMNS)
     context.log.info(f"retrieval on split {config.split!r}:\n{table}\nCSV: {store.url(csv_path)}")
     metadata = {"table": MetadataValue.md(table), "csv": MetadataValue.path(store.url(csv_path)), "split": config.split}
     for row in rows:

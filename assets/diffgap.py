@@ -8,11 +8,12 @@ from dagster import AssetExecutionContext, Config, DataVersion, Failure, Metadat
 from pydantic import Field
 
 from assets.resources import FeatureStoreResource
-from stages import diffgap as D
-from stages.contrastive import rows_to_csv, rows_to_markdown
-from stages.features import FeatureRef, ManifestRef
-from stages.manifest import load_manifest
-from stages.store import FeatureStore, feature_key
+from stages.diffgap import evaluate as diffgap_eval
+from stages.diffgap import train as diffgap_train
+from stages.core.tables import rows_to_csv, rows_to_markdown
+from stages.core.refs import FeatureRef, ManifestRef
+from stages.ingest.manifest import load_manifest
+from stages.core.store import FeatureStore, feature_key
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class DiffgapConfig(Config):
     depth: int = Field(default=2, description="Residual blocks of the denoiser.")
     direction_embedding: bool = Field(default=True, description="Give the shared model a learned token for its direction.")
 
-    def train_config(self) -> D.DiffgapTrainConfig:
-        return D.DiffgapTrainConfig(**self.model_dump())
+    def train_config(self) -> diffgap_train.DiffgapTrainConfig:
+        return diffgap_train.DiffgapTrainConfig(**self.model_dump())
 
 
 def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, embeddings: FeatureRef,
@@ -48,7 +49,7 @@ def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, 
     store = feature_store.writable_store()
     manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
     try:
-        fitted = D.fit_space(store, manifest, space, embeddings.key, config.train_config(), log=context.log.info)
+        fitted = diffgap_train.fit_space(store, manifest, space, embeddings.key, config.train_config(), log=context.log.info)
     except (ValueError, FloatingPointError) as exc:
         raise Failure(f"DiffGAP ({space}) training failed: {exc}") from None
     sidecar = fitted.sidecar
@@ -77,14 +78,14 @@ def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, 
 
 
 @asset(description="DiffGAP in CLAP space: one denoiser learning text->audio and audio->text (BST).",
-       code_version=f"diffgap-{D.DIFFGAP_CODE_VERSION}")
+       code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}")
 def diffgap_clap(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
                  clap_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> Output[DiffgapRef]:
     return _fit(context, "clap", config, clip_manifest, clap_embeddings, feature_store)
 
 
 @asset(description="DiffGAP in CAVP space: one denoiser learning video->audio and audio->video (BST).",
-       code_version=f"diffgap-{D.DIFFGAP_CODE_VERSION}")
+       code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}")
 def diffgap_cavp(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
                  cavp_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> Output[DiffgapRef]:
     return _fit(context, "cavp", config, clip_manifest, cavp_embeddings, feature_store)
@@ -97,9 +98,9 @@ class DiffgapEvalConfig(Config):
     seeds: list[int] = Field(default=[0, 1, 2], description="Training + sampling seeds; extra seeds train extra models (cached).")
 
 
-def _splits_or_failure(store: FeatureStore, manifest, ref: DiffgapRef) -> D.SplitData:
+def _splits_or_failure(store: FeatureStore, manifest, ref: DiffgapRef) -> diffgap_eval.SplitData:
     try:
-        return D.split_pairs(D.load_pairs(store, manifest, ref.space, ref.embedding_key))
+        return diffgap_eval.split_pairs(diffgap_train.load_pairs(store, manifest, ref.space, ref.embedding_key))
     except ValueError as exc:
         raise Failure(f"DiffGAP evaluation ({ref.space}): {exc}. Fix: more clips in that split of the source.") from None
 
@@ -140,15 +141,15 @@ def diffgap_evaluation(
     rows = []
     for ref in (diffgap_clap, diffgap_cavp):
         data = _splits_or_failure(store, manifest, ref)
-        main_model, sidecar = D.load_model(store, manifest.dataset, ref.space, ref.key)
-        trained_with = D.DiffgapTrainConfig(**sidecar["train_config"])
+        main_model, sidecar = diffgap_train.load_model(store, manifest.dataset, ref.space, ref.key)
+        trained_with = diffgap_train.DiffgapTrainConfig(**sidecar["train_config"])
         for seed in config.seeds:
             if seed == trained_with.seed:
                 model = main_model
             else:
-                seeded = D.DiffgapTrainConfig(**{**trained_with.params(), "seed": seed})
-                model = D.fit_space(store, manifest, ref.space, ref.embedding_key, seeded, log=context.log.info).model
-            rows += D.evaluate_space(ref.space, data, model, D.EvalConfig(config.steps, config.sampler, config.samples, seed))
+                seeded = diffgap_train.DiffgapTrainConfig(**{**trained_with.params(), "seed": seed})
+                model = diffgap_train.fit_space(store, manifest, ref.space, ref.embedding_key, seeded, log=context.log.info).model
+            rows += diffgap_eval.evaluate_space(ref.space, data, model, diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples, seed))
     key = feature_key("diffgap_evaluation", config.model_dump(), "1", [diffgap_clap.key, diffgap_cavp.key])
     csv_url = _write_csv(store, manifest.dataset, "diffgap_retrieval", key, rows)
     summary = _seed_summary(rows)
@@ -179,11 +180,11 @@ def diffgap_ablations(
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     tables: dict[str, list] = {"V": [], "VI": [], "VII": []}
     seed = config.seeds[0] if config.seeds else 0
-    evaluation = D.EvalConfig(config.steps, config.sampler, config.samples, seed)
+    evaluation = diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples, seed)
     for ref in (diffgap_clap, diffgap_cavp):
         _splits_or_failure(store, manifest, ref)
-        _, sidecar = D.load_model(store, manifest.dataset, ref.space, ref.key)
-        found = D.ablation_rows(store, manifest, ref.space, ref.embedding_key, D.DiffgapTrainConfig(**sidecar["train_config"]),
+        _, sidecar = diffgap_train.load_model(store, manifest.dataset, ref.space, ref.key)
+        found = diffgap_eval.ablation_rows(store, manifest, ref.space, ref.embedding_key, diffgap_train.DiffgapTrainConfig(**sidecar["train_config"]),
                                 evaluation, log=context.log.debug)
         for name in tables:
             tables[name] += found[name]

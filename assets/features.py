@@ -24,11 +24,13 @@ from dagster import (
 from pydantic import Field
 
 from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
-from stages import features as F
-from stages.manifest import build_manifest, load_manifest, save_manifest
-from stages.preview import preview_png
-from stages.spectral import DEFAULT_PRESET, PRESETS, get_preset
-from stages.store import FeatureStore, feature_key
+from stages.core import refs
+from stages.features import base as feature_base
+from stages.features import mel
+from stages.ingest.manifest import build_manifest, load_manifest, save_manifest
+from stages.core.preview import preview_png
+from stages.features.spectral import DEFAULT_PRESET, PRESETS, get_preset
+from stages.core.store import FeatureStore, feature_key
 
 # Output(data_version=...) is marked beta; it is how the UI shows which features are stale.
 warnings.filterwarnings("ignore", message=r"Parameter `data_version`")
@@ -66,7 +68,7 @@ def _preview_markdown(png: bytes) -> MetadataValue:
     return MetadataValue.md(f"![preview](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def _run_metadata(store: FeatureStore, run: F.FeatureRun) -> dict:
+def _run_metadata(store: FeatureStore, run: feature_base.FeatureRun) -> dict:
     return {
         "feature_key": run.key,
         "store_url": MetadataValue.path(store.url(store.key_dir(run.dataset, run.feature, run.key))),
@@ -85,19 +87,19 @@ def _run_metadata(store: FeatureStore, run: F.FeatureRun) -> dict:
 def compute_feature(
     context, store: FeatureStore, dataset: str, manifest_digest: str, feature: str, key: str, params: dict, code_version: str,
     compute_fn, compute: ComputeResource, device: str = "cpu", input_keys: tuple[str, ...] = (),
-) -> tuple[F.FeatureRun, F.FeatureRef, dict]:
+) -> tuple[feature_base.FeatureRun, refs.FeatureRef, dict]:
     """What every per-shard feature asset does: compute the key's missing shards of the manifest
     (lazily starting the cluster), log new/reused, and return the run, its ref and the standard
     metadata, to which the asset adds its own."""
     manifest = load_manifest(store, dataset, manifest_digest)
-    run = F.run_feature(store, manifest, feature, key, params, code_version, compute_fn, _LazyExecutor(compute),
+    run = feature_base.run_feature(store, manifest, feature, key, params, code_version, compute_fn, _LazyExecutor(compute),
                         input_keys=input_keys, device=device, worker_threads=compute.worker_threads)
     context.log.info(f"{feature} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
-    ref = F.FeatureRef(dataset, feature, run.key, manifest_digest, tuple(run.shards))
+    ref = refs.FeatureRef(dataset, feature, run.key, manifest_digest, tuple(run.shards))
     return run, ref, _run_metadata(store, run)
 
 
-def _data_version(run: F.FeatureRun) -> DataVersion:
+def _data_version(run: feature_base.FeatureRun) -> DataVersion:
     return DataVersion(feature_key(run.feature, {"shards": run.shards}, "", [run.key]))
 
 
@@ -107,7 +109,7 @@ def _data_version(run: F.FeatureRun) -> DataVersion:
 )
 def clip_manifest(
     context: AssetExecutionContext, clip_source: ClipSourceResource, feature_store: FeatureStoreResource
-) -> Output[F.ManifestRef]:
+) -> Output[refs.ManifestRef]:
     store = feature_store.writable_store()
     config = clip_source.config()
     listing = clip_source.listing()
@@ -127,7 +129,7 @@ def clip_manifest(
         f"{len(delta.changed)} changed, {len(delta.removed)} removed, {len(manifest.quarantined)} quarantined"
     )
     return Output(
-        F.ManifestRef(manifest.dataset, digest, len(manifest.clips), shards),
+        refs.ManifestRef(manifest.dataset, digest, len(manifest.clips), shards),
         data_version=DataVersion(digest),
         metadata={
             "dataset": manifest.dataset,
@@ -148,24 +150,24 @@ def clip_manifest(
 
 @asset(
     description="Log-mel spectrograms of every clip, per shard, from a named preset (hifigan22k by default).",
-    code_version=f"mel_spectrograms-{F.MEL_CODE_VERSION}",
+    code_version=f"mel_spectrograms-{mel.MEL_CODE_VERSION}",
 )
 def mel_spectrograms(
     context: AssetExecutionContext,
     config: MelConfig,
-    clip_manifest: F.ManifestRef,
+    clip_manifest: refs.ManifestRef,
     feature_store: FeatureStoreResource,
     compute: ComputeResource,
     device: DeviceResource,
-) -> Output[F.FeatureRef]:
+) -> Output[refs.FeatureRef]:
     store = feature_store.writable_store()
     try:
-        params = F.MelParams(**config.model_dump())
+        params = mel.MelParams(**config.model_dump())
     except ValueError as exc:
         raise Failure(f"bad mel_spectrograms config: {exc}") from None
     run, ref, metadata = compute_feature(
-        context, store, clip_manifest.dataset, clip_manifest.digest, F.MEL_FEATURE, params.key(), params.params(), F.MEL_CODE_VERSION,
-        F.compute_mel_shard, compute, device.device(),
+        context, store, clip_manifest.dataset, clip_manifest.digest, mel.MEL_FEATURE, params.key(), params.params(), mel.MEL_CODE_VERSION,
+        mel.compute_mel_shard, compute, device.device(),
     )
     preview = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=ref.shards[:1])
     metadata["preset"] = params.preset
@@ -176,30 +178,30 @@ def mel_spectrograms(
 
 @asset(
     description="MM-LDM audio images: normalised mel -> grayscale -> RGB -> resize, from the cached mels.",
-    code_version=f"audio_images-{F.AUDIO_IMAGE_CODE_VERSION}",
+    code_version=f"audio_images-{mel.AUDIO_IMAGE_CODE_VERSION}",
 )
 def audio_images(
     context: AssetExecutionContext,
     config: AudioImageConfig,
-    mel_spectrograms: F.FeatureRef,
-    clip_manifest: F.ManifestRef,
+    mel_spectrograms: refs.FeatureRef,
+    clip_manifest: refs.ManifestRef,
     feature_store: FeatureStoreResource,
     compute: ComputeResource,
-) -> Output[F.FeatureRef]:
+) -> Output[refs.FeatureRef]:
     store = feature_store.writable_store()
     try:
-        params = F.AudioImageParams(size=config.size)
+        params = mel.AudioImageParams(size=config.size)
     except ValueError as exc:
         raise Failure(f"bad audio_images config: {exc}") from None
     run, ref, metadata = compute_feature(
-        context, store, clip_manifest.dataset, clip_manifest.digest, F.AUDIO_IMAGE_FEATURE, params.key(mel_spectrograms.key), params.params(),
-        F.AUDIO_IMAGE_CODE_VERSION, F.compute_audio_image_shard, compute, input_keys=(mel_spectrograms.key,),
+        context, store, clip_manifest.dataset, clip_manifest.digest, mel.AUDIO_IMAGE_FEATURE, params.key(mel_spectrograms.key), params.params(),
+        mel.AUDIO_IMAGE_CODE_VERSION, mel.compute_audio_image_shard, compute, input_keys=(mel_spectrograms.key,),
     )
     context.log.info(
         f"Features of {ref.dataset!r} are in {store.url_root} (catalog: python -m stages.store {store.url_root})"
     )
     metadata["mel_feature_key"] = mel_spectrograms.key
-    mels = store.read_arrays(ref.dataset, F.MEL_FEATURE, mel_spectrograms.key, shards=ref.shards[:1])
+    mels = store.read_arrays(ref.dataset, mel.MEL_FEATURE, mel_spectrograms.key, shards=ref.shards[:1])
     images = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=ref.shards[:1])
     if len(images):
         metadata["preview"] = _preview_markdown(
@@ -221,7 +223,7 @@ class _LazyExecutor:
 
 # ---- asset checks -------------------------------------------------------------------------------
 
-def _check_feature(store: FeatureStore, ref: F.FeatureRef, name: str, expected_shape) -> AssetCheckResult:
+def _check_feature(store: FeatureStore, ref: refs.FeatureRef, name: str, expected_shape) -> AssetCheckResult:
     """Shapes, finiteness, and rows + quarantined == clips of the manifest, shard by shard."""
     manifest = load_manifest(store, ref.dataset, ref.manifest_digest)
     by_shard = manifest.by_shard()
@@ -249,7 +251,7 @@ def _check_feature(store: FeatureStore, ref: F.FeatureRef, name: str, expected_s
 
 
 @asset_check(asset=mel_spectrograms, description="Mel shape per preset, no NaN/Inf, rows + quarantined == manifest clips.")
-def mel_spectrograms_valid(mel_spectrograms: F.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def mel_spectrograms_valid(mel_spectrograms: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     first = store.shard_manifest(mel_spectrograms.dataset, mel_spectrograms.feature, mel_spectrograms.key, mel_spectrograms.shards[0])
     params = first["params"]
@@ -258,7 +260,7 @@ def mel_spectrograms_valid(mel_spectrograms: F.FeatureRef, feature_store: Featur
 
 
 @asset_check(asset=audio_images, description="Image shape size x size x 3 (uint8), rows + quarantined == manifest clips.")
-def audio_images_valid(audio_images: F.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def audio_images_valid(audio_images: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     first = store.shard_manifest(audio_images.dataset, audio_images.feature, audio_images.key, audio_images.shards[0])
     size = int(first["params"]["size"])

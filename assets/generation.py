@@ -16,11 +16,14 @@ from pydantic import Field
 from assets.diffgap import DiffgapRef
 from assets.features import _preview_markdown
 from assets.resources import DeviceResource, FeatureStoreResource
-from stages import generation as G
-from stages.audio_metrics import AlignmentConfig
-from stages.features import FeatureRef, ManifestRef
-from stages.manifest import load_manifest
-from stages.store import feature_key
+from stages.core import tables
+from stages.generation import evaluate as generation_eval
+from stages.generation import sample as generation_sample
+from stages.generation import train as generation_train
+from stages.evaluation.alignment import AlignmentConfig
+from stages.core.refs import FeatureRef, ManifestRef
+from stages.ingest.manifest import load_manifest
+from stages.core.store import feature_key
 
 
 @dataclass(frozen=True)
@@ -48,21 +51,21 @@ class AudioGeneratorConfig(Config):
     clip_sample_range: float = Field(default=6.0, description="DDIM clamps each x0 estimate to +-this (scaled latents have unit std); 0 = off.")
     prediction_type: str = Field(default="epsilon", description="epsilon (default; generalised better to held-out demo clips) or v_prediction (fits its condition faster, over-fits the 238 demo clips).")
 
-    def train_config(self) -> G.GeneratorTrainConfig:
+    def train_config(self) -> generation_train.GeneratorTrainConfig:
         fields = self.model_dump()
         fields.pop("spaces")
-        return G.GeneratorTrainConfig(**fields)
+        return generation_train.GeneratorTrainConfig(**fields)
 
 
 def _space_check(spaces):
-    unknown = [s for s in spaces if s not in G.SPACES]
+    unknown = [s for s in spaces if s not in generation_train.SPACES]
     if unknown or not spaces:
-        raise Failure(f"spaces must be a non-empty subset of {list(G.SPACES)}, got {spaces}")
+        raise Failure(f"spaces must be a non-empty subset of {list(generation_train.SPACES)}, got {spaces}")
 
 
 @asset(description="Latent diffusion audio generators (small UNet, classifier-free guidance) in the audio VAE latent space, "
                    "conditioned on the clip's CLAP (text-to-audio) / CAVP (video-to-audio) audio embedding; train split.",
-       code_version=f"audio_generator-{G.GENERATOR_CODE_VERSION}")
+       code_version=f"audio_generator-{generation_train.GENERATOR_CODE_VERSION}")
 def audio_generator(
     context: AssetExecutionContext,
     config: AudioGeneratorConfig,
@@ -83,7 +86,7 @@ def audio_generator(
     keys, metadata = {}, {}
     for space in config.spaces:
         try:
-            fit = G.fit_generator(store, manifest, space, vae_latents.key, embeddings[space].key, train_config, log=context.log.info)
+            fit = generation_train.fit_generator(store, manifest, space, vae_latents.key, embeddings[space].key, train_config, log=context.log.info)
         except (ValueError, FloatingPointError) as exc:
             raise Failure(f"audio generator ({space}) training failed: {exc}") from None
         keys[space] = fit.key
@@ -113,8 +116,8 @@ class SamplingConfig(Config):
     griffinlim_iters: int = Field(default=16, description="Griffin-Lim iterations when vocoder=griffinlim.")
     threads: int = Field(default=2, description="torch threads while sampling and vocoding.")
 
-    def sample_config(self) -> G.SampleConfig:
-        return G.SampleConfig(**self.model_dump(include=set(G.SampleConfig.__dataclass_fields__)))
+    def sample_config(self) -> generation_sample.SampleConfig:
+        return generation_sample.SampleConfig(**self.model_dump(include=set(generation_sample.SampleConfig.__dataclass_fields__)))
 
 
 class GeneratedAudioConfig(SamplingConfig):
@@ -124,11 +127,11 @@ class GeneratedAudioConfig(SamplingConfig):
 
 
 def _models(store, ref: GeneratorRef, diffgaps: dict):
-    from stages.diffgap import load_model
+    from stages.diffgap.train import load_model
 
     out = {}
     for space, key in ref.keys.items():
-        model, sidecar = G.load_generator(store, ref.dataset, space, key)
+        model, sidecar = generation_train.load_generator(store, ref.dataset, space, key)
         diffgap = load_model(store, ref.dataset, space, diffgaps[space].key)[0] if space in diffgaps else None
         out[space] = (model, sidecar, diffgap)
     return out
@@ -147,13 +150,13 @@ def generated_audio(
     feature_store: FeatureStoreResource,
     device: DeviceResource,
 ) -> Output[dict]:
-    from stages.preview import preview_png
+    from stages.core.preview import preview_png
 
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     sample = config.sample_config()
     key = feature_key("generated_audio", config.model_dump(), "1", sorted(audio_generator.keys.values()) + [diffgap_clap.key, diffgap_cavp.key])
-    folder = G.output_folder(store, manifest.dataset, key)
+    folder = generation_eval.output_folder(store, manifest.dataset, key)
     models = _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp})
     index = manifest.index()
     unknown = [c for c in config.clip_ids if c not in index]
@@ -161,29 +164,29 @@ def generated_audio(
         raise Failure(f"generated_audio: clip ids not in the manifest: {unknown[:5]}")
     wavs, metadata = [], {}
     for space, (model, sidecar, diffgap) in models.items():
-        pairs = G.load_latent_pairs(store, manifest, space, sidecar["latent_key"], sidecar["embedding_key"])
+        pairs = generation_train.load_latent_pairs(store, manifest, space, sidecar["latent_key"], sidecar["embedding_key"])
         chosen = pairs.subset(clip_ids=config.clip_ids) if config.clip_ids else pairs.subset("test").subset(clip_ids=pairs.subset("test").clip_ids[: config.count])
-        decoder = G.make_decoder(store, manifest.dataset, sidecar["audio_vae"], sample, device.device())
+        decoder = generation_sample.make_decoder(store, manifest.dataset, sidecar["audio_vae"], sample, device.device())
         batches = {}
         if len(chosen):
             batches["clips"] = (chosen.clip_ids, chosen.other)
         if space == "clap" and config.prompts:
             try:
-                cond = G.text_condition(store, manifest.dataset, sidecar["embedding_key"], config.prompts, device.device())
+                cond = generation_sample.text_condition(store, manifest.dataset, sidecar["embedding_key"], config.prompts, device.device())
             except ValueError as exc:
                 raise Failure(f"generated_audio: {exc}") from None
             batches["prompts"] = ([f"prompt{i:02d}" for i in range(len(config.prompts))], cond)
         for kind, (names, cond) in batches.items():
-            outputs = {G.BASELINE: G.generate(model, decoder, cond, sample)}
-            outputs[G.WITH_DIFFGAP] = G.generate(model, decoder, cond, sample, diffgap)
+            outputs = {generation_eval.BASELINE: generation_sample.generate(model, decoder, cond, sample)}
+            outputs[generation_eval.WITH_DIFFGAP] = generation_sample.generate(model, decoder, cond, sample, diffgap)
             outputs = {m: {**o, "clip_ids": names} for m, o in outputs.items()}
-            wavs += G.save_outputs(store, folder, outputs, f"{G.SPACES[space][3]}")
-            mels = np.concatenate([outputs[G.BASELINE]["mels"], outputs[G.WITH_DIFFGAP]["mels"]])
-            images = np.concatenate([outputs[G.BASELINE]["images"], outputs[G.WITH_DIFFGAP]["images"]])
+            wavs += generation_eval.save_outputs(store, folder, outputs, f"{generation_train.SPACES[space][3]}")
+            mels = np.concatenate([outputs[generation_eval.BASELINE]["mels"], outputs[generation_eval.WITH_DIFFGAP]["mels"]])
+            images = np.concatenate([outputs[generation_eval.BASELINE]["images"], outputs[generation_eval.WITH_DIFFGAP]["images"]])
             png = preview_png(mels=mels, images=images)
             store.write_bytes(posixpath.join(folder, f"{space}_{kind}_preview.png"), png)
-            metadata[f"{G.SPACES[space][3]}_{kind}_preview"] = _preview_markdown(png)
-            metadata[f"{G.SPACES[space][3]}_{kind}"] = MetadataValue.md(
+            metadata[f"{generation_train.SPACES[space][3]}_{kind}_preview"] = _preview_markdown(png)
+            metadata[f"{generation_train.SPACES[space][3]}_{kind}"] = MetadataValue.md(
                 f"rows: first {len(names)} = baseline, next {len(names)} = DiffGAP; "
                 + ", ".join(f"{n}" + (f" ('{config.prompts[i]}')" if kind == "prompts" else f" ('{index[n].caption or index[n].label}')")
                             for i, n in enumerate(names)))
@@ -218,24 +221,24 @@ def generation_evaluation(
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     sample = config.sample_config()
-    evaluation = G.EvalConfig(split=config.split, max_clips=config.max_clips, oracle=config.oracle,
+    evaluation = generation_eval.EvalConfig(split=config.split, max_clips=config.max_clips, oracle=config.oracle,
                               audio_condition=config.audio_condition,
                               alignment=AlignmentConfig(steps=config.alignment_steps, seed=config.seed),
                               alignment_split=config.alignment_split)
     rows = []
     for space, (model, sidecar, diffgap) in _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp}).items():
         try:
-            found, _ = G.evaluate_space(store, manifest, space, model, sidecar, diffgap, sample, evaluation, device.device(), context.log.info)
+            found, _ = generation_eval.evaluate_space(store, manifest, space, model, sidecar, diffgap, sample, evaluation, device.device(), context.log.info)
         except ValueError as exc:
             raise Failure(f"generation evaluation ({space}): {exc}") from None
         rows += found
     key = feature_key("generation_evaluation", config.model_dump(), "1", sorted(audio_generator.keys.values()) + [diffgap_clap.key, diffgap_cavp.key])
     csv_path = posixpath.join(store.path(manifest.dataset, "evaluations", "generation"), f"{key}.csv")
-    store.write_bytes(csv_path, G.rows_to_csv(rows).encode())
+    store.write_bytes(csv_path, tables.rows_to_csv(rows).encode())
     metadata = {"csv": MetadataValue.path(store.url(csv_path))}
     for task, title in (("V2A", "table_I_V2A"), ("T2A", "table_II_T2A")):
         if any(r["task"] == task for r in rows):
-            table = G.table_markdown(rows, task)
+            table = generation_eval.table_markdown(rows, task)
             metadata[title] = MetadataValue.md(table)
             context.log.info(f"{title} ({config.split} split, steps {config.steps}, vocoder {config.vocoder}):\n{table}")
     return Output(rows, data_version=DataVersion(key), metadata=metadata)

@@ -8,10 +8,10 @@ from typing import Any
 from dagster import ConfigurableResource, Failure
 from pydantic import Field, PrivateAttr
 
-from stages.ids import UnsafeNameError, check_name
-from stages.parallel import DaskExecutor, Executor, InProcessExecutor
-from stages.sources import SOURCE_KINDS, SourceConfig, SourceError, SourceListing, list_media, read_source
-from stages.store import FeatureStore, StoreError
+from stages.core.ids import UnsafeNameError, check_name
+from stages.core.parallel import DaskExecutor, Executor, InProcessExecutor
+from stages.ingest.sources import SOURCE_KINDS, SourceConfig, SourceError, SourceListing, list_media, read_source
+from stages.core.store import FeatureStore, StoreError
 
 from assets.settings import default_demo_dir, default_store_root
 
@@ -129,7 +129,7 @@ class ComputeResource(ConfigurableResource):
     @property
     def worker_threads(self) -> int:
         """One torch thread per task, in-process too: our models are small, and two spinning
-        torch threads against a busy core measured 3-40x slower (see stages.parallel.torch_threads)."""
+        torch threads against a busy core measured 3-40x slower (see stages.core.parallel.torch_threads)."""
         return 1
 
     def teardown_after_execution(self, context) -> None:

@@ -1,6 +1,6 @@
 """Tower feature assets: clip_manifest -> audio / frame / text embeddings of the frozen towers.
 
-Thin wrappers like mel_spectrograms: read the config, call stages.towers through run_feature
+Thin wrappers like mel_spectrograms: read the config, call stages.features.towers through run_feature
 (only the shards whose key is missing are computed), report. The feature key carries each
 tower's settings (package, version, weight sha256, input settings).
 """
@@ -23,10 +23,10 @@ from pydantic import Field
 from assets.features import _check_feature, _data_version, compute_feature
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
 from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, TowerWeightsError
-from stages import features as F
-from stages import towers as T
-from stages.manifest import load_manifest
-from stages.store import FeatureStore
+from stages.core import refs
+from stages.features import towers as T
+from stages.ingest.manifest import load_manifest
+from stages.core.store import FeatureStore
 
 UNIT_NORM_TOLERANCE = 1e-3
 PROBLEMS_SHOWN = 10
@@ -65,11 +65,11 @@ def _run_tower(
     params: dict,
     code_version: str,
     compute_fn,
-    clip_manifest: F.ManifestRef,
+    clip_manifest: refs.ManifestRef,
     feature_store: FeatureStoreResource,
     compute: ComputeResource,
     device: DeviceResource,
-) -> Output[F.FeatureRef]:
+) -> Output[refs.FeatureRef]:
     store = feature_store.writable_store()
     try:
         run, ref, metadata = compute_feature(
@@ -90,11 +90,11 @@ def _run_tower(
 def audio_tower_features(
     context: AssetExecutionContext,
     config: AudioTowerConfig,
-    clip_manifest: F.ManifestRef,
+    clip_manifest: refs.ManifestRef,
     feature_store: FeatureStoreResource,
     compute: ComputeResource,
     device: DeviceResource,
-) -> Output[F.FeatureRef]:
+) -> Output[refs.FeatureRef]:
     _, key, params = _params_or_failure("audio_tower_features", lambda: T.AudioTowerParams(**config.model_dump()))
     return _run_tower(
         context, "audio_tower_features", T.AUDIO_TOWER_FEATURE, key, params, T.AUDIO_TOWER_CODE_VERSION,
@@ -109,11 +109,11 @@ def audio_tower_features(
 def frame_tower_features(
     context: AssetExecutionContext,
     config: FrameTowerConfig,
-    clip_manifest: F.ManifestRef,
+    clip_manifest: refs.ManifestRef,
     feature_store: FeatureStoreResource,
     compute: ComputeResource,
     device: DeviceResource,
-) -> Output[F.FeatureRef]:
+) -> Output[refs.FeatureRef]:
     _, key, params = _params_or_failure("frame_tower_features", lambda: T.FrameTowerParams(**config.model_dump()))
     return _run_tower(
         context, "frame_tower_features", T.FRAME_TOWER_FEATURE, key, params, T.FRAME_TOWER_CODE_VERSION,
@@ -127,11 +127,11 @@ def frame_tower_features(
 )
 def text_tower_features(
     context: AssetExecutionContext,
-    clip_manifest: F.ManifestRef,
+    clip_manifest: refs.ManifestRef,
     feature_store: FeatureStoreResource,
     compute: ComputeResource,
     device: DeviceResource,
-) -> Output[F.FeatureRef]:
+) -> Output[refs.FeatureRef]:
     # No config: texts are fixed (caption, else label) and the tower has no input settings to choose.
     _, key, params = _params_or_failure("text_tower_features", T.TextTowerParams)
     return _run_tower(
@@ -144,7 +144,7 @@ def text_tower_features(
 
 def _check_tower(
     store: FeatureStore,
-    ref: F.FeatureRef,
+    ref: refs.FeatureRef,
     shapes: dict[str, tuple],
     norm_array: str,
     unit_norm: bool,
@@ -193,7 +193,7 @@ def _check_tower(
     )
 
 
-def _params_of(store: FeatureStore, ref: F.FeatureRef) -> dict:
+def _params_of(store: FeatureStore, ref: refs.FeatureRef) -> dict:
     return store.shard_manifest(ref.dataset, ref.feature, ref.key, ref.shards[0])["params"]
 
 
@@ -201,7 +201,7 @@ def _params_of(store: FeatureStore, ref: F.FeatureRef) -> dict:
     asset=audio_tower_features,
     description="pooled [512], per_second [S, 512], logits [69]; finite; non-zero rows; rows + quarantined == manifest clips.",
 )
-def audio_tower_features_valid(audio_tower_features: F.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def audio_tower_features_valid(audio_tower_features: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     params = T.AudioTowerParams.from_params(_params_of(store, audio_tower_features))
     shapes = {"pooled": (AudioTower.dim,), "per_second": (params.n_seconds, AudioTower.dim), "logits": (AudioTower.n_classes,)}
@@ -212,7 +212,7 @@ def audio_tower_features_valid(audio_tower_features: F.FeatureRef, feature_store
     asset=frame_tower_features,
     description="pooled [1280], per_second [S, 1280]; finite; non-zero rows; rows + quarantined == manifest clips.",
 )
-def frame_tower_features_valid(frame_tower_features: F.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def frame_tower_features_valid(frame_tower_features: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     params = T.FrameTowerParams.from_params(_params_of(store, frame_tower_features))
     shapes = {"pooled": (FrameTower.dim,), "per_second": (params.n_seconds, FrameTower.dim)}
@@ -223,7 +223,7 @@ def frame_tower_features_valid(frame_tower_features: F.FeatureRef, feature_store
     asset=text_tower_features,
     description="text [384], finite, unit norm, embedded from the current caption; rows + quarantined == manifest clips.",
 )
-def text_tower_features_valid(text_tower_features: F.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def text_tower_features_valid(text_tower_features: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     manifest = load_manifest(store, text_tower_features.dataset, text_tower_features.manifest_digest)
     texts = {c.id: c.caption or c.label for c in manifest.clips}

@@ -4,7 +4,7 @@
     audio_images (+ clip_manifest) ─────────────> audio_vae ──┼──> vae_latents
     audio_images, video_frames ───────────────────────────────┘
 
-Each asset reads, calls a stage (stages.frames, stages.vae), writes, reports. The VAEs are
+Each asset reads, calls a stage (stages.features.frames, stages.vae.train), writes, reports. The VAEs are
 checkpoints in the feature store (safetensors + lineage sidecar); a re-run with the same inputs
 and config reuses them, and vae_latents computes only the shards whose key is missing.
 """
@@ -29,10 +29,11 @@ from pydantic import Field
 from assets.features import _check_feature, _data_version, _preview_markdown, compute_feature
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
 from models.vae import PretrainedVaeError
-from stages import frames as FR
-from stages import vae as V
-from stages.features import FeatureRef, ManifestRef
-from stages.manifest import load_manifest
+from stages.features import frames as FR
+from stages.features import latents
+from stages.vae import train as vae_train
+from stages.core.refs import FeatureRef, ManifestRef
+from stages.ingest.manifest import load_manifest
 
 warnings.filterwarnings("ignore", message=r"Parameter `data_version`")
 
@@ -81,10 +82,10 @@ class VaeTrainingConfig(Config):
     mid_block_attention: bool = Field(default=True, description="Self-attention in the middle block (at the latent resolution).")
     threads: int = Field(default=1, description="Torch threads while fitting (speed only; 0 = all cores); 1 is robust on a busy machine.")
 
-    def train_config(self) -> V.VaeTrainConfig:
+    def train_config(self) -> vae_train.VaeTrainConfig:
         fields = self.model_dump()
         fields.pop("pretrained_dir")
-        return V.VaeTrainConfig(**fields)
+        return vae_train.VaeTrainConfig(**fields)
 
 
 class LatentConfig(Config):
@@ -135,7 +136,7 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
     except ValueError as exc:
         raise Failure(f"bad {name} config: {exc}") from None
     try:
-        fit = V.fit_vae(store, manifest, name, modality, source.key, train_config, config.pretrained_dir,
+        fit = vae_train.fit_vae(store, manifest, name, modality, source.key, train_config, config.pretrained_dir,
                         device=device.device(), log=context.log.debug)
     except PretrainedVaeError as exc:
         raise Failure(f"{name}: {exc}. Fix: the {name} config's pretrained_dir.") from None
@@ -143,7 +144,7 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
         raise Failure(f"{name} failed: {exc}") from None
     sidecar = fit.sidecar
     context.log.info(f"{name} {fit.key}: {'reused' if fit.reused else 'trained' if not config.pretrained_dir else 'loaded'}; "
-                     f"{V.metrics_line(sidecar)}")
+                     f"{vae_train.metrics_line(sidecar)}")
     metrics, baselines = sidecar["metrics"], sidecar["baselines"]
     metadata = {
         "checkpoint_key": fit.key,
@@ -166,7 +167,7 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
         "psnr_db_mean_image": MetadataValue.float(round(baselines["mean_image"]["psnr"], 3)),
         "psnr_db_untrained": MetadataValue.float(round(baselines["untrained"]["psnr"], 3)),
         "metrics": MetadataValue.json({"trained": metrics, **baselines}),
-        "preview": _preview_markdown(V.fit_preview_png(store, manifest, fit, PREVIEW_CLIPS, device.device())),
+        "preview": _preview_markdown(vae_train.fit_preview_png(store, manifest, fit, PREVIEW_CLIPS, device.device())),
     }
     if "mel_l1" in metrics:
         metadata["mel_l1"] = MetadataValue.float(round(metrics["mel_l1"], 4))
@@ -182,7 +183,7 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
 
 @asset(
     description="KL-VAE (diffusers AutoencoderKL) of the audio images: trained on the train split, or a local pretrained one; scaling factor from data.",
-    code_version=f"audio_vae-{V.VAE_CODE_VERSION}",
+    code_version=f"audio_vae-{vae_train.VAE_CODE_VERSION}",
 )
 def audio_vae(
     context: AssetExecutionContext,
@@ -192,12 +193,12 @@ def audio_vae(
     feature_store: FeatureStoreResource,
     device: DeviceResource,
 ) -> Output[VaeRef]:
-    return _fit(context, V.AUDIO_VAE, "audio", config, audio_images, clip_manifest.digest, feature_store, device)
+    return _fit(context, vae_train.AUDIO_VAE, "audio", config, audio_images, clip_manifest.digest, feature_store, device)
 
 
 @asset(
     description="KL-VAE (diffusers AutoencoderKL) of the video frames: trained on the train split, or a local pretrained one; scaling factor from data.",
-    code_version=f"frame_vae-{V.VAE_CODE_VERSION}",
+    code_version=f"frame_vae-{vae_train.VAE_CODE_VERSION}",
 )
 def frame_vae(
     context: AssetExecutionContext,
@@ -206,14 +207,14 @@ def frame_vae(
     feature_store: FeatureStoreResource,
     device: DeviceResource,
 ) -> Output[VaeRef]:
-    return _fit(context, V.FRAME_VAE, "frames", config, video_frames, video_frames.manifest_digest, feature_store, device)
+    return _fit(context, vae_train.FRAME_VAE, "frames", config, video_frames, video_frames.manifest_digest, feature_store, device)
 
 
 # ---- latents --------------------------------------------------------------------------------------
 
 @asset(
     description="Scaled KL-VAE latents per clip: audio [N, C, h, w] of the audio image and frames [N, T, C, h, w] of the video frames.",
-    code_version=f"vae_latents-{V.LATENT_CODE_VERSION}",
+    code_version=f"vae_latents-{latents.LATENT_CODE_VERSION}",
 )
 def vae_latents(
     context: AssetExecutionContext,
@@ -236,7 +237,7 @@ def vae_latents(
             raise Failure(f"{vaes[modality].name} was fitted on {inputs[modality].feature} key {vaes[modality].input_key}, "
                           f"not the current {inputs[modality].key}: materialize {vaes[modality].name} again")
     try:
-        params = V.LatentParams(modalities=tuple(config.modalities), dtype=config.dtype, batch_size=config.batch_size)
+        params = latents.LatentParams(modalities=tuple(config.modalities), dtype=config.dtype, batch_size=config.batch_size)
     except ValueError as exc:
         raise Failure(f"bad vae_latents config: {exc}") from None
     job_params = params.job_params(
@@ -244,19 +245,19 @@ def vae_latents(
         {m: ref.key for m, ref in inputs.items()},
     )
     run, ref, metadata = compute_feature(
-        context, store, audio_images.dataset, audio_images.manifest_digest, V.LATENT_FEATURE,
-        V.LatentParams.key(job_params), job_params, V.LATENT_CODE_VERSION, V.compute_latent_shard, compute,
-        device.device(), tuple(V.LatentParams.input_keys(job_params)),
+        context, store, audio_images.dataset, audio_images.manifest_digest, latents.LATENT_FEATURE,
+        latents.LatentParams.key(job_params), job_params, latents.LATENT_CODE_VERSION, latents.compute_latent_shard, compute,
+        device.device(), tuple(latents.LatentParams.input_keys(job_params)),
     )
     metadata["dtype"] = params.dtype
     metadata["vae_keys"] = MetadataValue.json({m: job_params["vaes"][m]["key"] for m in params.modalities})
     if run.clips_ok:
-        for modality, summary in V.latent_summary(store, ref.dataset, ref.key, ref.shards).items():
+        for modality, summary in latents.latent_summary(store, ref.dataset, ref.key, ref.shards).items():
             metadata[f"{modality}_shape"] = MetadataValue.json(summary["shape"])
             metadata[f"{modality}_std"] = MetadataValue.float(round(summary["std"], 4))
             metadata[f"{modality}_mean"] = MetadataValue.float(round(summary["mean"], 4))
             metadata[f"{modality}_scaling_factor"] = MetadataValue.float(round(summary["scaling_factor"], 6))
-        png = V.latent_preview_png(store, ref.dataset, ref.key, ref.shards, PREVIEW_CLIPS, device.device())
+        png = latents.latent_preview_png(store, ref.dataset, ref.key, ref.shards, PREVIEW_CLIPS, device.device())
         if png:
             metadata["preview"] = _preview_markdown(png)
     return Output(ref, data_version=_data_version(run), metadata=metadata)
@@ -273,7 +274,7 @@ def video_frames_valid(video_frames: FeatureRef, feature_store: FeatureStoreReso
 
 
 def _check_vae(ref: VaeRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
-    from stages.checkpoints import load_checkpoint
+    from stages.core.checkpoints import load_checkpoint
 
     _, sidecar = load_checkpoint(feature_store.store(), ref.dataset, ref.name, ref.key)
     trained, baselines = sidecar["metrics"]["psnr"], sidecar["baselines"]
@@ -319,7 +320,7 @@ def vae_latents_unit_std(vae_latents: FeatureRef, feature_store: FeatureStoreRes
     first = store.shard_manifest(vae_latents.dataset, vae_latents.feature, vae_latents.key, vae_latents.shards[0])
     modalities = first["params"]["modalities"]
     table = vae_latents.read(store, names=modalities)
-    stats = {m: V.latent_statistics(table.arrays[m]) for m in modalities} if len(table) else {}
+    stats = {m: latents.latent_statistics(table.arrays[m]) for m in modalities} if len(table) else {}
     low, high = LATENT_STD_BAND
     problems = [f"{m}: {s['non_finite']} NaN/Inf" for m, s in stats.items() if s["non_finite"]]
     problems += [f"{m}: std {s['std']:.3f} outside {low}..{high}" for m, s in stats.items() if not low <= s["std"] <= high]

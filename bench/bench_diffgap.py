@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from models.diffgap import TO_AUDIO, Denoiser, DenoiserConfig
-from stages.diffgap import DiffgapTrainConfig, EmbeddingPairs, generate, train_diffgap
-from stages.retrieval import normalize
+from stages.diffgap.train import DiffgapTrainConfig, EmbeddingPairs, train_diffgap
+from stages.diffgap.evaluate import generate
+from stages.evaluation.retrieval import normalize
 
 
 def _pairs(n: int, dim: int, seed: int = 0) -> EmbeddingPairs:

@@ -2,7 +2,7 @@
 
 On the same demo clips, in one process run, with interleaved repeats (median of each):
 
-  (a)  decode only: stages.decode.load_audio (PyAV / soundfile + soxr) for every clip, the floor
+  (a)  decode only: stages.ingest.decode.load_audio (PyAV / soundfile + soxr) for every clip, the floor
   (b)  the naive loop: librosa.load(mp4) (audioread -> an ffmpeg process per file) + melspectrogram
   (c)  run_feature(mel_spectrograms) into a fresh store, InProcessExecutor, cold
   (c2) the same with DaskExecutor(n_workers=2), cold (cluster started once, outside the timing)
@@ -89,7 +89,7 @@ def timed(timing: Timing, fn: Callable[[], object], cpu: str = "self") -> object
 
 # ---- the workloads -------------------------------------------------------------------------------
 def decode_all(uris, spec):
-    from stages.decode import load_audio
+    from stages.ingest.decode import load_audio
 
     return [load_audio(uri, spec) for uri in uris]
 
@@ -113,7 +113,8 @@ def naive_loop(uris, preset):
 
 
 def run_mel(store, manifest, params, executor, worker_threads):
-    from stages.features import MEL_CODE_VERSION, MEL_FEATURE, compute_mel_shard, run_feature
+    from stages.features.mel import MEL_CODE_VERSION, MEL_FEATURE, compute_mel_shard
+    from stages.features.base import run_feature
 
     return run_feature(
         store, manifest, MEL_FEATURE, params.key(), params.params(), MEL_CODE_VERSION,
@@ -123,7 +124,7 @@ def run_mel(store, manifest, params, executor, worker_threads):
 
 def mel_only(audio_by_shard, preset):
     """The STFT + mel + log part of (c) on already decoded audio, shard by shard (as the stage does)."""
-    from stages.spectral import MelSpectrogram
+    from stages.features.spectral import MelSpectrogram
 
     mel = MelSpectrogram(preset)
     return [mel(np.stack(audio)).astype(np.float16) for audio in audio_by_shard]
@@ -133,8 +134,8 @@ def warm_worker(torch_threads: int) -> str:
     """Run on every Dask worker before timing: the imports and the mel basis, like the parent's warm-up."""
     import torch
 
-    import stages.features  # noqa: F401 - av, librosa, zarr, webdataset come with it or below
-    from stages.spectral import MelSpectrogram
+    import stages.features.mel  # noqa: F401 - av, librosa, zarr, webdataset come with it or below
+    from stages.features.spectral import MelSpectrogram
 
     torch.set_num_threads(torch_threads)
     MelSpectrogram("hifigan22k")(np.zeros((1, 22050), np.float32))
@@ -145,7 +146,7 @@ def warm_worker(torch_threads: int) -> str:
 
 def write_only(store, dataset, key, shards, mels_by_shard, ids_by_shard):
     """The write part of (c): tar + zarr + manifest per shard, mels already computed."""
-    from stages.features import MEL_FEATURE
+    from stages.features.mel import MEL_FEATURE
 
     for shard, mels, ids in zip(shards, mels_by_shard, ids_by_shard):
         store.write_shard(
@@ -155,14 +156,14 @@ def write_only(store, dataset, key, shards, mels_by_shard, ids_by_shard):
 
 
 def read_zarr(store, dataset, key):
-    from stages.features import MEL_FEATURE
+    from stages.features.mel import MEL_FEATURE
 
     table = store.read_arrays(dataset, MEL_FEATURE, key, names=["mel"])
     return table.arrays["mel"].shape[0]
 
 
 def read_webdataset(store, dataset, key):
-    from stages.features import MEL_FEATURE
+    from stages.features.mel import MEL_FEATURE
 
     rows = 0
     for sample in store.webdataset(dataset, MEL_FEATURE, key):
@@ -199,9 +200,9 @@ def compare_with_librosa(store, dataset, key, uri_by_id, spec, preset) -> str:
     """One clip: our log-mel vs librosa's on the same samples, vs the naive loop, and float16 rounding."""
     import librosa
 
-    from stages.decode import load_audio
-    from stages.features import MEL_FEATURE
-    from stages.spectral import MelSpectrogram
+    from stages.ingest.decode import load_audio
+    from stages.features.mel import MEL_FEATURE
+    from stages.features.spectral import MelSpectrogram
 
     table = store.read_arrays(dataset, MEL_FEATURE, key, names=["mel"])
     clip_id = table.clip_ids[0]
@@ -261,12 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
-    from stages.features import MelParams
-    from stages.manifest import build_manifest
-    from stages.parallel import DaskExecutor, InProcessExecutor
-    from stages.sources import SourceConfig, SourceListing, read_source
-    from stages.spectral import get_preset
-    from stages.store import FeatureStore
+    from stages.features.mel import MelParams
+    from stages.ingest.manifest import build_manifest
+    from stages.core.parallel import DaskExecutor, InProcessExecutor
+    from stages.ingest.sources import SourceConfig, SourceListing, read_source
+    from stages.features.spectral import get_preset
+    from stages.core.store import FeatureStore
 
     work = args.keep or tempfile.mkdtemp(prefix="bench_features-")
     os.makedirs(work, exist_ok=True)

@@ -40,19 +40,20 @@ def main() -> int:
 
     from models.generator import GeneratorConfig, LatentGenerator, sample_latents
     from models.vocoder import get_vocoder
-    from stages import generation as G
+    from stages.generation import sample as generation_sample
+    from stages.generation import train as generation_train
 
     decoder = None
     if args.store:
-        from stages.checkpoints import list_checkpoints
-        from stages.store import FeatureStore
+        from stages.core.checkpoints import list_checkpoints
+        from stages.core.store import FeatureStore
 
         store = FeatureStore(args.store)
-        found = list_checkpoints(store, args.dataset, G.model_name("clap"))
+        found = list_checkpoints(store, args.dataset, generation_train.model_name("clap"))
         if not found:
             raise SystemExit(f"no audio_generator_clap checkpoint in {args.store}: run without --store or materialize it")
-        model, sidecar = G.load_generator(store, args.dataset, "clap", found[0]["checkpoint_key"])
-        decoder = G.make_decoder(store, args.dataset, sidecar["audio_vae"], G.SampleConfig(vocoder="hifigan"))
+        model, sidecar = generation_train.load_generator(store, args.dataset, "clap", found[0]["checkpoint_key"])
+        decoder = generation_sample.make_decoder(store, args.dataset, sidecar["audio_vae"], generation_sample.SampleConfig(vocoder="hifigan"))
         seconds = decoder.seconds
         source = f"trained generator {found[0]['checkpoint_key']} + its VAE"
     else:
@@ -79,8 +80,8 @@ def main() -> int:
                                      generator=torch.Generator().manual_seed(0))
             times[f"diffusion {steps} steps"].append(time.perf_counter() - start)
         if decoder is not None:
-            from stages.vae import decode_latents
-            from stages.vocode import images_to_mels
+            from stages.vae.train import decode_latents
+            from stages.generation.vocode import images_to_mels
 
             start = time.perf_counter()
             mels = images_to_mels(decode_latents(decoder.vae, latents.numpy(), decoder.scaling_factor), decoder.preset, seconds)

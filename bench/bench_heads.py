@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from stages.contrastive import CAVP_HEAD, CLAP_HEAD, HeadTrainConfig, PairedFeatures, train_head
+from stages.embeddings.heads import CAVP_HEAD, CLAP_HEAD, HeadTrainConfig, PairedFeatures, train_head
 
 
 def _pairs(kind: str, n: int = 512) -> PairedFeatures:

@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.torch_threads)
 
     from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, get_tower
-    from stages.decode import AudioSpec, FrameSpec, load_audio, load_frames
-    from stages.demo import DemoSpec, generate_demo
+    from stages.ingest.decode import AudioSpec, FrameSpec, load_audio, load_frames
+    from stages.ingest.demo import DemoSpec, generate_demo
 
     batches = [int(b) for b in args.batches.split(",") if b]
     sizes = [int(s) for s in args.frame_sizes.split(",") if s]

@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     from models.vae import VaeConfig, build_vae, decode, encode
     from models.vocoder import get_vocoder
-    from stages.decode import AudioSpec, load_audio
-    from stages.demo import DemoSpec, generate_demo
-    from stages.spectral import MelSpectrogram, get_preset, mel_to_audio_image
-    from stages.vae import decode_latents
-    from stages.vocode import images_to_mels, log_mel_error
+    from stages.ingest.decode import AudioSpec, load_audio
+    from stages.ingest.demo import DemoSpec, generate_demo
+    from stages.features.spectral import MelSpectrogram, get_preset, mel_to_audio_image
+    from stages.vae.train import decode_latents
+    from stages.generation.vocode import images_to_mels, log_mel_error
 
     print(f"machine: {machine_line(args.torch_threads)}")
     print(f"command: {command_line()}")

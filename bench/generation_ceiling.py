@@ -38,33 +38,35 @@ def main() -> int:
 
     from models.towers import AudioTower, get_tower
     from models.vocoder import get_vocoder
-    from stages import audio_metrics as M
-    from stages import generation as G
-    from stages.checkpoints import list_checkpoints
-    from stages.manifest import load_manifest
-    from stages.parallel import torch_threads
-    from stages.spectral import MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
-    from stages.store import FeatureStore
+    from stages.evaluation import audio as audio_metrics
+    from stages.generation import evaluate as generation_eval
+    from stages.generation import sample as generation_sample
+    from stages.generation import train as generation_train
+    from stages.core.checkpoints import list_checkpoints
+    from stages.ingest.manifest import load_manifest
+    from stages.core.parallel import torch_threads
+    from stages.features.spectral import MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
+    from stages.core.store import FeatureStore
     from bench.generation_tables import label_probe
 
     store = FeatureStore(args.store)
     manifest = load_manifest(store, args.dataset)
-    found = list_checkpoints(store, args.dataset, G.model_name("clap"))
+    found = list_checkpoints(store, args.dataset, generation_train.model_name("clap"))
     if manifest is None or not found:
         raise SystemExit(f"need a clip manifest and an audio_generator_clap checkpoint in {args.store}")
-    _, sidecar = G.load_generator(store, args.dataset, "clap", found[0]["checkpoint_key"])
-    decoder = G.make_decoder(store, args.dataset, sidecar["audio_vae"], G.SampleConfig(threads=args.threads))
+    _, sidecar = generation_train.load_generator(store, args.dataset, "clap", found[0]["checkpoint_key"])
+    decoder = generation_sample.make_decoder(store, args.dataset, sidecar["audio_vae"], generation_sample.SampleConfig(threads=args.threads))
     rate, seconds, preset = decoder.sample_rate, decoder.seconds, get_preset(decoder.preset)
-    pairs = G.load_latent_pairs(store, manifest, "clap", sidecar["latent_key"], sidecar["embedding_key"])
+    pairs = generation_train.load_latent_pairs(store, manifest, "clap", sidecar["latent_key"], sidecar["embedding_key"])
     held_out = pairs.subset(args.split)
-    ids, real = G.reference_audio(manifest, held_out.clip_ids, seconds, rate)
+    ids, real = generation_eval.reference_audio(manifest, held_out.clip_ids, seconds, rate)
     held_out = held_out.subset(clip_ids=ids)
     probe, labels = label_probe(store, manifest, "clap", sidecar, rate, seconds, args.threads)
     truth = np.array([labels.get(c) for c in ids])
     tower, vocoder = get_tower(AudioTower), get_vocoder()
 
     with torch_threads(args.threads):
-        reference = M.aisfx_outputs(tower, real, rate, seconds)
+        reference = audio_metrics.aisfx_outputs(tower, real, rate, seconds)
         mels = np.asarray(MelSpectrogram(decoder.preset)(real), np.float32)
         stages = [("real audio", lambda: real), ("mel -> HiFi-GAN", lambda: vocoder(mels))]
         stages += [(f"mel -> image {size} px -> mel -> HiFi-GAN",
@@ -75,10 +77,10 @@ def main() -> int:
         print("| stage | class acc | FD (aiSFX) | KL (aiSFX) | IS (aiSFX) |")
         print("| --- | --- | --- | --- | --- |")
         for name, make in stages:
-            scored = M.aisfx_outputs(tower, make(), rate, seconds)
+            scored = audio_metrics.aisfx_outputs(tower, make(), rate, seconds)
             accuracy = 100 * np.mean(probe.predict(scored["pooled"]) == truth) if probe is not None else float("nan")
-            print(f"| {name} | {accuracy:.1f} | {M.frechet_distance_of(scored['pooled'], reference['pooled']):.1f} | "
-                  f"{M.paired_kl(reference['logits'], scored['logits']):.2f} | {M.inception_score(scored['logits']):.2f} |", flush=True)
+            print(f"| {name} | {accuracy:.1f} | {audio_metrics.frechet_distance_of(scored['pooled'], reference['pooled']):.1f} | "
+                  f"{audio_metrics.paired_kl(reference['logits'], scored['logits']):.2f} | {audio_metrics.inception_score(scored['logits']):.2f} |", flush=True)
     return 0
 
 

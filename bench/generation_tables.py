@@ -26,6 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from stages.evaluation import audio as audio_metrics  # noqa: E402
+from stages.generation import evaluate as generation_eval  # noqa: E402
+from stages.generation import sample as generation_sample  # noqa: E402
+from stages.generation import train as generation_train  # noqa: E402
+from stages.diffgap import train as diffgap_train  # noqa: E402
 
 COLUMNS = {"V2A": ["IS (aiSFX)", "KL (aiSFX)", "FD (aiSFX)", "Acc", "class acc"],
            "T2A": ["IS (aiSFX)", "KL (aiSFX)", "FAD (aiSFX)", "FD (aiSFX)", "class acc"]}
@@ -38,18 +43,16 @@ def label_probe(store, manifest, space: str, sidecar: dict, rate: int, seconds: 
     from sklearn.preprocessing import StandardScaler
 
     from models.towers import AudioTower, get_tower
-    from stages import audio_metrics as M
-    from stages import generation as G
-    from stages.parallel import torch_threads
+    from stages.core.parallel import torch_threads
 
     index = manifest.index()
-    pairs = G.load_latent_pairs(store, manifest, space, sidecar["latent_key"], sidecar["embedding_key"])
+    pairs = generation_train.load_latent_pairs(store, manifest, space, sidecar["latent_key"], sidecar["embedding_key"])
     train_ids = [c for c in pairs.subset("train").clip_ids if index[c].label]
     if len({index[c].label for c in train_ids}) < 2:
         return None, {}
-    ids, audio = G.reference_audio(manifest, train_ids, seconds, rate)
+    ids, audio = generation_eval.reference_audio(manifest, train_ids, seconds, rate)
     with torch_threads(threads):
-        pooled = M.aisfx_outputs(get_tower(AudioTower), audio, rate, seconds)["pooled"]
+        pooled = audio_metrics.aisfx_outputs(get_tower(AudioTower), audio, rate, seconds)["pooled"]
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000)).fit(pooled, [index[c].label for c in ids])
     return probe, {c.id: c.label for c in manifest.clips}
 
@@ -70,49 +73,48 @@ def main() -> int:
                         help="cavp = Table I (V2A), clap = Table II (T2A)")
     args = parser.parse_args()
 
-    from stages import diffgap as D
-    from stages import generation as G
-    from stages.checkpoints import list_checkpoints
-    from stages.manifest import load_manifest
-    from stages.store import FeatureStore
+
+    from stages.core.checkpoints import list_checkpoints
+    from stages.ingest.manifest import load_manifest
+    from stages.core.store import FeatureStore
 
     store = FeatureStore(args.store)
     manifest = load_manifest(store, args.dataset)
     if manifest is None:
         raise SystemExit(f"no clip manifest for dataset {args.dataset!r} in {args.store}")
     for space in args.spaces:
-        generators = [s for s in list_checkpoints(store, args.dataset, G.model_name(space))
+        generators = [s for s in list_checkpoints(store, args.dataset, generation_train.model_name(space))
                       if args.generator_seed is None or s["train_config"]["seed"] == args.generator_seed]
-        diffgaps = [s for s in list_checkpoints(store, args.dataset, D.model_name(space))
+        diffgaps = [s for s in list_checkpoints(store, args.dataset, diffgap_train.model_name(space))
                     if s["train_config"]["bst"] and s["train_config"]["seed"] == args.diffgap_seed]
         if not generators or not diffgaps:
             print(f"<!-- {space}: no generator or DiffGAP checkpoint; skipped -->")
             continue
-        model, sidecar = G.load_generator(store, args.dataset, space, generators[0]["checkpoint_key"])
-        diffgap, _ = D.load_model(store, args.dataset, space, diffgaps[0]["checkpoint_key"])
-        task = G.SPACES[space][3]
+        model, sidecar = generation_train.load_generator(store, args.dataset, space, generators[0]["checkpoint_key"])
+        diffgap, _ = diffgap_train.load_model(store, args.dataset, space, diffgaps[0]["checkpoint_key"])
+        task = generation_train.SPACES[space][3]
         results: dict[tuple[str, int], list[dict]] = {}
         probe = labels = None
         trust = []
         start = time.perf_counter()
         for steps in args.steps:
             for i, seed in enumerate(args.seeds):
-                sample = G.SampleConfig(steps=steps, seed=seed, guidance_scale=args.guidance_scale, threads=args.threads)
+                sample = generation_sample.SampleConfig(steps=steps, seed=seed, guidance_scale=args.guidance_scale, threads=args.threads)
                 # the oracle and the real audio do not depend on seed or steps: score them once
                 once = steps == args.steps[0] and i == 0
-                evaluation = G.EvalConfig(args.split, args.max_clips, oracle=once)
-                rows, outputs = G.evaluate_space(store, manifest, space, model, sidecar, diffgap, sample, evaluation)
+                evaluation = generation_eval.EvalConfig(args.split, args.max_clips, oracle=once)
+                rows, outputs = generation_eval.evaluate_space(store, manifest, space, model, sidecar, diffgap, sample, evaluation)
                 if probe is None:
-                    decoder = G.make_decoder(store, args.dataset, sidecar["audio_vae"], G.SampleConfig(vocoder="griffinlim"))
+                    decoder = generation_sample.make_decoder(store, args.dataset, sidecar["audio_vae"], generation_sample.SampleConfig(vocoder="griffinlim"))
                     probe, labels = label_probe(store, manifest, space, sidecar, decoder.sample_rate, decoder.seconds, args.threads)
                 for row in rows:
-                    if row["method"] == G.REAL and not once:
+                    if row["method"] == generation_eval.REAL and not once:
                         continue
                     out = outputs[row["method"]]
                     if probe is not None:
                         truth = [labels[c] for c in out["clip_ids"]]
                         row["class acc"] = float(100 * np.mean(probe.predict(out["aisfx"]["pooled"]) == np.array(truth)))
-                    shown_steps = steps if row["method"] in G.SAMPLED else "-"
+                    shown_steps = steps if row["method"] in generation_eval.SAMPLED else "-"
                     results.setdefault((row["method"], shown_steps), []).append(row)
                     if "Acc (real pairs vs misaligned)" in row:
                         trust.append(row["Acc (real pairs vs misaligned)"])

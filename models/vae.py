@@ -11,7 +11,7 @@ time), so the project trains a small one on its cached images, or loads a user's
     back = decode(vae, z)                         # uint8 [N, 64, 64, 3]
 
 Images are uint8 [N, H, W, 3] outside and float [-1, 1] NCHW (channels_last) inside. The latent
-scaling factor depends on data: stages.vae computes it (1 / std of the training latents).
+scaling factor depends on data: stages.vae.train computes it (1 / std of the training latents).
 
 No dagster, nothing from stages or assets: usable from a notebook.
 """

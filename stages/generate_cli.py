@@ -18,7 +18,7 @@ from typing import Sequence
 
 
 def _newest(store, dataset: str, name: str, key: str | None) -> str:
-    from stages.checkpoints import list_checkpoints
+    from stages.core.checkpoints import list_checkpoints
 
     if key:
         return key
@@ -52,11 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import soundfile as sf
 
-    from stages import generation as G
-    from stages.diffgap import load_model
-    from stages.manifest import load_manifest
-    from stages.preview import preview_png
-    from stages.store import FeatureStore
+    from stages.generation import sample as generation_sample
+    from stages.generation import train as generation_train
+    from stages.diffgap.train import load_model
+    from stages.ingest.manifest import load_manifest
+    from stages.core.preview import preview_png
+    from stages.core.store import FeatureStore
 
     if args.store is None:
         from pathlib import Path
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = FeatureStore(args.store)
     gen_keys = dict(k.split("=", 1) for k in args.generator_key)
     gap_keys = dict(k.split("=", 1) for k in args.diffgap_key)
-    sample = G.SampleConfig(steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, vocoder=args.vocoder,
+    sample = generation_sample.SampleConfig(steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, vocoder=args.vocoder,
                             threads=args.threads)
     spaces = ["clap", "cavp"] if args.space == "both" else [args.space]
     if args.text and "clap" not in spaces:
@@ -76,14 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     written = []
     for space in spaces:
-        model, sidecar = G.load_generator(store, args.dataset, space, _newest(store, args.dataset, G.model_name(space), gen_keys.get(space)))
+        model, sidecar = generation_train.load_generator(store, args.dataset, space, _newest(store, args.dataset, generation_train.model_name(space), gen_keys.get(space)))
         diffgap = None
         if args.diffgap != "without":
             diffgap, _ = load_model(store, args.dataset, space, _newest(store, args.dataset, f"diffgap_{space}", gap_keys.get(space)))
-        decoder = G.make_decoder(store, args.dataset, sidecar["audio_vae"], sample)
+        decoder = generation_sample.make_decoder(store, args.dataset, sidecar["audio_vae"], sample)
         requests = []
         if args.clip_id and (args.space in ("both", space)):
-            pairs = G.load_latent_pairs(store, manifest, space, sidecar["latent_key"], sidecar["embedding_key"])
+            pairs = generation_train.load_latent_pairs(store, manifest, space, sidecar["latent_key"], sidecar["embedding_key"])
             chosen = pairs.subset(clip_ids=args.clip_id)
             missing = sorted(set(args.clip_id) - set(chosen.clip_ids))
             if missing:
@@ -91,15 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(chosen):
                 requests.append((chosen.clip_ids, chosen.other))
         if args.text and space == "clap":
-            cond = G.text_condition(store, args.dataset, sidecar["embedding_key"], args.text)
+            cond = generation_sample.text_condition(store, args.dataset, sidecar["embedding_key"], args.text)
             requests.append(([f"text{i:02d}" for i in range(len(args.text))], cond))
-        task = G.SPACES[space][3]
+        task = generation_train.SPACES[space][3]
         for names, cond in requests:
             mels = []
             for label, gap in (("baseline", None), ("diffgap", diffgap)):
                 if (label == "baseline" and args.diffgap == "with") or (label == "diffgap" and args.diffgap == "without"):
                     continue
-                out = G.generate(model, decoder, cond, sample, gap)
+                out = generation_sample.generate(model, decoder, cond, sample, gap)
                 mels.append(out["mels"])
                 for name, wave in zip(names, out["audio"]):
                     path = os.path.join(args.out, f"{name}__{task}__{label}.wav")

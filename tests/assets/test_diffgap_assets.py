@@ -10,7 +10,7 @@ from assets import contrastive, diffgap, towers
 from assets.features import clip_manifest
 from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
                               PretrainedClapResource)
-from stages.store import FeatureStore
+from stages.core.store import FeatureStore
 from tests.fixtures.dagster_results import materialization_metadata
 
 CHAIN = [clip_manifest, towers.audio_tower_features, towers.frame_tower_features, towers.text_tower_features,

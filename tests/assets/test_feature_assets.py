@@ -8,8 +8,8 @@ from dagster import DagsterInstance, materialize
 
 from assets.features import audio_images, audio_images_valid, clip_manifest, mel_spectrograms, mel_spectrograms_valid
 from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
-from stages.spectral import get_preset
-from stages.store import FeatureStore
+from stages.features.spectral import get_preset
+from stages.core.store import FeatureStore
 from tests.fixtures.dagster_results import check_passed, materialization_metadata
 
 ASSETS = [clip_manifest, mel_spectrograms, audio_images, mel_spectrograms_valid, audio_images_valid]

@@ -10,7 +10,7 @@ from dagster import DagsterInstance, materialize
 from assets.features import clip_manifest
 from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
 from assets.towers import TOWER_ASSETS, TOWER_CHECKS
-from stages.store import FeatureStore
+from stages.core.store import FeatureStore
 from tests.models import tower_weights_dir  # noqa: F401
 from tests.fixtures.dagster_results import check_evaluations, materialization_metadata
 

@@ -4,15 +4,15 @@ vae_latents and their checks; a re-run reuses the checkpoints and the shards; a 
 from __future__ import annotations
 
 import pytest
-import torch
 from dagster import DagsterInstance, materialize
 
 from assets.features import audio_images, clip_manifest, mel_spectrograms
 from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
 from assets.vae import VAE_ASSETS, VAE_CHECKS
 from models.vae import VaeConfig, build_vae
-from stages.store import FeatureStore
-from stages.vae import LATENT_FEATURE, latent_vaes
+from stages.core.store import FeatureStore
+from stages.features.latents import LATENT_FEATURE
+from stages.features.latents import latent_vaes
 from tests.fixtures.dagster_results import check_passed, materialization_metadata
 
 ASSETS = [clip_manifest, mel_spectrograms, audio_images, *VAE_ASSETS, *VAE_CHECKS]
@@ -76,7 +76,7 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
     assert vaes["audio"]["key"] == audio["checkpoint_key"] and vaes["audio"]["scaling_factor"] == pytest.approx(audio["scaling_factor"], rel=1e-5)
 
     # A re-run trains nothing and computes no shard.
-    import stages.vae as stage
+    import stages.vae.train as stage
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")

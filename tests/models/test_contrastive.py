@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from models.contrastive import CavpHead, ClapHead, HeadConfig, info_nce, per_second_nce
-from stages.contrastive import CAVP_HEAD, CLAP_HEAD, HeadTrainConfig, PairedFeatures, embed, train_head
-from stages.retrieval import retrieval_metrics
+from stages.embeddings.heads import CAVP_HEAD, CLAP_HEAD, HeadTrainConfig, PairedFeatures, embed, train_head
+from stages.evaluation.retrieval import retrieval_metrics
 
 
 def test_info_nce_matches_hand_computation():

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, DenoiserConfig, make_train_scheduler, sample
-from stages.diffgap import DiffgapTrainConfig, EmbeddingPairs, Progress, generate, train_diffgap
-from stages.retrieval import normalize
+from stages.diffgap.train import DiffgapTrainConfig, EmbeddingPairs, Progress, train_diffgap
+from stages.diffgap.evaluate import generate
+from stages.evaluation.retrieval import normalize
 
 
 def test_default_size_is_the_papers_5_4_mb():
@@ -79,7 +80,7 @@ def test_progress_hooks_resume_where_training_stopped():
     saved = {}
 
     def save(step, model, optimizer, history):
-        from stages.checkpoints import optimizer_tensors
+        from stages.core.checkpoints import optimizer_tensors
 
         tensors, groups = optimizer_tensors(optimizer)
         saved.update(step=step, model={k: v.clone() for k, v in model.state_dict().items()}, opt=tensors,

@@ -12,8 +12,8 @@ import torch
 
 from models import towers as M
 from models.towers import AudioTower, FrameTower, TextTower, TowerWeightsError, get_tower
-from stages.decode import AudioSpec, FrameSpec, load_audio, load_frames
-from stages.demo import DemoSpec, generate_demo
+from stages.ingest.decode import AudioSpec, FrameSpec, load_audio, load_frames
+from stages.ingest.demo import DemoSpec, generate_demo
 from tests.models import tower_weights_dir  # noqa: F401
 
 

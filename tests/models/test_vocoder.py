@@ -19,10 +19,10 @@ from models.vocoder import (
     get_vocoder,
     hifigan_checkpoint_path,
 )
-from stages.decode import AudioSpec, load_audio
-from stages.demo import DemoSpec, generate_demo
-from stages.spectral import MelSpectrogram
-from stages.vocode import log_mel_error, measure_real_time_factor
+from stages.ingest.decode import AudioSpec, load_audio
+from stages.ingest.demo import DemoSpec, generate_demo
+from stages.features.spectral import MelSpectrogram
+from stages.generation.vocode import log_mel_error, measure_real_time_factor
 
 # Mean |delta log-mel| over bins above ln(1e-5), vocoded demo audio vs its source mel: measured
 # 0.35 on 4 s clips and 0.27-0.43 on 1.1-1.5 s excerpts; a pairing of the wrong clips scores > 1.

@@ -1,4 +1,4 @@
-"""stages.decode on real files: good audio comes back exactly sized and in tune, every bad file
+"""stages.ingest.decode on real files: good audio comes back exactly sized and in tune, every bad file
 is a ClipError with a one-line reason, frames are sampled and cropped right, and a shard with good
 and bad clips writes the good rows and quarantines the rest (stages.features.compute_mel_shard)."""
 
@@ -7,17 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from stages.decode import (
-    AudioSpec,
-    ClipError,
-    FrameSpec,
-    decode_audio,
-    decode_frames,
-    load_audio,
-    load_frames,
-    prepare_audio,
-    read_bytes,
-)
+from stages.ingest.decode import AudioSpec, ClipError, FrameSpec, decode_audio, decode_frames, load_audio, load_frames, prepare_audio, read_bytes
 from tests.fixtures.media import BAD_AUDIO, CLIP_SECONDS, GOOD_AUDIO, TONE_HZ, tone
 
 
@@ -267,7 +257,8 @@ def test_decode_frames_of_garbage_bytes():
 
 
 def _mel_job(store, clips, shard="s000000-corpus"):
-    from stages.features import MEL_CODE_VERSION, MEL_FEATURE, MelParams, ShardJob
+    from stages.features.mel import MEL_CODE_VERSION, MEL_FEATURE, MelParams
+    from stages.features.base import ShardJob
 
     params = MelParams()
     return ShardJob(
@@ -277,7 +268,7 @@ def _mel_job(store, clips, shard="s000000-corpus"):
 
 
 def _check_good_rows(table, good_ids):
-    from stages.spectral import get_preset
+    from stages.features.spectral import get_preset
 
     preset = get_preset("hifigan22k")
     assert table.clip_ids == good_ids
@@ -290,8 +281,8 @@ def _check_good_rows(table, good_ids):
 
 
 def test_a_shard_of_good_and_bad_clips_quarantines_the_bad_ones(bad_media, tmp_path):
-    from stages.features import MEL_FEATURE, compute_mel_shard
-    from stages.store import FeatureStore
+    from stages.features.mel import MEL_FEATURE, compute_mel_shard
+    from stages.core.store import FeatureStore
 
     store = FeatureStore(str(tmp_path / "store"))
     names = sorted(GOOD_AUDIO + BAD_AUDIO)
@@ -314,10 +305,11 @@ def test_a_shard_of_good_and_bad_clips_quarantines_the_bad_ones(bad_media, tmp_p
 
 def test_manifest_to_shard_end_to_end(bad_media, bad_media_jsonl, tmp_path):
     """JSONL -> clip manifest (unreadable files quarantined there) -> shard jobs -> mel shard."""
-    from stages.features import MEL_FEATURE, MelParams, compute_mel_shard, shard_jobs
-    from stages.manifest import build_manifest
-    from stages.sources import SourceConfig, read_source
-    from stages.store import FeatureStore
+    from stages.features.mel import MEL_FEATURE, MelParams, compute_mel_shard
+    from stages.features.base import shard_jobs
+    from stages.ingest.manifest import build_manifest
+    from stages.ingest.sources import SourceConfig, read_source
+    from stages.core.store import FeatureStore
 
     listing = read_source(SourceConfig(kind="jsonl", path=str(bad_media_jsonl)))
     assert listing.rejected == []

@@ -11,8 +11,8 @@ import decord
 import numpy as np
 import pytest
 
-from stages import demo
-from stages.demo import CLASSES, DemoSpec, generate_demo, make_clip, write_mp4
+from stages.ingest import demo
+from stages.ingest.demo import CLASSES, DemoSpec, generate_demo, make_clip, write_mp4
 
 SR = 22050
 FPS = 8

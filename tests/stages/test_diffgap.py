@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from stages import diffgap as D
-from stages.checkpoints import list_checkpoints, load_progress
-from stages.manifest import Clip, ClipManifest
-from stages.parallel import torch_threads
-from stages.retrieval import normalize
-from stages.store import FeatureStore
+from stages.diffgap import evaluate as diffgap_eval
+from stages.diffgap import train as diffgap_train
+from stages.core.checkpoints import list_checkpoints
+from stages.ingest.manifest import Clip, ClipManifest
+from stages.evaluation.retrieval import normalize
+from stages.core.store import FeatureStore
 
 DIM = 16
 SMALL = dict(width=64, depth=2, learning_rate=2e-3, steps=300, bst_interval=50, checkpoint_every=100, update_steps=60)
@@ -43,16 +43,16 @@ def test_fit_reuses_then_warm_starts_on_new_shards(tmp_path):
     store = FeatureStore(str(tmp_path))
     manifest = ClipManifest("toy", 40, _clips(200))
     key = _write_space(store, manifest)
-    config = D.DiffgapTrainConfig(**SMALL)
+    config = diffgap_train.DiffgapTrainConfig(**SMALL)
 
-    first = D.fit_space(store, manifest, "clap", key, config)
+    first = diffgap_train.fit_space(store, manifest, "clap", key, config)
     assert first.status == "trained" and first.sidecar["steps_run"] == 300
     assert first.sidecar["shards_seen"] == sorted(manifest.by_shard())
-    assert D.fit_space(store, manifest, "clap", key, config).status == "reused"
+    assert diffgap_train.fit_space(store, manifest, "clap", key, config).status == "reused"
 
     grown = ClipManifest("toy", 40, _clips(200) + _clips(40, start=200))
     _write_space(store, grown, key)
-    second = D.fit_space(store, grown, "clap", key, config)
+    second = diffgap_train.fit_space(store, grown, "clap", key, config)
     assert second.status == "warm-started" and second.sidecar["warm_start_from"] == first.key
     assert second.sidecar["steps_run"] == 60 and second.sidecar["clips_new"] == 24  # 6 of every 10 clips are train
     assert [s["checkpoint_key"] for s in list_checkpoints(store, "toy", "diffgap_clap")] == [second.key, first.key]
@@ -62,9 +62,9 @@ def test_a_killed_run_resumes_from_its_last_progress_save(tmp_path, monkeypatch)
     store = FeatureStore(str(tmp_path))
     manifest = ClipManifest("toy", 40, _clips(200))
     key = _write_space(store, manifest)
-    config = D.DiffgapTrainConfig(**SMALL)
+    config = diffgap_train.DiffgapTrainConfig(**SMALL)
 
-    import stages.checkpoints as checkpoints
+    import stages.core.checkpoints as checkpoints
 
     real_save = checkpoints.save_progress
 
@@ -75,11 +75,11 @@ def test_a_killed_run_resumes_from_its_last_progress_save(tmp_path, monkeypatch)
 
     monkeypatch.setattr(checkpoints, "save_progress", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        D.fit_space(store, manifest, "clap", key, config)
+        diffgap_train.fit_space(store, manifest, "clap", key, config)
     monkeypatch.setattr(checkpoints, "save_progress", real_save)
     assert list_checkpoints(store, "toy", "diffgap_clap") == []  # nothing half-finished is committed
 
-    resumed = D.fit_space(store, manifest, "clap", key, config)
+    resumed = diffgap_train.fit_space(store, manifest, "clap", key, config)
     assert resumed.status == "resumed" and resumed.sidecar["resumed_from_step"] == 200 and resumed.sidecar["steps_run"] == 100
     assert resumed.sidecar["history"][-1]["step"] == 300
 
@@ -88,9 +88,9 @@ def test_evaluation_rows_choose_blend_on_val_and_report_controls(tmp_path):
     store = FeatureStore(str(tmp_path))
     manifest = ClipManifest("toy", 40, _clips(400))
     key = _write_space(store, manifest)
-    fitted = D.fit_space(store, manifest, "clap", key, D.DiffgapTrainConfig(**{**SMALL, "steps": 600}))
-    data = D.split_pairs(D.load_pairs(store, manifest, "clap", key))
-    rows = D.evaluate_space("clap", data, fitted.model, D.EvalConfig(steps=20, samples=2))
+    fitted = diffgap_train.fit_space(store, manifest, "clap", key, diffgap_train.DiffgapTrainConfig(**{**SMALL, "steps": 600}))
+    data = diffgap_eval.split_pairs(diffgap_train.load_pairs(store, manifest, "clap", key))
+    rows = diffgap_eval.evaluate_space("clap", data, fitted.model, diffgap_eval.EvalConfig(steps=20, samples=2))
     methods = {(r["direction"], r["method"].split(" (alpha")[0]) for r in rows}
     for direction in ("T->A", "A->T"):
         assert {(direction, m) for m in ("base encoder", "ridge control", "DiffGAP", "DiffGAP (generated only)")} <= methods
@@ -106,19 +106,19 @@ def test_two_fits_of_one_config_and_seed_give_identical_weights(tmp_path):
     """The denoiser is initialised from the config's seed, not the global RNG (issue 12)."""
     import torch
 
-    config = D.DiffgapTrainConfig(**{**SMALL, "steps": 20, "checkpoint_every": 0})
+    config = diffgap_train.DiffgapTrainConfig(**{**SMALL, "steps": 20, "checkpoint_every": 0})
     weights = []
     for run in range(2):
         store = FeatureStore(str(tmp_path / f"run{run}"))
         manifest = ClipManifest("toy", 40, _clips(80))
         key = _write_space(store, manifest)
         torch.manual_seed(1000 + run)  # a different global RNG state must not matter
-        weights.append(D.fit_space(store, manifest, "clap", key, config).model.state_dict())
+        weights.append(diffgap_train.fit_space(store, manifest, "clap", key, config).model.state_dict())
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
-    other = D.DiffgapTrainConfig(**{**config.params(), "seed": 1})
+    other = diffgap_train.DiffgapTrainConfig(**{**config.params(), "seed": 1})
     store = FeatureStore(str(tmp_path / "seed1"))
     manifest = ClipManifest("toy", 40, _clips(80))
-    changed = D.fit_space(store, manifest, "clap", _write_space(store, manifest), other).model.state_dict()
+    changed = diffgap_train.fit_space(store, manifest, "clap", _write_space(store, manifest), other).model.state_dict()
     assert any(not torch.equal(weights[0][n], changed[n]) for n in weights[0])

@@ -7,25 +7,15 @@ import shutil
 import numpy as np
 import pytest
 
-from stages.decode import load_audio
-from stages.demo import DemoSpec, generate_demo
-from stages.features import (
-    AUDIO_IMAGE_CODE_VERSION,
-    AUDIO_IMAGE_FEATURE,
-    MEL_CODE_VERSION,
-    MEL_FEATURE,
-    AudioImageParams,
-    FeatureRun,
-    MelParams,
-    compute_audio_image_shard,
-    compute_mel_shard,
-    run_feature,
-)
-from stages.manifest import ClipManifest, build_manifest
-from stages.parallel import InProcessExecutor
-from stages.sources import SourceConfig, read_source
-from stages.spectral import MelSpectrogram, get_preset, mel_to_audio_image
-from stages.store import FeatureStore
+from stages.ingest.decode import load_audio
+from stages.ingest.demo import DemoSpec, generate_demo
+from stages.features.mel import AUDIO_IMAGE_CODE_VERSION, AUDIO_IMAGE_FEATURE, MEL_CODE_VERSION, MEL_FEATURE, AudioImageParams, MelParams, compute_audio_image_shard, compute_mel_shard
+from stages.features.base import FeatureRun, run_feature
+from stages.ingest.manifest import ClipManifest, build_manifest
+from stages.core.parallel import InProcessExecutor
+from stages.ingest.sources import SourceConfig, read_source
+from stages.features.spectral import MelSpectrogram, get_preset, mel_to_audio_image
+from stages.core.store import FeatureStore
 
 SHARD_SIZE = 16
 
@@ -274,7 +264,7 @@ def test_mels_on_s3_equal_the_local_result(demo_dataset, store, s3_bucket):
 def test_dask_local_cluster_writes_byte_identical_arrays(demo_dataset, tmp_path):
     import zarr
 
-    from stages.parallel import DaskExecutor
+    from stages.core.parallel import DaskExecutor
 
     manifest, _ = demo_manifest(demo_dataset)
     params = MelParams()

@@ -5,15 +5,18 @@ generated_audio (WAVs + previews) -> generation_evaluation (Tables I / II); then
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from dagster import DagsterInstance, materialize
 
 from assets import contrastive, diffgap, generation, towers, vae
 from assets.features import audio_images, clip_manifest, mel_spectrograms
 from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
                               PretrainedClapResource)
-from stages.store import FeatureStore
+from stages.core.store import FeatureStore
 from tests.fixtures.dagster_results import materialization_metadata
+from stages.core import tables
+from stages.generation import evaluate as generation_eval
+from stages.generation import sample as generation_sample
+from stages.generation import train as generation_train
 
 CHAIN = [clip_manifest, mel_spectrograms, audio_images, vae.video_frames, vae.audio_vae, vae.frame_vae, vae.vae_latents,
          towers.audio_tower_features, towers.frame_tower_features, towers.text_tower_features,
@@ -106,25 +109,24 @@ def test_hifigan_decoder_and_tables():
     """The real decode path (VAE -> audio image -> mel -> HiFi-GAN) on one short latent, and the table helpers."""
     from models.vae import VaeConfig, build_vae
     from models.vocoder import get_vocoder
-    from stages import generation as G
 
     vae = build_vae(VaeConfig(block_out_channels=(16, 32), norm_num_groups=4, mid_block_attention=False), seed=0)
-    decoder = G.Decoder(vae, 1.0, "hifigan22k", 0.5, get_vocoder())
+    decoder = generation_sample.Decoder(vae, 1.0, "hifigan22k", 0.5, get_vocoder())
     out = decoder(np.zeros((1, 4, 16, 16), np.float32))
     assert out["images"].shape == (1, 32, 32, 3) and out["mels"].shape == (1, 80, 44)
     assert out["audio"].shape == (1, 44 * 256) and np.isfinite(out["audio"]).all()
 
     rows = [{"task": "V2A", "method": "DiffGAP", "IS (aiSFX)": 2.0, "KL (aiSFX)": 0.5, "FD (aiSFX)": 3.0, "Acc": 75.0, "n": 4},
             {"task": "T2A", "method": "DiffGAP", "IS (aiSFX)": 2.0, "KL (aiSFX)": 0.5, "FAD (aiSFX)": 1.0, "FD (aiSFX)": 3.0, "n": 4}]
-    assert "| DiffGAP | 2.000 | 0.500 | 3.000 | 75.000 | 4 |" in G.table_markdown(rows, "V2A")
-    csv = G.rows_to_csv(rows).splitlines()
+    assert "| DiffGAP | 2.000 | 0.500 | 3.000 | 75.000 | 4 |" in generation_eval.table_markdown(rows, "V2A")
+    csv = tables.rows_to_csv(rows).splitlines()
     assert csv[0] == "task,method,IS (aiSFX),KL (aiSFX),FD (aiSFX),Acc,n,FAD (aiSFX)" and csv[2].endswith(",,4,1.0")
 
 
 def _class_latents(n: int, rng: np.random.Generator, classes: int = 4, size: int = 8):
     """Scaled latents whose channel c is bright for class c (the rest noise), with unit-norm class
     embeddings (plus jitter) as conditions: the condition fully decides which channel lights up."""
-    from stages import generation as G
+
 
     labels = rng.integers(0, classes, n)
     latents = 0.3 * rng.normal(size=(n, 4, size, size))
@@ -133,27 +135,27 @@ def _class_latents(n: int, rng: np.random.Generator, classes: int = 4, size: int
     cond = centres[labels] + 0.1 * rng.normal(size=(n, 16))
     cond /= np.linalg.norm(cond, axis=1, keepdims=True)
     f32 = lambda x: x.astype(np.float32)
-    return G.LatentPairs([f"c{i}" for i in range(n)], f32(latents), f32(cond), f32(cond), ["train"] * n), labels
+    return generation_train.LatentPairs([f"c{i}" for i in range(n)], f32(latents), f32(cond), f32(cond), ["train"] * n), labels
 
 
 @pytest.mark.parametrize("prediction_type, steps, min_ratio", [("v_prediction", 300, 1.5), ("epsilon", 800, 1.1)])
 def test_trained_generator_follows_its_condition(prediction_type, steps, min_ratio):
     """The condition-sensitivity diagnostic and the samples agree: after training, another clip's
     condition costs more eps-MSE than the clip's own, and samples light up the conditioned channel."""
-    from stages import generation as G
+
 
     rng = np.random.default_rng(0)
     train, _ = _class_latents(128, rng)
     held_out, labels = _class_latents(32, rng)
-    config = G.GeneratorTrainConfig(steps=steps, batch_size=32, learning_rate=2e-3, block_out_channels=(16, 32), norm_num_groups=4,
+    config = generation_train.GeneratorTrainConfig(steps=steps, batch_size=32, learning_rate=2e-3, block_out_channels=(16, 32), norm_num_groups=4,
                                     threads=1, prediction_type=prediction_type)
-    untrained = G.LatentGenerator(config.generator_config(16, 4, 8))
-    assert abs(G.condition_sensitivity(untrained, held_out)["shuffled_over_matched"] - 1.0) < 0.05
+    untrained = generation_train.LatentGenerator(config.generator_config(16, 4, 8))
+    assert abs(generation_train.condition_sensitivity(untrained, held_out)["shuffled_over_matched"] - 1.0) < 0.05
 
-    model = G.train_generator(train, config).model
-    sensitivity = G.condition_sensitivity(model, held_out)
+    model = generation_train.train_generator(train, config).model
+    sensitivity = generation_train.condition_sensitivity(model, held_out)
     assert sensitivity["shuffled_over_matched"] > min_ratio, sensitivity
     assert sensitivity["loss_matched"] < sensitivity["loss_null"]
-    z = G.generate_latents(model, held_out.audio, G.SampleConfig(steps=10, guidance_scale=2.0, threads=1))
+    z = generation_sample.generate_latents(model, held_out.audio, generation_sample.SampleConfig(steps=10, guidance_scale=2.0, threads=1))
     predicted = z.mean(axis=(2, 3)).argmax(axis=1)
     assert np.mean(predicted == labels) >= 0.8

@@ -1,8 +1,8 @@
-"""stages.ids: which names may become file names in the store, which media paths may be opened."""
+"""stages.core.ids: which names may become file names in the store, which media paths may be opened."""
 
 import pytest
 
-from stages.ids import UnsafeNameError, check_name, check_relative_path, is_safe_name
+from stages.core.ids import UnsafeNameError, check_name, check_relative_path, is_safe_name
 
 SAFE_NAMES = [
     "a",

@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 import soundfile
 
-import stages.manifest as manifest_module
-from stages.manifest import (
-    ClipManifest,
-    build_manifest,
-    content_hash,
-    load_manifest,
-    save_manifest,
-)
-from stages.sources import SourceConfig, read_source
-from stages.store import FeatureStore
+import stages.ingest.manifest as manifest_module
+from stages.ingest.manifest import ClipManifest, build_manifest, content_hash, load_manifest, save_manifest
+from stages.ingest.sources import SourceConfig, read_source
+from stages.core.store import FeatureStore
 
 SR = 16000
 

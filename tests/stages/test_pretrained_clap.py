@@ -1,4 +1,4 @@
-"""stages.pretrained_clap on a tiny ClapModel saved to disk the way LAION ships one (config.json,
+"""stages.embeddings.pretrained_clap on a tiny ClapModel saved to disk the way LAION ships one (config.json,
 model.safetensors, preprocessor_config.json, tokenizer files): it loads offline, embeds audio and
 text into unit vectors deterministically, keys on the weights, names what a bad folder lacks, and
 a shard of real WAV files stores the same vectors as calling the model directly."""
@@ -15,10 +15,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from stages.contrastive import CLAP_FEATURE  # noqa: E402
-from stages.decode import AudioSpec, load_audio  # noqa: E402
-from stages.features import ShardJob  # noqa: E402
-from stages.pretrained_clap import (  # noqa: E402
+from stages.embeddings.heads import CLAP_FEATURE  # noqa: E402
+from stages.ingest.decode import AudioSpec, load_audio  # noqa: E402
+from stages.features.base import ShardJob  # noqa: E402
+from stages.embeddings.pretrained_clap import (  # noqa: E402
     PRETRAINED_CLAP_CODE_VERSION,
     PretrainedClap,
     PretrainedClapError,
@@ -27,7 +27,7 @@ from stages.pretrained_clap import (  # noqa: E402
     load_pretrained_clap,
     pretrained_clap_settings,
 )
-from stages.store import FeatureStore  # noqa: E402
+from stages.core.store import FeatureStore
 
 RATE = 16000
 WINDOW_S = 1  # the tiny feature extractor's max_length_s

@@ -1,11 +1,11 @@
-"""stages.sources: folder, AudioCaps CSV, VGGSound CSV and JSONL sources, with their bad rows."""
+"""stages.ingest.sources: folder, AudioCaps CSV, VGGSound CSV and JSONL sources, with their bad rows."""
 
 import shutil
 
 import pytest
 
-from stages.manifest import build_manifest
-from stages.sources import SourceConfig, SourceError, read_source
+from stages.ingest.manifest import build_manifest
+from stages.ingest.sources import SourceConfig, SourceError, read_source
 from tests.fixtures.media import JSONL_BAD_LINES, JSONL_GOOD_LINES
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.spectral import PRESETS, MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
+from stages.features.spectral import PRESETS, MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
 
 # Stated tolerance against librosa.feature.melspectrogram: max |difference| of the log-mel
 # wherever the linear mel is above 1e-5 (-100 dB re full scale). Below that, float32 rounding

@@ -12,8 +12,8 @@ from importlib.metadata import version
 import numpy as np
 import pytest
 
-from stages.ids import UnsafeNameError
-from stages.store import FeatureStore, StoreError, feature_key
+from stages.core.ids import UnsafeNameError
+from stages.core.store import FeatureStore, StoreError, feature_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

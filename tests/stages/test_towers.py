@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from models.towers import AudioTower, FrameTower, TextTower, get_tower
-from stages import towers as T
-from stages.decode import AudioSpec, FrameSpec, load_audio, load_frames
-from stages.features import ShardJob
-from stages.store import FeatureStore
+from stages.features import towers as T
+from stages.ingest.decode import AudioSpec, FrameSpec, load_audio, load_frames
+from stages.features.base import ShardJob
+from stages.core.store import FeatureStore
 from tests.models import tower_weights_dir  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("tower_weights_dir")

@@ -14,43 +14,19 @@ import pytest
 import torch
 
 from models.vae import encode
-from stages.checkpoints import load_checkpoint, save_checkpoint
-from stages.features import (
-    AUDIO_IMAGE_CODE_VERSION,
-    AUDIO_IMAGE_FEATURE,
-    MEL_CODE_VERSION,
-    MEL_FEATURE,
-    AudioImageParams,
-    MelParams,
-    compute_audio_image_shard,
-    compute_mel_shard,
-    run_feature,
-)
-from stages.frames import FRAMES_CODE_VERSION, VIDEO_FRAMES_FEATURE, FrameParams, compute_frames_shard
-from stages.manifest import build_manifest
-from stages.parallel import InProcessExecutor
-from stages.sources import SourceConfig, read_source
-from stages.spectral import get_preset
-from stages.store import FeatureStore
-from stages.vae import (
-    AUDIO_VAE,
-    LATENT_CODE_VERSION,
-    LATENT_FEATURE,
-    LatentParams,
-    VaeTrainConfig,
-    compute_latent_shard,
-    decode_latents,
-    encode_scaled,
-    fit_vae,
-    latent_statistics,
-    latent_vaes,
-    load_vae,
-    psnr,
-    read_image_set,
-    reconstruction_metrics,
-    spectral_convergence,
-)
-from stages.vocode import VocodeError, check_vocoder_preset, images_to_mels, log_mel_error
+from stages.core.checkpoints import load_checkpoint, save_checkpoint
+from stages.features.mel import AUDIO_IMAGE_CODE_VERSION, AUDIO_IMAGE_FEATURE, MEL_CODE_VERSION, MEL_FEATURE, AudioImageParams, MelParams, compute_audio_image_shard, compute_mel_shard
+from stages.features.base import run_feature
+from stages.features.frames import FRAMES_CODE_VERSION, VIDEO_FRAMES_FEATURE, FrameParams, compute_frames_shard
+from stages.ingest.manifest import build_manifest
+from stages.core.parallel import InProcessExecutor
+from stages.ingest.sources import SourceConfig, read_source
+from stages.features.spectral import get_preset
+from stages.core.store import FeatureStore
+from stages.vae.train import (AUDIO_VAE, VaeTrainConfig, decode_latents, encode_scaled, fit_vae, load_vae, psnr, read_image_set,
+                              reconstruction_metrics, spectral_convergence)
+from stages.features.latents import LATENT_CODE_VERSION, LATENT_FEATURE, LatentParams, compute_latent_shard, latent_statistics, latent_vaes
+from stages.generation.vocode import VocodeError, check_vocoder_preset, images_to_mels, log_mel_error
 
 IMAGE_SIZE = 32
 TINY = VaeTrainConfig(steps=60, batch_size=8, learning_rate=2e-3, eval_every=30, block_out_channels=(16, 32, 32),
@@ -243,7 +219,7 @@ def test_latents_quarantine_clips_missing_an_input(prepared, demo_dataset, bad_m
 @pytest.mark.parametrize("steps", [1, 2, 3, 20])
 def test_short_training_runs_have_a_valid_learning_rate_schedule(steps):
     # steps=20 once gave a one-step warm-up, and OneCycleLR divided by zero.
-    from stages.vae import train_vae
+    from stages.vae.train import train_vae
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)

@@ -6,7 +6,7 @@ The pairing is learnable across modalities but not trivial: shapes, colours, eve
 sounds are each shared or confusable between classes, and every clip adds jitter, background
 noise and sometimes distractors.
 
-    from stages.demo import DemoSpec, generate_demo
+    from stages.ingest.demo import DemoSpec, generate_demo
     jsonl = generate_demo("data/demo", DemoSpec(n_clips=300))
 
 Clip i depends only on (seed, i), so a larger ``n_clips`` appends clips and never reshuffles.

@@ -16,10 +16,10 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from stages.decode import ClipError, read_bytes
-from stages.ids import check_name
-from stages.sources import Rejected, SourceListing
-from stages.store import FeatureStore, canonical_json
+from stages.ingest.decode import ClipError, read_bytes
+from stages.core.ids import check_name
+from stages.ingest.sources import Rejected, SourceListing
+from stages.core.store import FeatureStore, canonical_json
 
 MANIFEST_FOLDER = "clip_manifest"
 

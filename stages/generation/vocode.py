@@ -1,14 +1,14 @@
 """The way back to sound: VAE latent -> audio image -> log-mel -> waveform (HiFi-GAN, 22.05 kHz).
 
-    latents (scaled)  --stages.vae.decode_latents-->  audio images uint8 [B, 64, 64, 3]
-                      --stages.spectral.audio_image_to_mel-->  log-mel [B, 80, T] (hifigan22k)
+    latents (scaled)  --stages.vae.train.decode_latents-->  audio images uint8 [B, 64, 64, 3]
+                      --stages.features.spectral.audio_image_to_mel-->  log-mel [B, 80, T] (hifigan22k)
                       --models.vocoder.Vocoder-->  waveform float32 [B, 256 T]
 
 Only the ``hifigan22k`` preset can be vocoded: the vocoder was trained on exactly that mel.
 ``log_mel_error`` is the figure the tests and the report use to say how close a waveform's
 log-mel is to the one it was made from.
 
-    from stages.vocode import vocode_latents
+    from stages.generation.vocode import vocode_latents
     audio = vocode_latents(store, "demo", clip_ids=["demo_000001"])   # {clip id: waveform}
 
 No dagster here: usable from a notebook.
@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from models.vocoder import FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, Vocoder, get_vocoder
-from stages.spectral import MelPreset, MelSpectrogram, audio_image_to_mel, get_preset
-from stages.store import FeatureStore
+from stages.features.spectral import MelPreset, MelSpectrogram, audio_image_to_mel, get_preset
+from stages.core.store import FeatureStore
 
 VOCODER_PRESET = "hifigan22k"
 # Bins quieter than this (natural log) are inaudible and are not scored (the audio images' floor).
@@ -66,7 +66,7 @@ def latents_to_audio(
     preset: str | MelPreset = VOCODER_PRESET, seconds: float = 4.0,
 ) -> dict[str, np.ndarray]:
     """Scaled audio latents [B, C, h, w] -> {"images", "mels", "audio"} along the whole way back."""
-    from stages.vae import decode_latents
+    from stages.vae.train import decode_latents
 
     p = check_vocoder_preset(preset)
     images = decode_latents(vae, latents, scaling_factor)
@@ -80,7 +80,9 @@ def vocode_latents(
 ) -> dict[str, np.ndarray]:
     """Waveforms of stored ``vae_latents`` audio rows (all, or ``clip_ids``), with the VAE and scaling
     factor named in the shards' manifests. ``seconds`` defaults to the mels' clip length."""
-    from stages.vae import LATENT_FEATURE, latent_vaes, load_vae
+    from stages.features.latents import LATENT_FEATURE
+    from stages.vae.train import load_vae
+    from stages.features.latents import latent_vaes
 
     key = store.resolve_key(dataset, LATENT_FEATURE, key)
     vaes = latent_vaes(store, dataset, key)

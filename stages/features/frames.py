@@ -1,11 +1,11 @@
 """The ``video_frames`` feature: uint8 frames [N, T, size, size, 3] per shard, decoded once with decord.
 
 Frames are sampled at ``fps`` over the first ``seconds`` of each clip (nearest source frame; a
-shorter clip repeats its last frame, the way stages.decode.decode_frames fits it), the shorter
+shorter clip repeats its last frame, the way stages.ingest.decode.decode_frames fits it), the shorter
 side resized to ``size`` and centre-cropped. A clip without a video stream, or whose video cannot
 be decoded, is quarantined with its one-line reason; the rest of the shard goes on.
 
-    from stages.store import FeatureStore
+    from stages.core.store import FeatureStore
     frames = FeatureStore(root).read_arrays("demo", "video_frames").arrays["frames"]
 """
 
@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stages.decode import ClipError, FrameSpec, load_frames
-from stages.features import ShardJob, ShardResult, shard_manifest, job_store
-from stages.store import feature_key
+from stages.ingest.decode import ClipError, FrameSpec, load_frames
+from stages.features.base import ShardJob, ShardResult, shard_manifest, job_store
+from stages.core.store import feature_key
 
 VIDEO_FRAMES_FEATURE = "video_frames"
 # Bump when the code changes the frames it stores: the key changes and old caches stay valid.
@@ -82,7 +82,7 @@ def compute_frames_shard(job: ShardJob) -> ShardResult:
 
 
 def frames_preview_png(frames: np.ndarray, shown: int = 8, height: int = 64) -> bytes:
-    """One row per clip: ``shown`` evenly spaced frames of uint8 [n, T, H, W, 3] (stages.preview style)."""
+    """One row per clip: ``shown`` evenly spaced frames of uint8 [n, T, H, W, 3] (stages.core.preview style)."""
     import io
 
     from PIL import Image

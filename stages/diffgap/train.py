@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, DenoiserConfig, diffusion_loss, make_train_scheduler, sample
-from stages.contrastive import CAVP_FEATURE, CLAP_FEATURE
-from stages.manifest import ClipManifest
-from stages.parallel import torch_threads
-from stages.retrieval import normalize, retrieval_metrics
-from stages.store import FeatureStore
+from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, DenoiserConfig, diffusion_loss, make_train_scheduler
+from stages.embeddings.heads import CAVP_FEATURE, CLAP_FEATURE
+from stages.ingest.manifest import ClipManifest
+from stages.core.parallel import torch_threads
+from stages.evaluation.retrieval import normalize
+from stages.core.store import FeatureStore
+
 
 DIFFGAP_CODE_VERSION = "1"
 # space -> (embedding feature, the non-audio modality, its letter in direction names)
@@ -170,7 +171,7 @@ def _train_diffgap(
     if restored is not None:
         step_done, model_state, optimizer_state, groups = restored
         model.load_state_dict(model_state)
-        from stages.checkpoints import restore_optimizer
+        from stages.core.checkpoints import restore_optimizer
 
         restore_optimizer(optimizer, optimizer_state, groups)
         first_step, history = step_done + 1, list(groups.get("history", []))
@@ -211,115 +212,6 @@ def _train_diffgap(
     return DiffgapTrainResult(model, history, total_steps - first_step + 1, first_step - 1, time.perf_counter() - start)
 
 
-# ---- generation and retrieval -------------------------------------------------------------------
-
-def generate(
-    model: Denoiser, condition: np.ndarray, direction: int, steps: int = 50, sampler: str = "ddim",
-    samples: int = 4, seed: int = 0, project: bool = True, batch: int = 256,
-) -> np.ndarray:
-    """Mean of `samples` generated target embeddings per condition, renormalised: [N, d]."""
-    with torch_threads(SMALL_MODEL_THREADS):
-        return _generate(model, condition, direction, steps, sampler, samples, seed, project, batch)
-
-
-def _generate(model, condition, direction, steps, sampler, samples, seed, project, batch) -> np.ndarray:
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(condition), batch):
-        chunk = torch.from_numpy(np.asarray(condition[i : i + batch], np.float32))
-        drawn = sample(model, chunk, direction, steps=steps, sampler=sampler, samples_per_condition=samples,
-                       project=project, generator=generator)
-        out.append(normalize(drawn.mean(dim=1).numpy()))
-    return np.concatenate(out) if out else np.zeros((0, condition.shape[-1]), np.float32)
-
-
-def blended_metrics(query: np.ndarray, gallery: np.ndarray, predicted: np.ndarray, weight: float) -> dict:
-    """Rank the gallery by (1 - w) * sim(query, g) + w * sim(predicted target, g)."""
-    from stages.retrieval import match_ranks
-
-    scores = (1 - weight) * (query @ gallery.T) + weight * (predicted @ gallery.T)
-    ranks = match_ranks(scores)
-    return {
-        "R@1": float(100 * np.mean(ranks <= 1)), "R@5": float(100 * np.mean(ranks <= 5)),
-        "R@10": float(100 * np.mean(ranks <= 10)), "mean_rank": float(ranks.mean()),
-        "median_rank": float(np.median(ranks)), "n": int(len(ranks)),
-    }
-
-
-def choose_blend(query: np.ndarray, gallery: np.ndarray, predicted: np.ndarray, weights: Sequence[float] = BLEND_WEIGHTS) -> float:
-    """The blend weight with the best validation R@1 (mean rank breaks ties; smaller w wins ties)."""
-    scored = []
-    for w in weights:
-        metrics = blended_metrics(query, gallery, predicted, w)
-        scored.append((-metrics["R@1"], metrics["mean_rank"], w))
-    return float(min(scored)[2])
-
-
-def fit_ridge(condition: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
-    """Closed-form ridge map W: condition @ W ~ target."""
-    d = condition.shape[1]
-    return np.linalg.solve(condition.T @ condition + alpha * np.eye(d), condition.T @ target)
-
-
-RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
-
-
-@dataclass
-class SplitData:
-    train: EmbeddingPairs
-    val: EmbeddingPairs
-    test: EmbeddingPairs
-
-
-def split_pairs(pairs: EmbeddingPairs) -> SplitData:
-    data = SplitData(pairs.subset("train"), pairs.subset("val"), pairs.subset("test"))
-    for name in ("train", "val", "test"):
-        if len(getattr(data, name)) < 2:
-            raise ValueError(f"split {name!r} has {len(getattr(data, name))} clips with embeddings; need at least 2")
-    return data
-
-
-def evaluate_direction(
-    space: str, direction: int, data: SplitData, model: Denoiser | None, *, steps: int = 50, sampler: str = "ddim",
-    samples: int = 4, seed: int = 0, include_controls: bool = True, label: str = "DiffGAP",
-) -> list[dict]:
-    """Rows for one direction on the test split: base encoder, ridge control, DiffGAP.
-
-    Blend weights (and the ridge alpha) are chosen on the validation split, never on test.
-    """
-    name = direction_names(space)[direction]
-    val_q, val_g = data.val.condition_target(direction)
-    test_q, test_g = data.test.condition_target(direction)
-    rows = []
-
-    def row(method: str, metrics: dict, weight: float | None, **extra) -> dict:
-        return {"space": space, "direction": name, "method": method, "blend_weight": weight, "seed": seed,
-                "steps": extra.get("steps", ""), "sampler": extra.get("sampler", ""), **metrics}
-
-    if include_controls:
-        rows.append(row("base encoder", retrieval_metrics(test_q, test_g), None))
-        train_q, train_g = data.train.condition_target(direction)
-        best = None
-        for alpha in RIDGE_ALPHAS:
-            ridge = fit_ridge(train_q, train_g, alpha)
-            val_pred = normalize(val_q @ ridge)
-            weight = choose_blend(val_q, val_g, val_pred)
-            score = blended_metrics(val_q, val_g, val_pred, weight)
-            key = (-score["R@1"], score["mean_rank"])
-            if best is None or key < best[0]:
-                best = (key, alpha, weight)
-        _, alpha, weight = best
-        ridge = fit_ridge(train_q, train_g, alpha)
-        rows.append(row(f"ridge control (alpha {alpha:g})", blended_metrics(test_q, test_g, normalize(test_q @ ridge), weight), weight))
-    if model is not None:
-        val_pred = generate(model, val_q, direction, steps, sampler, samples, seed)
-        weight = choose_blend(val_q, val_g, val_pred)
-        test_pred = generate(model, test_q, direction, steps, sampler, samples, seed + 1)
-        rows.append(row(label, blended_metrics(test_q, test_g, test_pred, weight), weight, steps=steps, sampler=sampler))
-        rows.append(row(f"{label} (generated only)", blended_metrics(test_q, test_g, test_pred, 1.0), 1.0, steps=steps, sampler=sampler))
-    return rows
-
-
 def gap_statistics(pairs: EmbeddingPairs) -> dict:
     """How far apart the two modalities sit: mean cosine of matched pairs vs unmatched ones, and
     the distance between the modality centroids (the 'modality gap')."""
@@ -333,7 +225,7 @@ def gap_statistics(pairs: EmbeddingPairs) -> dict:
 # ---- fitting with lineage: reuse, warm start on new shards, resume after a kill -------------------
 
 def lineage_key(space: str, config: DiffgapTrainConfig, embedding_key: str) -> str:
-    from stages.store import feature_key
+    from stages.core.store import feature_key
 
     return feature_key(model_name(space), config.params(), DIFFGAP_CODE_VERSION, [embedding_key])
 
@@ -347,7 +239,7 @@ class FitResult:
 
 
 def load_model(store: FeatureStore, dataset: str, space: str, key: str) -> tuple[Denoiser, dict]:
-    from stages.checkpoints import load_module
+    from stages.core.checkpoints import load_module
 
     return load_module(store, dataset, model_name(space), key, lambda s: Denoiser(DenoiserConfig(**s["denoiser_config"])))
 
@@ -367,9 +259,8 @@ def fit_space(
     training clips plus replayed old ones. A run killed mid-training resumes from its last
     progress save.
     """
-    from stages.checkpoints import (has_checkpoint, list_checkpoints, load_checkpoint, load_progress,
-                                    optimizer_tensors, save_checkpoint, save_progress)
-    from stages.store import feature_key
+    from stages.core.checkpoints import has_checkpoint, list_checkpoints, load_checkpoint, load_progress, optimizer_tensors, save_checkpoint, save_progress
+    from stages.core.store import feature_key
 
     name = model_name(space)
     lineage = lineage_key(space, config, embedding_key)
@@ -434,60 +325,3 @@ def fit_space(
         },
     )
     return FitResult(key, sidecar, status, result.model)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    steps: int = 50
-    sampler: str = "ddim"
-    samples: int = 16  # generated embeddings averaged per query (R@1 of generated-only grows with it: bench/diffgap_sweep.py)
-    seed: int = 0
-
-
-def evaluate_space(space: str, data: SplitData, model: Denoiser, evaluation: EvalConfig, label: str = "DiffGAP") -> list[dict]:
-    rows = []
-    for direction in (TO_AUDIO, FROM_AUDIO):
-        rows += evaluate_direction(space, direction, data, model, steps=evaluation.steps, sampler=evaluation.sampler,
-                                   samples=evaluation.samples, seed=evaluation.seed, label=label)
-    return rows
-
-
-def ablation_rows(
-    store: FeatureStore, manifest: ClipManifest, space: str, embedding_key: str, config: DiffgapTrainConfig,
-    evaluation: EvalConfig, log: Callable[[str], None] | None = None,
-) -> dict[str, list[dict]]:
-    """Tables V (CDM / BST), VI (sampling steps) and VII (BST interval) for one space.
-
-    Extra models are fitted (and cached) like the main one. BST intervals are the paper's
-    1000 / 5000 / 10000 scaled to this run: interval / 5, interval, 2 x interval.
-    """
-    data = split_pairs(load_pairs(store, manifest, space, embedding_key))
-    main = fit_space(store, manifest, space, embedding_key, config, log)
-    table_v, table_vi, table_vii = [], [], []
-    for direction in (TO_AUDIO, FROM_AUDIO):
-        one_way = fit_space(store, manifest, space, embedding_key,
-                            DiffgapTrainConfig(**{**config.params(), "bst": False, "single_direction": direction}), log)
-        common = dict(steps=evaluation.steps, sampler=evaluation.sampler, samples=evaluation.samples, seed=evaluation.seed)
-        rows = evaluate_direction(space, direction, data, None, **common)[:1]  # base encoder
-        rows[0]["method"] = "base (no CDM)"
-        rows += evaluate_direction(space, direction, data, one_way.model, include_controls=False, label="CDM, no BST", **common)[:1]
-        rows += evaluate_direction(space, direction, data, main.model, include_controls=False, label="CDM + BST", **common)[:1]
-        for row, cdm, bst in zip(rows, (False, True, True), (False, False, True)):
-            row.update(CDM=cdm, BST=bst)
-        table_v += rows
-        for steps in (50, 20, 5):
-            row = evaluate_direction(space, direction, data, main.model, include_controls=False, label="CDM + BST",
-                                     **{**common, "steps": steps})[0]
-            table_vi.append(row)
-    interval = config.bst_interval
-    for scaled in (max(1, interval // 5), interval, 2 * interval):
-        fitted = main if scaled == interval else fit_space(
-            store, manifest, space, embedding_key, DiffgapTrainConfig(**{**config.params(), "bst_interval": scaled}), log)
-        for direction in (TO_AUDIO, FROM_AUDIO):
-            row = evaluate_direction(space, direction, data, fitted.model, include_controls=False, label="CDM + BST",
-                                     steps=evaluation.steps, sampler=evaluation.sampler, samples=evaluation.samples,
-                                     seed=evaluation.seed)[0]
-            row["bst_interval"] = scaled
-            row["final_loss"] = fitted.sidecar["history"][-1]["loss"] if fitted.sidecar["history"] else None
-            table_vii.append(row)
-    return {"V": table_v, "VI": table_vi, "VII": table_vii}

@@ -1,6 +1,6 @@
 """Train CLAP / CAVP projection heads on cached tower features; write clip embeddings per shard.
 
-Tower features (stages.towers) are read from the store, so training never decodes media again.
+Tower features (stages.features.towers) are read from the store, so training never decodes media again.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from models.contrastive import CavpHead, ClapHead, HeadConfig
-from stages.checkpoints import load_checkpoint, load_module
-from stages.features import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
-from stages.manifest import ClipManifest
-from stages.store import FeatureStore
+from stages.core.checkpoints import load_module
+from stages.features.base import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
+from stages.ingest.manifest import ClipManifest
+from stages.core.store import FeatureStore
+
+
 
 AUDIO_TOWER, FRAME_TOWER, TEXT_TOWER = "audio_tower", "frame_tower", "text_tower"
 CLAP_HEAD, CAVP_HEAD = "clap_head", "cavp_head"
@@ -113,8 +115,8 @@ class TrainResult:
 
 
 def train_head(*args, **kwargs) -> "TrainResult":
-    """See _train_head; small heads train on one thread (see stages.parallel.torch_threads)."""
-    from stages.parallel import torch_threads
+    """See _train_head; small heads train on one thread (see stages.core.parallel.torch_threads)."""
+    from stages.core.parallel import torch_threads
 
     with torch_threads(1):
         return _train_head(*args, **kwargs)
@@ -241,75 +243,3 @@ def compute_embedding_shard(job: ShardJob) -> ShardResult:
         manifest=shard_manifest(job, quarantined, start),
     )
     return ShardResult(job.shard, len(clip_ids), quarantined, time.perf_counter() - start, True)
-
-
-# ---- retrieval evaluation ------------------------------------------------------------------------
-
-# (query, gallery) arrays of each head's embedding feature, by direction name.
-DIRECTIONS = {
-    CLAP_HEAD: (("T->A", "text", "audio"), ("A->T", "audio", "text")),
-    CAVP_HEAD: (("V->A", "video", "audio"), ("A->V", "audio", "video")),
-}
-EMBEDDING_FEATURE = {CLAP_HEAD: CLAP_FEATURE, CAVP_HEAD: CAVP_FEATURE}
-
-
-def evaluate_retrieval(
-    store: FeatureStore,
-    manifest: ClipManifest,
-    heads: Mapping[str, Mapping],
-    split: str = "test",
-    seed: int = 0,
-) -> list[dict]:
-    """R@1/5/10, mean and median rank per direction on one split, for the trained embeddings and
-    two baselines: random unit vectors, and the same towers through an untrained (randomly
-    initialised) head of the same shape.
-
-    ``heads`` maps a head kind to {"embedding_key", "head_key" (or "" for a pretrained model),
-    "tower_keys"}.
-    """
-    from stages.retrieval import normalize, retrieval_metrics
-
-    index = manifest.index()
-    rows: list[dict] = []
-    rng = np.random.default_rng(seed)
-    for kind, info in heads.items():
-        table = store.read_arrays(manifest.dataset, EMBEDDING_FEATURE[kind], info["embedding_key"])
-        keep = [i for i, clip_id in enumerate(table.clip_ids) if index.get(clip_id) and index[clip_id].split == split]
-        if len(keep) < 2:
-            raise ValueError(f"{kind}: only {len(keep)} clips with embeddings in split {split!r}; need at least 2")
-        ids = [table.clip_ids[i] for i in keep]
-        methods = {"trained": {name: table.arrays[name][keep] for name in ("audio", "text", "video") if name in table.arrays}}
-        dim = next(iter(methods["trained"].values())).shape[-1]
-        methods["random embeddings"] = {name: normalize(rng.normal(size=(len(ids), dim))) for name in methods["trained"]}
-        if info.get("head_key"):
-            _, sidecar = load_checkpoint(store, manifest.dataset, kind, info["head_key"])
-            torch.manual_seed(seed)
-            untrained = build_head(kind, sidecar["input_dims"], HeadConfig(**sidecar["head_config"]))
-            towers = paired_features(store, manifest, kind, info["tower_keys"])
-            by_id = {clip_id: row for row, clip_id in enumerate(towers.clip_ids)}
-            rows_of = [by_id[i] for i in ids]
-            methods["untrained head"] = embed(untrained, kind, {k: v[rows_of] for k, v in towers.arrays.items()})
-        for direction, query, gallery in DIRECTIONS[kind]:
-            for method, arrays in methods.items():
-                metrics = retrieval_metrics(arrays[query], arrays[gallery])
-                rows.append({"direction": direction, "method": method, "split": split, "seed": seed, **metrics})
-    return rows
-
-
-def rows_to_markdown(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    for row in rows:
-        cells = [f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def rows_to_csv(rows: list[dict]) -> str:
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()

@@ -17,8 +17,8 @@ from typing import Any
 
 import fsspec
 
-from stages.decode import MEDIA_EXTENSIONS
-from stages.ids import UnsafeNameError, check_name, check_relative_path
+from stages.ingest.decode import MEDIA_EXTENSIONS
+from stages.core.ids import UnsafeNameError, check_name, check_relative_path
 
 SOURCE_KINDS = ("demo", "folder", "audiocaps", "vggsound", "jsonl")
 
@@ -106,7 +106,7 @@ def read_source(config: SourceConfig) -> SourceListing:
     if config.kind == "jsonl":
         return _read_jsonl(config)
     if config.kind == "demo":
-        from stages.demo import DemoSpec, generate_demo
+        from stages.ingest.demo import DemoSpec, generate_demo
 
         if not config.path:
             raise SourceError("the demo source needs a folder to generate into (path)")

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from stages.ids import check_name
-from stages.store import FeatureStore, library_versions
+from stages.core.ids import check_name
+from stages.core.store import FeatureStore, library_versions
 
 MODELS_FOLDER = "models"
 

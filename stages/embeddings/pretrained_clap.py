@@ -3,7 +3,7 @@
 When the configuration points at a folder holding a ``ClapModel`` as LAION ships it (config.json,
 model.safetensors, preprocessor_config.json for ``ClapFeatureExtractor``, tokenizer files), the
 ``clap_embeddings`` feature comes from that model instead of our trained projection heads
-(stages.contrastive). Nothing is ever downloaded: every load is ``local_files_only``.
+(stages.embeddings.heads). Nothing is ever downloaded: every load is ``local_files_only``.
 
 Two places where this module deliberately does not call transformers' CLAP preprocessing as is:
 
@@ -19,7 +19,7 @@ Two places where this module deliberately does not call transformers' CLAP prepr
 
 Usable without Dagster::
 
-    from stages.pretrained_clap import load_pretrained_clap
+    from stages.embeddings.pretrained_clap import load_pretrained_clap
     clap = load_pretrained_clap("/models/clap-htsat-unfused")
     clap.embed_text(["a dog barking"])            # [1, 512], L2-normalised
 """
@@ -37,10 +37,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stages.contrastive import CLAP_FEATURE
-from stages.decode import AudioSpec, ClipError, load_audio
-from stages.features import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
-from stages.store import feature_key
+from stages.embeddings.heads import CLAP_FEATURE
+from stages.ingest.decode import AudioSpec, ClipError, load_audio
+from stages.features.base import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
+from stages.core.store import feature_key
 
 # Bump when this code changes the numbers it stores (preprocessing, pooling, normalisation).
 PRETRAINED_CLAP_CODE_VERSION = "1"

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, get_tower
-from stages.decode import AudioSpec, ClipError, FrameSpec, load_audio, load_frames
-from stages.features import ShardJob, ShardResult, limit_threads, shard_manifest, job_store
-from stages.store import feature_key
+from stages.ingest.decode import AudioSpec, ClipError, FrameSpec, load_audio, load_frames
+from stages.features.base import ShardJob, ShardResult, limit_threads, shard_manifest, job_store
+from stages.core.store import feature_key
 
 AUDIO_TOWER_FEATURE = "audio_tower"
 FRAME_TOWER_FEATURE = "frame_tower"
