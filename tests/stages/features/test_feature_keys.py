@@ -1,0 +1,59 @@
+"""The demo's feature and checkpoint keys at the default config, pinned.
+
+These keys name every cached shard and checkpoint in existing stores. A refactor that changes one
+of them silently invalidates users' caches: a key may change only when the numbers change, and
+then on purpose (bump the code version, say so in the change's note). The values were computed at
+commit a704554 (before the house refactor) and must stay.
+"""
+
+from stages.core.store import feature_key
+
+PINNED = {
+    "mel_spectrograms": "101adc40b7c2c901",
+    "audio_images": "af10ae07de3552e5",
+    "video_frames": "cfde3d0e85c8e5fb",
+    "audio_tower": "deb932265682b67b",
+    "frame_tower": "6c404cdd971fc6ae",
+    "text_tower": "46bb203abb0bd5d4",
+    "clap_head": "080b3c194afd239c",
+    "cavp_head": "709410e843f43023",
+    "clap_embeddings": "15f268e1d785ab68",
+    "cavp_embeddings": "b5d949740f5830a5",
+    "diffgap_clap lineage": "d1e27e5d2a0197f5",
+    "diffgap_cavp lineage": "98c9b9b17d348831",
+}
+
+
+def demo_keys() -> dict[str, str]:
+    """The keys the default run config gives, computed the way the assets compute them."""
+    from stages.diffgap.train import lineage_key
+    from stages.embeddings import heads
+    from stages.features.frames import FrameParams
+    from stages.features.mel import AudioImageParams, MelParams
+    from stages.features.towers import AudioTowerParams, FrameTowerParams, TextTowerParams
+    from tests.fixtures.tiny import default_config
+
+    keys = {"mel_spectrograms": MelParams().key()}
+    keys["audio_images"] = AudioImageParams().key(keys["mel_spectrograms"])
+    keys["video_frames"] = FrameParams().key()
+    keys["audio_tower"], keys["frame_tower"], keys["text_tower"] = (
+        AudioTowerParams().key(), FrameTowerParams().key(), TextTowerParams().key())
+    head = default_config("clap_head")
+    revision = head.pop("revision")
+    train = heads.HeadTrainConfig(**head)
+    towers = {"clap_head": ("audio_tower", "text_tower"), "cavp_head": ("audio_tower", "frame_tower")}
+    for kind, space, feature in (("clap_head", "clap", "clap_embeddings"), ("cavp_head", "cavp", "cavp_embeddings")):
+        tower_keys = {name: keys[name] for name in towers[kind]}
+        keys[kind] = feature_key(kind, {**train.params(), "revision": revision}, heads.HEAD_CODE_VERSION,
+                                 sorted(tower_keys.values()))
+        keys[feature] = feature_key(feature, {"head": kind, "head_key": keys[kind], "tower_keys": tower_keys},
+                                    heads.EMBEDDING_CODE_VERSION, (keys[kind], *sorted(tower_keys.values())))
+        from stages.diffgap.train import DiffgapTrainConfig
+
+        keys[f"diffgap_{space} lineage"] = lineage_key(space, DiffgapTrainConfig(**default_config(f"diffgap_{space}")),
+                                                       keys[feature])
+    return keys
+
+
+def test_the_demo_keys_are_the_ones_existing_stores_hold():
+    assert demo_keys() == PINNED
