@@ -1,28 +1,24 @@
-"""Resources: where clips come from, where features go, where shard work runs, which device."""
+"""Resources: where clips come from, where features go, where shard work runs, which device.
+
+Each setting's default lives once, in its Field below. ``resources_from_env`` passes a setting as
+``EnvVar("XMODAL_...")`` only when that variable is set, so the launchpad shows where a value came
+from and an unset variable leaves the Field's default.
+"""
 
 
 import hashlib
 import os
-from typing import Any
 
-from dagster import ConfigurableResource, Failure
+from dagster import ConfigurableResource, EnvVar, Failure
 from pydantic import Field, PrivateAttr
 
+from stages.core.errors import ConfigError, DatasetError
 from stages.core.ids import UnsafeNameError, check_name
+from stages.core.settings import default_demo_dir, default_store_root, s3_options
+from stages.ingest.datasets import register_source, registered_source
 from stages.core.parallel import DaskExecutor, Executor, InProcessExecutor
 from stages.ingest.sources import SOURCE_KINDS, SourceConfig, SourceError, SourceListing, list_media, read_source
 from stages.core.store import FeatureStore, StoreError
-
-from assets.settings import default_demo_dir, default_store_root
-
-
-def _s3_options(endpoint_url: str, anon: bool) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if endpoint_url:
-        options["client_kwargs"] = {"endpoint_url": endpoint_url}
-    if anon:
-        options["anon"] = True
-    return options
 
 
 class FeatureStoreResource(ConfigurableResource):
@@ -34,7 +30,7 @@ class FeatureStoreResource(ConfigurableResource):
 
     def store(self) -> FeatureStore:
         try:
-            return FeatureStore(self.root, _s3_options(self.s3_endpoint_url, self.s3_anon) if self.root.startswith("s3://") else {})
+            return FeatureStore(self.root, s3_options(self.s3_endpoint_url, self.s3_anon) if self.root.startswith("s3://") else {})
         except StoreError as exc:
             raise Failure(str(exc)) from None
 
@@ -73,15 +69,36 @@ class ClipSourceResource(ConfigurableResource):
         if self.shard_size < 1:
             raise Failure(f"shard_size must be at least 1, got {self.shard_size}")
         path = self.path or (default_demo_dir() if self.kind == "demo" else "")
-        options = _s3_options(self.s3_endpoint_url, self.s3_anon) if path.startswith("s3://") else {}
+        options = s3_options(self.s3_endpoint_url, self.s3_anon) if path.startswith("s3://") else {}
         return SourceConfig(
             kind=self.kind, path=path, media_dir=self.media_dir, default_split=self.default_split,
             storage_options=options, demo_clips=self.demo_clips, demo_seed=self.demo_seed,
         )
 
-    def listing(self) -> SourceListing:
+    def source_for(self, dataset: str, store: FeatureStore) -> SourceConfig:
+        """The source of ``dataset``: this resource's own for its dataset (recorded in the store, so
+        other machines and runs find it), else the one registered in the store for that name."""
+        if dataset == self.dataset:
+            config = self.config()
+            register_source(store, dataset, config)
+            return config
+        registered = registered_source(store, dataset, s3_options(self.s3_endpoint_url, self.s3_anon))
+        if registered is None:
+            raise DatasetError(
+                f"dataset {dataset!r} has no source registered in {store.url_root}: run "
+                f"`xmodal dataset add {dataset} --kind KIND --path PATH`, or set XMODAL_DATASET={dataset} with its "
+                "XMODAL_SOURCE_KIND / XMODAL_SOURCE_PATH"
+            )
+        if not registered.path.startswith("s3://"):
+            registered = SourceConfig(**{**registered.__dict__, "storage_options": {}})
+        return registered
+
+    def knows(self, dataset: str, store: FeatureStore) -> bool:
+        return dataset == self.dataset or registered_source(store, dataset) is not None
+
+    def listing(self, config: SourceConfig | None = None) -> SourceListing:
         try:
-            return read_source(self.config())
+            return read_source(config or self.config())
         except SourceError as exc:
             raise Failure(str(exc)) from None
 
@@ -162,3 +179,56 @@ class PretrainedClapResource(ConfigurableResource):
     @property
     def enabled(self) -> bool:
         return bool(self.model_dir)
+
+
+# ---- the environment, read in one place ----------------------------------------------------------
+
+# resource key -> field -> environment variable. Only variables that are set are passed (as EnvVar),
+# so every default stays in the Field above.
+ENV_FIELDS: dict[str, dict[str, str]] = {
+    "clip_source": {"kind": "XMODAL_SOURCE_KIND", "path": "XMODAL_SOURCE_PATH", "media_dir": "XMODAL_MEDIA_DIR",
+                    "dataset": "XMODAL_DATASET", "shard_size": "XMODAL_SHARD_SIZE", "demo_clips": "XMODAL_DEMO_CLIPS",
+                    "s3_endpoint_url": "XMODAL_S3_ENDPOINT_URL"},
+    "feature_store": {"root": "XMODAL_STORE_ROOT", "s3_endpoint_url": "XMODAL_S3_ENDPOINT_URL"},
+    "compute": {"mode": "XMODAL_COMPUTE", "n_workers": "XMODAL_WORKERS", "scheduler_address": "XMODAL_DASK_SCHEDULER"},
+    "device": {"name": "XMODAL_DEVICE"},
+    "pretrained_clap": {"model_dir": "XMODAL_CLAP_MODEL_DIR"},
+}
+RESOURCE_TYPES: dict[str, type[ConfigurableResource]] = {
+    "clip_source": ClipSourceResource, "feature_store": FeatureStoreResource, "compute": ComputeResource,
+    "device": DeviceResource, "pretrained_clap": PretrainedClapResource,
+}
+
+
+def _env_value(cls: type[ConfigurableResource], field: str, variable: str):
+    """EnvVar for a set variable, after checking it parses as the field's type (one line naming it)."""
+    raw = os.environ[variable]
+    annotation = cls.model_fields[field].annotation
+    if annotation is int:
+        try:
+            int(raw)
+        except ValueError:
+            raise ConfigError(f"{variable}={raw!r} is not an integer (it sets {cls.__name__}.{field})") from None
+        return EnvVar.int(variable)
+    return EnvVar(variable)
+
+
+def env_settings(key: str) -> dict:
+    """The fields of one resource that the environment sets, as EnvVar values."""
+    cls = RESOURCE_TYPES[key]
+    return {field: _env_value(cls, field, variable) for field, variable in ENV_FIELDS[key].items() if os.environ.get(variable)}
+
+
+def resolved_env_settings(key: str) -> dict:
+    """The same fields with their values (for code that needs them at load time, e.g. the default dataset)."""
+    return {field: value.get_value() for field, value in env_settings(key).items()}
+
+
+def resources_from_env() -> dict[str, ConfigurableResource]:
+    """Every resource, configured from the environment where it says so, else from its defaults."""
+    return {key: RESOURCE_TYPES[key](**env_settings(key)) for key in RESOURCE_TYPES}
+
+
+def default_dataset() -> str:
+    """The dataset a run without a partition works on: $XMODAL_DATASET, else the clip_source default."""
+    return str(resolved_env_settings("clip_source").get("dataset", ClipSourceResource.model_fields["dataset"].default))

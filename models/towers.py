@@ -61,7 +61,7 @@ class TowerWeightsError(RuntimeError):
 def default_weights_dir() -> Path:
     """Where converted weights are cached: $XMODAL_WEIGHTS_DIR, else <data dir>/weights.
 
-    The data dir is $XMODAL_DATA_DIR or <project>/.data, as in assets/settings.py.
+    The data dir is $XMODAL_DATA_DIR or <project>/.data, as in stages/core/settings.py.
     """
     if os.environ.get("XMODAL_WEIGHTS_DIR"):
         return Path(os.environ["XMODAL_WEIGHTS_DIR"])

@@ -21,7 +21,7 @@ from assets import contrastive, diffgap, generation, towers, vae
 from assets.features import audio_images, audio_images_valid, clip_manifest, mel_spectrograms, mel_spectrograms_valid
 from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
                               PretrainedClapResource)
-from assets.settings import default_store_root
+from stages.core.settings import default_store_root
 
 FEATURE_ASSETS = [clip_manifest, mel_spectrograms, audio_images]
 TOWER_ASSETS = [towers.audio_tower_features, towers.frame_tower_features, towers.text_tower_features]

@@ -16,6 +16,10 @@ class ConfigError(XmodalError, ValueError):
     """A parameter or setting is invalid (a ValueError too, for callers that catch those)."""
 
 
+class EnvironmentMismatchError(XmodalError, RuntimeError):
+    """This machine's packages or weights differ from the ones a stored key was made with."""
+
+
 class DatasetError(XmodalError):
     """A dataset is unknown, unregistered or busy beyond the wait allowed."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from stages.core.errors import XmodalError
 from pathlib import PurePosixPath
 
 # No dots: a dot would split a WebDataset key, and '.'/'..' would walk the tree. Used with
@@ -10,7 +11,7 @@ from pathlib import PurePosixPath
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
-class UnsafeNameError(ValueError):
+class UnsafeNameError(XmodalError, ValueError):
     """A clip id, dataset or shard name that could escape the store or break a shard key."""
 
 

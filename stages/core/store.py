@@ -36,13 +36,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import fsspec
 import numpy as np
 
+from stages.core.errors import XmodalError
 from stages.core.ids import check_name
 
 MANIFEST_FORMAT = 1
 ZARR_CHUNK_CLIPS = 32
 
 
-class StoreError(RuntimeError):
+class StoreError(XmodalError, RuntimeError):
     """The store cannot be used as configured (unreachable, unwritable, missing feature)."""
 
 

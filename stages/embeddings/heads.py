@@ -15,7 +15,7 @@ import torch
 
 from models.contrastive import CavpHead, ClapHead, HeadConfig
 from stages.core.checkpoints import load_module
-from stages.features.base import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
+from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResult, register_feature, registered_feature
 from stages.ingest.manifest import ClipManifest
 from stages.core.store import FeatureStore
 
@@ -210,36 +210,48 @@ def load_head(store: FeatureStore, dataset: str, kind: str, key: str):
     return _cached_head(store.url_root, tuple(sorted(store.storage_options.items())), dataset, kind, key)
 
 
-def compute_embedding_shard(job: ShardJob) -> ShardResult:
+class _HeadEmbeddings(ShardFeature):
     """Embed one shard's tower features with a trained head; clips missing an input are quarantined."""
-    start = time.perf_counter()
-    limit_threads(job)
-    store = job_store(job)
-    kind, head_key = job.params["head"], job.params["head_key"]
-    tower_keys = job.params["tower_keys"]
-    rows: dict[str, dict[str, np.ndarray]] = {}
-    quarantine_reasons: dict[str, str] = {}
-    for name, feature, array in HEAD_INPUTS[kind]:
-        manifest = store.shard_manifest(job.dataset, feature, tower_keys[feature], job.shard)
-        for entry in manifest.get("quarantined", []):
-            quarantine_reasons.setdefault(entry["id"], f"{feature}: {entry['reason']}")
-        table = store.read_arrays(job.dataset, feature, tower_keys[feature], shards=[job.shard], names=[array])
-        rows[name] = dict(zip(table.clip_ids, table.arrays[array]))
-    clip_ids = [clip_id for clip_id, _, _ in job.clips if all(clip_id in r for r in rows.values())]
-    quarantined = [
-        {"id": clip_id, "reason": quarantine_reasons.get(clip_id, "missing a tower feature")}
-        for clip_id, _, _ in job.clips
-        if clip_id not in clip_ids
-    ]
-    if clip_ids:
-        model = load_head(store, job.dataset, kind, head_key)
-        out = embed(model, kind, {name: np.stack([r[i] for i in clip_ids]) for name, r in rows.items()})
-    else:
-        out = {}
-    store.write_shard(
-        job.dataset, job.feature, job.key, job.shard,
-        clip_ids=clip_ids,
-        arrays={k: v.astype(np.float32) for k, v in out.items()},
-        manifest=shard_manifest(job, quarantined, start),
-    )
-    return ShardResult(job.shard, len(clip_ids), quarantined, time.perf_counter() - start, True)
+
+    code_version = EMBEDDING_CODE_VERSION
+    group, kinds = "embeddings", ("pytorch",)
+
+    def extract(self, job: ShardJob, store) -> ShardOutput:
+        kind, head_key = job.params["head"], job.params["head_key"]
+        tower_keys = job.params["tower_keys"]
+        rows: dict[str, dict[str, np.ndarray]] = {}
+        quarantine_reasons: dict[str, str] = {}
+        for name, feature, array in HEAD_INPUTS[kind]:
+            manifest = store.shard_manifest(job.dataset, feature, tower_keys[feature], job.shard)
+            for entry in manifest.get("quarantined", []):
+                quarantine_reasons.setdefault(entry["id"], f"{feature}: {entry['reason']}")
+            table = store.read_arrays(job.dataset, feature, tower_keys[feature], shards=[job.shard], names=[array])
+            rows[name] = dict(zip(table.clip_ids, table.arrays[array]))
+        clip_ids = [clip_id for clip_id, _, _ in job.clips if all(clip_id in r for r in rows.values())]
+        quarantined = [
+            {"id": clip_id, "reason": quarantine_reasons.get(clip_id, "missing a tower feature")}
+            for clip_id, _, _ in job.clips
+            if clip_id not in clip_ids
+        ]
+        if clip_ids:
+            model = load_head(store, job.dataset, kind, head_key)
+            out = embed(model, kind, {name: np.stack([r[i] for i in clip_ids]) for name, r in rows.items()})
+        else:
+            out = {}
+        return ShardOutput(clip_ids, {k: v.astype(np.float32) for k, v in out.items()}, quarantined)
+
+
+@register_feature
+class ClapEmbeddings(_HeadEmbeddings):
+    name, inputs = CLAP_FEATURE, (AUDIO_TOWER, TEXT_TOWER)
+    description = "CLAP embeddings of every clip's audio and caption (L2-normalised), from the trained head."
+
+
+@register_feature
+class CavpEmbeddings(_HeadEmbeddings):
+    name, inputs = CAVP_FEATURE, (AUDIO_TOWER, FRAME_TOWER)
+    description = "CAVP embeddings of every clip's audio and video: pooled and per second (L2-normalised)."
+
+
+def compute_embedding_shard(job: ShardJob) -> ShardResult:
+    return registered_feature(job.feature).compute_shard(job)

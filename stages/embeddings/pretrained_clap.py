@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Any, Sequence
@@ -39,7 +38,8 @@ import numpy as np
 
 from stages.embeddings.heads import CLAP_FEATURE
 from stages.ingest.decode import AudioSpec, ClipError, load_audio
-from stages.features.base import ShardJob, ShardResult, job_store, limit_threads, shard_manifest
+from stages.core.errors import ConfigError
+from stages.features.base import ShardFeature, ShardJob, ShardOutput, content_hash_meta, register_feature, registered_feature
 from stages.core.store import feature_key
 
 # Bump when this code changes the numbers it stores (preprocessing, pooling, normalisation).
@@ -57,7 +57,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-class PretrainedClapError(ValueError):
+class PretrainedClapError(ConfigError):
     """The pretrained CLAP folder cannot be used; ``str(err)`` is one line naming the folder."""
 
 
@@ -380,11 +380,11 @@ class PretrainedClapParams:
 
     def __post_init__(self) -> None:
         if self.fit not in ("pad", "tile"):
-            raise ValueError(f"fit must be 'pad' or 'tile', got {self.fit!r}")
+            raise ConfigError(f"fit must be 'pad' or 'tile', got {self.fit!r}")
         if not 0 < self.min_seconds <= self.seconds:
-            raise ValueError(f"need 0 < min_seconds <= seconds, got {self.min_seconds} and {self.seconds}")
+            raise ConfigError(f"need 0 < min_seconds <= seconds, got {self.min_seconds} and {self.seconds}")
         if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
     @classmethod
     def from_params(cls, params: dict) -> "PretrainedClapParams":
@@ -410,54 +410,57 @@ class PretrainedClapParams:
         )
 
 
-def compute_pretrained_clap_shard(job: ShardJob) -> ShardResult:
-    """Decode every clip at the model's rate, embed audio and caption with the local CLAP model.
+@register_feature
+class PretrainedClapEmbeddings(ShardFeature):
+    """``clap_embeddings`` from a local LAION CLAP folder instead of our trained head."""
 
-    ``job.params``: ``PretrainedClapParams.params()`` (model_dir, seconds, min_seconds, fit,
-    silence_dbfs, batch_size, model). When "model" is present the loaded files must still match
-    it, else the shard would be stored under a key computed for other weights. A clip whose audio
-    is unusable is quarantined with the decoder's reason; one without caption or label with
-    "no caption or label". Writes "audio" and "text", [N, dim] float32, L2-normalised.
-    """
-    start = time.perf_counter()
-    limit_threads(job)
-    params = PretrainedClapParams.from_params(job.params)
-    clap = load_pretrained_clap(params.model_dir, job.device)
-    expected = job.params.get("model")
-    if expected is not None and _plain(expected) != _plain(clap.settings()):
-        raise PretrainedClapError(
-            f"pretrained CLAP folder {clap.model_dir!r} changed since its feature key was computed; compute the key again"
-        )
-    spec = params.audio_spec(clap.sample_rate)
-    texts = list(job.texts)
-    ok_ids, hashes, audio, captions, quarantined = [], [], [], [], []
-    for row, (clip_id, uri, digest) in enumerate(job.clips):
-        try:
-            samples = load_audio(uri, spec, job.storage_options)
-        except ClipError as exc:
-            quarantined.append({"id": clip_id, "reason": str(exc)})
-            continue
-        text = texts[row] if row < len(texts) and texts[row] is not None else ""
-        if not str(text).strip():
-            quarantined.append({"id": clip_id, "reason": "no caption or label"})
-            continue
-        ok_ids.append(clip_id)
-        hashes.append(digest)
-        audio.append(samples)
-        captions.append(str(text))
-    if audio:
-        audio_vectors = clap.embed_audio(np.stack(audio), params.batch_size)
-        text_vectors = clap.embed_text(captions, params.batch_size)
-    else:
-        audio_vectors = text_vectors = np.zeros((0, clap.dim), np.float32)
-    job_store(job).write_shard(
-        job.dataset, job.feature, job.key, job.shard,
-        clip_ids=ok_ids,
-        arrays={"audio": audio_vectors, "text": text_vectors},
-        sample_meta=[{"content_hash": h} for h in hashes],
-        manifest=shard_manifest(job, quarantined, start),
-    )
-    return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
+    name, variant, code_version, params_type = CLAP_FEATURE, "pretrained", PRETRAINED_CLAP_CODE_VERSION, PretrainedClapParams
+    group, kinds = "embeddings", ("pytorch",)
+    description = "CLAP audio and caption embeddings from a local transformers ClapModel folder."
+
+    def extract(self, job: ShardJob, store) -> ShardOutput:
+        """Decode every clip at the model's rate, embed audio and caption with the local CLAP model.
+
+        ``job.params``: ``PretrainedClapParams.params()`` (model_dir, seconds, min_seconds, fit,
+        silence_dbfs, batch_size, model). When "model" is present the loaded files must still match
+        it, else the shard would be stored under a key computed for other weights. A clip whose audio
+        is unusable is quarantined with the decoder's reason; one without caption or label with
+        "no caption or label". Writes "audio" and "text", [N, dim] float32, L2-normalised.
+        """
+        params = PretrainedClapParams.from_params(job.params)
+        clap = load_pretrained_clap(params.model_dir, job.device)
+        expected = job.params.get("model")
+        if expected is not None and _plain(expected) != _plain(clap.settings()):
+            raise PretrainedClapError(
+                f"pretrained CLAP folder {clap.model_dir!r} changed since its feature key was computed; compute the key again"
+            )
+        spec = params.audio_spec(clap.sample_rate)
+        texts = list(job.texts)
+        ok_ids, hashes, audio, captions, quarantined = [], [], [], [], []
+        for row, (clip_id, uri, digest) in enumerate(job.clips):
+            try:
+                samples = load_audio(uri, spec, job.storage_options)
+            except ClipError as exc:
+                quarantined.append({"id": clip_id, "reason": str(exc)})
+                continue
+            text = texts[row] if row < len(texts) and texts[row] is not None else ""
+            if not str(text).strip():
+                quarantined.append({"id": clip_id, "reason": "no caption or label"})
+                continue
+            ok_ids.append(clip_id)
+            hashes.append(digest)
+            audio.append(samples)
+            captions.append(str(text))
+        if audio:
+            audio_vectors = clap.embed_audio(np.stack(audio), params.batch_size)
+            text_vectors = clap.embed_text(captions, params.batch_size)
+        else:
+            audio_vectors = text_vectors = np.zeros((0, clap.dim), np.float32)
+        return ShardOutput(ok_ids, {"audio": audio_vectors, "text": text_vectors}, quarantined,
+                           sample_meta=content_hash_meta(hashes))
+
+
+compute_pretrained_clap_shard = registered_feature(f"{CLAP_FEATURE}:pretrained").compute_shard
 
 
 def _plain(value: Any) -> Any:

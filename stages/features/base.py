@@ -3,13 +3,30 @@
 A feature is defined by a name, parameters and a code version; with its input feature keys they
 give its feature key (stages.core.store.feature_key). Shard jobs are small picklable records, so the
 same functions run in-process or on Dask workers, write their shard and return a summary.
+
+Adding a cached feature is one file with one class and one registration::
+
+    @register_feature
+    class Loudness(ShardFeature):
+        name = "loudness"                  # the store folder and the Dagster asset name
+        code_version = "1"                 # bump when the numbers it stores change
+        params_type = LoudnessParams       # frozen dataclass: validated, .params() -> the key's payload
+        inputs = ("mel_spectrograms",)     # features it reads per shard (their keys: job.input_keys)
+        group, kinds = "features", ("numpy",)
+        description = "Loudness per clip from the cached mels."
+
+        def extract(self, job, store) -> ShardOutput:   # pure given the job: read, compute, return rows
+            ...
+
+The driver (``ShardFeature.compute_shard`` and ``run_feature``) owns everything else: timing,
+threads, the store, the shard manifest (provenance, quarantine), the commit and the summary.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Iterator
 
 
 from stages.ingest.manifest import ClipManifest
@@ -77,6 +94,125 @@ def limit_threads(job: ShardJob) -> None:
         import torch
 
         torch.set_num_threads(job.worker_threads)
+
+
+@dataclass
+class ShardOutput:
+    """What a feature's ``extract`` returns for one shard: rows (in ``clip_ids`` order) and why the
+    other clips of the shard are missing."""
+
+    clip_ids: list[str]
+    arrays: dict[str, Any]
+    quarantined: list[dict]
+    sample_meta: list[dict] | None = None
+    tar_encodings: dict[str, str] | None = None
+    params: dict | None = None  # what the manifest records as params, when more than the job's
+    manifest_extra: dict = field(default_factory=dict)  # extra provenance (e.g. text digests)
+
+
+class ShardFeature:
+    """The contract of one per-shard cached feature (see the module docstring)."""
+
+    name: ClassVar[str]
+    code_version: ClassVar[str]
+    params_type: ClassVar[type | None] = None
+    inputs: ClassVar[tuple[str, ...]] = ()
+    group: ClassVar[str] = "features"
+    kinds: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    # Set torch threads from the job (False: the feature manages threads itself).
+    sets_threads: ClassVar[bool] = True
+
+    def extract(self, job: ShardJob, store: FeatureStore) -> ShardOutput:
+        raise NotImplementedError
+
+    def compute_shard(self, job: ShardJob) -> ShardResult:
+        """The driver for one shard: extract, then commit rows + provenance, then summarise."""
+        start = time.perf_counter()
+        if self.sets_threads:
+            limit_threads(job)
+        store = job_store(job)
+        out = self.extract(job, store)
+        manifest = shard_manifest(job, out.quarantined, start, out.params)
+        manifest.update(out.manifest_extra)
+        store.write_shard(
+            job.dataset, job.feature, job.key, job.shard,
+            clip_ids=out.clip_ids, arrays=out.arrays, sample_meta=out.sample_meta,
+            tar_encodings=out.tar_encodings, manifest=manifest,
+        )
+        return ShardResult(job.shard, len(out.clip_ids), out.quarantined, time.perf_counter() - start, True)
+
+    def __reduce__(self):  # picklable by name, so Dask workers find the registered instance
+        return (registered_feature, (self.registry_name(),))
+
+    @classmethod
+    def registry_name(cls) -> str:
+        return getattr(cls, "variant", "") and f"{cls.name}:{cls.variant}" or cls.name
+
+
+FEATURES: dict[str, ShardFeature] = {}
+
+
+def register_feature(cls: type[ShardFeature]) -> type[ShardFeature]:
+    """Add a feature to the registry (the asset factory, the CLI and the docs read it)."""
+    name = cls.registry_name()
+    if name in FEATURES and type(FEATURES[name]) is not cls:
+        raise ValueError(f"feature {name!r} is registered twice ({type(FEATURES[name]).__name__} and {cls.__name__})")
+    FEATURES[name] = cls()
+    return cls
+
+
+def registered_feature(name: str) -> ShardFeature:
+    if name not in FEATURES:
+        import stages.features  # noqa: F401 - the package imports every feature module
+
+    return FEATURES[name]
+
+
+def iter_decoded(job: ShardJob, decode: Callable[[str], Any], prefetch: bool = False) -> Iterator[tuple[str, str, Any]]:
+    """(clip id, content hash, decoded value or its ClipError) for every clip of a shard, in order.
+
+    A ClipError is returned, not raised, so the caller quarantines that clip with its one-line
+    reason; anything else is a bug and propagates. ``prefetch`` decodes ahead on one thread (PyAV
+    and soxr release the GIL) while the caller computes on the clip before.
+    """
+    from stages.ingest.decode import ClipError
+
+    def attempt(clip):
+        try:
+            return decode(clip[1])
+        except ClipError as exc:
+            return exc
+
+    if not prefetch:
+        for clip in job.clips:
+            yield clip[0], clip[2], attempt(clip)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for clip, decoded in zip(job.clips, pool.map(attempt, job.clips)):
+            yield clip[0], clip[2], decoded
+
+
+def decode_clips(job: ShardJob, decode: Callable[[str], Any]) -> tuple[list[str], list[str], list[Any], list[dict]]:
+    """Decode every clip of a shard: (ok ids, their content hashes, decoded values, quarantine)."""
+    from stages.ingest.decode import ClipError
+
+    ok_ids, hashes, values, quarantined = [], [], [], []
+    for clip_id, digest, decoded in iter_decoded(job, decode):
+        if isinstance(decoded, ClipError):
+            quarantined.append({"id": clip_id, "reason": str(decoded)})
+            continue
+        ok_ids.append(clip_id)
+        hashes.append(digest)
+        values.append(decoded)
+    return ok_ids, hashes, values, quarantined
+
+
+def content_hash_meta(hashes: list[str]) -> list[dict]:
+    """Per-sample WebDataset metadata of features computed from media: the clip's content hash."""
+    return [{"content_hash": h} for h in hashes]
 
 
 def shard_manifest(job: ShardJob, quarantined: list[dict], start: float, params: dict | None = None) -> dict[str, Any]:

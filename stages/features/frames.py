@@ -11,13 +11,14 @@ be decoded, is quarantined with its one-line reason; the rest of the shard goes 
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stages.ingest.decode import ClipError, FrameSpec, load_frames
-from stages.features.base import ShardJob, ShardResult, shard_manifest, job_store
+from stages.core.errors import ConfigError
+from stages.features.base import (ShardFeature, ShardJob, ShardOutput, content_hash_meta, decode_clips, register_feature,
+                                  registered_feature)
+from stages.ingest.decode import FrameSpec, load_frames
 from stages.core.store import feature_key
 
 VIDEO_FRAMES_FEATURE = "video_frames"
@@ -33,11 +34,11 @@ class FrameParams:
 
     def __post_init__(self) -> None:
         if not 0 < self.fps <= 60:
-            raise ValueError(f"fps must be within (0, 60], got {self.fps}")
+            raise ConfigError(f"fps must be within (0, 60], got {self.fps}")
         if not 8 <= self.size <= 1024:
-            raise ValueError(f"frame size must be within 8..1024, got {self.size}")
+            raise ConfigError(f"frame size must be within 8..1024, got {self.size}")
         if self.seconds <= 0 or self.frame_spec().n_frames < 1:
-            raise ValueError(f"seconds x fps must give at least one frame, got {self.seconds} s at {self.fps} fps")
+            raise ConfigError(f"seconds x fps must give at least one frame, got {self.seconds} s at {self.fps} fps")
 
     def params(self) -> dict:
         return asdict(self)
@@ -53,32 +54,25 @@ class FrameParams:
         return self.frame_spec().n_frames
 
 
-def compute_frames_shard(job: ShardJob) -> ShardResult:
-    """Decode every clip's frames, quarantine clips without usable video, write the shard."""
-    start = time.perf_counter()
-    store = job_store(job)
-    params = FrameParams(**job.params)
-    spec = params.frame_spec()
-    ok_ids, hashes, frames, quarantined = [], [], [], []
-    for clip_id, uri, digest in job.clips:
-        try:
-            frames.append(load_frames(uri, spec, job.storage_options))
-            ok_ids.append(clip_id)
-            hashes.append(digest)
-        except ClipError as exc:
-            quarantined.append({"id": clip_id, "reason": str(exc)})
-    if frames:
-        stacked = np.stack(frames).astype(np.uint8, copy=False)
-    else:
-        stacked = np.zeros((0, spec.n_frames, spec.size, spec.size, 3), np.uint8)
-    store.write_shard(
-        job.dataset, job.feature, job.key, job.shard,
-        clip_ids=ok_ids,
-        arrays={"frames": stacked},
-        sample_meta=[{"content_hash": h} for h in hashes],
-        manifest=shard_manifest(job, quarantined, start),
-    )
-    return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
+@register_feature
+class VideoFrames(ShardFeature):
+    name, code_version, params_type = VIDEO_FRAMES_FEATURE, FRAMES_CODE_VERSION, FrameParams
+    group, kinds = "vae", ("numpy", "zarr")
+    description = "uint8 video frames [T, size, size, 3] per clip (decord), the frame VAE's input."
+    sets_threads = False  # decord, no torch
+
+    def extract(self, job: ShardJob, store) -> ShardOutput:
+        """Decode every clip's frames; clips without usable video are quarantined."""
+        spec = FrameParams(**job.params).frame_spec()
+        ok_ids, hashes, frames, quarantined = decode_clips(job, lambda uri: load_frames(uri, spec, job.storage_options))
+        if frames:
+            stacked = np.stack(frames).astype(np.uint8, copy=False)
+        else:
+            stacked = np.zeros((0, spec.n_frames, spec.size, spec.size, 3), np.uint8)
+        return ShardOutput(ok_ids, {"frames": stacked}, quarantined, sample_meta=content_hash_meta(hashes))
+
+
+compute_frames_shard = registered_feature(VIDEO_FRAMES_FEATURE).compute_shard
 
 
 def frames_preview_png(frames: np.ndarray, shown: int = 8, height: int = 64) -> bytes:

@@ -9,14 +9,14 @@ read through ``FeatureStore.read_arrays(dataset, "vae_latents", key)``; the shar
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from stages.features.base import ShardJob, ShardResult, job_store, shard_manifest
+from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResult, register_feature, registered_feature
+from stages.core.errors import ConfigError
 from stages.core.parallel import torch_threads
 from stages.features.spectral import get_preset
 from stages.core.store import FeatureStore, feature_key
@@ -40,18 +40,18 @@ class LatentParams:
         object.__setattr__(self, "modalities", tuple(self.modalities))
         unknown = [m for m in self.modalities if m not in MODALITY_INPUTS]
         if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities must be a non-empty subset of {list(MODALITIES)}, got {list(self.modalities)}")
+            raise ConfigError(f"modalities must be a non-empty subset of {list(MODALITIES)}, got {list(self.modalities)}")
         if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be 'float16' or 'float32', got {self.dtype!r}")
+            raise ConfigError(f"dtype must be 'float16' or 'float32', got {self.dtype!r}")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise ConfigError("batch_size must be at least 1")
 
     def job_params(self, vaes: Mapping[str, Mapping[str, Any]], input_keys: Mapping[str, str]) -> dict:
         """What a shard job needs: per modality, the VAE checkpoint (name, key, scaling factor) and
         the input feature key."""
         missing = [m for m in self.modalities if m not in vaes or m not in input_keys]
         if missing:
-            raise ValueError(f"no VAE or input feature for modality {missing}")
+            raise ConfigError(f"no VAE or input feature for modality {missing}")
         return {
             "modalities": list(self.modalities),
             "dtype": self.dtype,
@@ -75,47 +75,49 @@ class LatentParams:
         return feature_key(LATENT_FEATURE, keyed, LATENT_CODE_VERSION, LatentParams.input_keys(job_params))
 
 
-def compute_latent_shard(job: ShardJob) -> ShardResult:
-    """Latents of one shard's audio images and/or video frames; clips missing an input are quarantined."""
-    with torch_threads(job.worker_threads or torch.get_num_threads()):
-        return _latent_shard(job)
+@register_feature
+class VaeLatents(ShardFeature):
+    name, code_version = LATENT_FEATURE, LATENT_CODE_VERSION
+    inputs = ("audio_images", "video_frames")
+    group, kinds = "vae", ("pytorch",)
+    description = "Scaled KL-VAE posterior means of every clip's audio image [C, h, w] and video frames [T, C, h, w]."
+    sets_threads = False  # compute_shard below: the job's threads, else torch's default, for this shard only
+
+    def compute_shard(self, job: ShardJob) -> ShardResult:
+        with torch_threads(job.worker_threads or torch.get_num_threads()):
+            return super().compute_shard(job)
+
+    def extract(self, job: ShardJob, store) -> ShardOutput:
+        """Latents of one shard's audio images and/or video frames; clips missing an input are quarantined."""
+        params = job.params
+        rows: dict[str, dict[str, np.ndarray]] = {}
+        reasons: dict[str, str] = {}
+        for modality in params["modalities"]:
+            source = params["inputs"][modality]
+            manifest = store.shard_manifest(job.dataset, source["feature"], source["key"], job.shard)
+            for entry in manifest.get("quarantined", []):
+                reasons.setdefault(entry["id"], f"{source['feature']}: {entry['reason']}")
+            table = store.read_arrays(job.dataset, source["feature"], source["key"], shards=[job.shard], names=[source["array"]])
+            rows[modality] = dict(zip(table.clip_ids, table.arrays[source["array"]])) if len(table) else {}
+        clip_ids = [clip_id for clip_id, _, _ in job.clips if all(clip_id in r for r in rows.values())]
+        quarantined = [
+            {"id": clip_id, "reason": reasons.get(clip_id, "missing an input image")}
+            for clip_id, _, _ in job.clips if clip_id not in clip_ids
+        ]
+        arrays = {}
+        for modality in params["modalities"]:
+            info = params["vaes"][modality]
+            vae, sidecar = load_vae(store, job.dataset, info["name"], info["key"], job.device)
+            if clip_ids:
+                images = np.stack([rows[modality][clip_id] for clip_id in clip_ids])
+                arrays[modality] = encode_scaled(vae, images, info["scaling_factor"], params["dtype"], params["batch_size"])
+            else:
+                shape = _empty_latent_shape(store, job, modality, sidecar)
+                arrays[modality] = np.zeros((0, *shape), params["dtype"])
+        return ShardOutput(clip_ids, arrays, quarantined)
 
 
-def _latent_shard(job: ShardJob) -> ShardResult:
-    start = time.perf_counter()
-    store = job_store(job)
-    params = job.params
-    rows: dict[str, dict[str, np.ndarray]] = {}
-    reasons: dict[str, str] = {}
-    for modality in params["modalities"]:
-        source = params["inputs"][modality]
-        manifest = store.shard_manifest(job.dataset, source["feature"], source["key"], job.shard)
-        for entry in manifest.get("quarantined", []):
-            reasons.setdefault(entry["id"], f"{source['feature']}: {entry['reason']}")
-        table = store.read_arrays(job.dataset, source["feature"], source["key"], shards=[job.shard], names=[source["array"]])
-        rows[modality] = dict(zip(table.clip_ids, table.arrays[source["array"]])) if len(table) else {}
-    clip_ids = [clip_id for clip_id, _, _ in job.clips if all(clip_id in r for r in rows.values())]
-    quarantined = [
-        {"id": clip_id, "reason": reasons.get(clip_id, "missing an input image")}
-        for clip_id, _, _ in job.clips if clip_id not in clip_ids
-    ]
-    arrays = {}
-    for modality in params["modalities"]:
-        info = params["vaes"][modality]
-        vae, sidecar = load_vae(store, job.dataset, info["name"], info["key"], job.device)
-        if clip_ids:
-            images = np.stack([rows[modality][clip_id] for clip_id in clip_ids])
-            arrays[modality] = encode_scaled(vae, images, info["scaling_factor"], params["dtype"], params["batch_size"])
-        else:
-            shape = _empty_latent_shape(store, job, modality, sidecar)
-            arrays[modality] = np.zeros((0, *shape), params["dtype"])
-    store.write_shard(
-        job.dataset, job.feature, job.key, job.shard,
-        clip_ids=clip_ids,
-        arrays=arrays,
-        manifest=shard_manifest(job, quarantined, start, params),
-    )
-    return ShardResult(job.shard, len(clip_ids), quarantined, time.perf_counter() - start, True)
+compute_latent_shard = registered_feature(LATENT_FEATURE).compute_shard
 
 
 def _empty_latent_shape(store: FeatureStore, job: ShardJob, modality: str, sidecar: Mapping[str, Any]) -> tuple[int, ...]:
@@ -134,7 +136,7 @@ def latent_vaes(store: FeatureStore, dataset: str, key: str | None = None) -> di
     key = store.resolve_key(dataset, LATENT_FEATURE, key)
     shards = store.committed_shards(dataset, LATENT_FEATURE, key)
     if not shards:
-        raise ValueError(f"no committed {LATENT_FEATURE} shards for key {key}")
+        raise ConfigError(f"no committed {LATENT_FEATURE} shards for key {key}")
     return dict(store.shard_manifest(dataset, LATENT_FEATURE, key, shards[0])["params"]["vaes"])
 
 

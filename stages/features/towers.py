@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, get_tower
-from stages.ingest.decode import AudioSpec, ClipError, FrameSpec, load_audio, load_frames
-from stages.features.base import ShardJob, ShardResult, limit_threads, shard_manifest, job_store
+from stages.core.errors import ConfigError, EnvironmentMismatchError
+from stages.features.base import (ShardFeature, ShardJob, ShardOutput, content_hash_meta, decode_clips, register_feature,
+                                  registered_feature)
+from stages.ingest.decode import AudioSpec, FrameSpec, load_audio, load_frames
 from stages.core.store import feature_key
 
 AUDIO_TOWER_FEATURE = "audio_tower"
@@ -44,7 +45,7 @@ _EMBED_CLIPS = 32  # clips embedded at once: bounds memory for large shards
 
 def _check_dtype(dtype: str) -> None:
     if dtype not in _DTYPES:
-        raise ValueError(f"per_second_dtype must be 'float16' or 'float32', got {dtype!r}")
+        raise ConfigError(f"per_second_dtype must be 'float16' or 'float32', got {dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,12 @@ class AudioTowerParams:
 
     def __post_init__(self) -> None:
         if self.fit not in ("pad", "tile"):
-            raise ValueError(f"fit must be 'pad' or 'tile', got {self.fit!r}")
+            raise ConfigError(f"fit must be 'pad' or 'tile', got {self.fit!r}")
         _check_dtype(self.per_second_dtype)
         if self.seconds < 1:
-            raise ValueError(f"seconds must be at least 1 (one embedding per second), got {self.seconds}")
+            raise ConfigError(f"seconds must be at least 1 (one embedding per second), got {self.seconds}")
         if not 0 < self.min_seconds <= self.seconds:
-            raise ValueError(f"need 0 < min_seconds <= seconds, got {self.min_seconds} and {self.seconds}")
+            raise ConfigError(f"need 0 < min_seconds <= seconds, got {self.min_seconds} and {self.seconds}")
 
     @classmethod
     def from_params(cls, params: dict) -> "AudioTowerParams":
@@ -98,11 +99,11 @@ class FrameTowerParams:
     def __post_init__(self) -> None:
         _check_dtype(self.per_second_dtype)
         if self.seconds < 1:
-            raise ValueError(f"seconds must be at least 1 (one embedding per second), got {self.seconds}")
+            raise ConfigError(f"seconds must be at least 1 (one embedding per second), got {self.seconds}")
         if not 1 <= self.fps <= 60:
-            raise ValueError(f"fps must be within 1..60 (every second needs a frame), got {self.fps}")
+            raise ConfigError(f"fps must be within 1..60 (every second needs a frame), got {self.fps}")
         if not 32 <= self.size <= 512:
-            raise ValueError(f"size must be within 32..512, got {self.size}")
+            raise ConfigError(f"size must be within 32..512, got {self.size}")
 
     @classmethod
     def from_params(cls, params: dict) -> "FrameTowerParams":
@@ -145,84 +146,64 @@ def _tower_for(job: ShardJob, cls, **kwargs):
     expected = job.params.get("tower")
     if expected is not None and tower.settings() != expected:
         changed = sorted(k for k in set(expected) | set(tower.settings()) if expected.get(k) != tower.settings().get(k))
-        raise RuntimeError(
+        raise EnvironmentMismatchError(
             f"{cls.__name__} on this worker differs from the one the feature key {job.key} was made for "
             f"(in {', '.join(changed)}): install the same package versions everywhere"
         )
     return tower
 
 
-def compute_audio_tower_shard(job: ShardJob) -> ShardResult:
-    """Decode at 44.1 kHz (same length / silence rules as the mels), aisfx embeddings, write the shard."""
-    start = time.perf_counter()
-    limit_threads(job)
-    store = job_store(job)
-    params = AudioTowerParams.from_params(job.params)
-    spec = params.audio_spec()
-    ok_ids, hashes, audio, quarantined = [], [], [], []
-    for clip_id, uri, digest in job.clips:
-        try:
-            audio.append(load_audio(uri, spec, job.storage_options))
-            ok_ids.append(clip_id)
-            hashes.append(digest)
-        except ClipError as exc:
-            quarantined.append({"id": clip_id, "reason": str(exc)})
-    n_sec, dim = params.n_seconds, AudioTower.dim
-    pooled = np.zeros((len(audio), dim), np.float32)
-    per_second = np.zeros((len(audio), n_sec, dim), params.per_second_dtype)
-    logits = np.zeros((len(audio), AudioTower.n_classes), np.float32)
-    if audio:
-        tower = _tower_for(job, AudioTower)
-        for lo in range(0, len(audio), _EMBED_CLIPS):
-            out = tower.embed(np.stack(audio[lo : lo + _EMBED_CLIPS]), seconds=params.seconds)
-            hi = lo + len(out["pooled"])
-            pooled[lo:hi], per_second[lo:hi], logits[lo:hi] = out["pooled"], out["per_second"], out["logits"]
-    store.write_shard(
-        job.dataset, job.feature, job.key, job.shard,
-        clip_ids=ok_ids,
-        arrays={"pooled": pooled, "per_second": per_second, "logits": logits},
-        sample_meta=[{"content_hash": h} for h in hashes],
-        manifest=shard_manifest(job, quarantined, start),
-    )
-    return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
+@register_feature
+class AudioTowerFeatures(ShardFeature):
+    name, code_version, params_type = AUDIO_TOWER_FEATURE, AUDIO_TOWER_CODE_VERSION, AudioTowerParams
+    group, kinds = "towers", ("pytorch",)
+    description = "aisfx audio embeddings per clip: pooled [512], per second [S, 512] and 69 'ucsMixed' class logits."
+
+    def extract(self, job: ShardJob, store) -> ShardOutput:
+        """Decode at 44.1 kHz (same length / silence rules as the mels), aisfx embeddings."""
+        params = AudioTowerParams.from_params(job.params)
+        spec = params.audio_spec()
+        ok_ids, hashes, audio, quarantined = decode_clips(job, lambda uri: load_audio(uri, spec, job.storage_options))
+        n_sec, dim = params.n_seconds, AudioTower.dim
+        pooled = np.zeros((len(audio), dim), np.float32)
+        per_second = np.zeros((len(audio), n_sec, dim), params.per_second_dtype)
+        logits = np.zeros((len(audio), AudioTower.n_classes), np.float32)
+        if audio:
+            tower = _tower_for(job, AudioTower)
+            for lo in range(0, len(audio), _EMBED_CLIPS):
+                out = tower.embed(np.stack(audio[lo : lo + _EMBED_CLIPS]), seconds=params.seconds)
+                hi = lo + len(out["pooled"])
+                pooled[lo:hi], per_second[lo:hi], logits[lo:hi] = out["pooled"], out["per_second"], out["logits"]
+        return ShardOutput(ok_ids, {"pooled": pooled, "per_second": per_second, "logits": logits}, quarantined,
+                           sample_meta=content_hash_meta(hashes))
 
 
-def compute_frame_tower_shard(job: ShardJob) -> ShardResult:
-    """Frames at ``fps`` (decord), EfficientNet-lite0 per frame, averaged per second and per clip."""
-    start = time.perf_counter()
-    limit_threads(job)
-    store = job_store(job)
-    params = FrameTowerParams.from_params(job.params)
-    spec = params.frame_spec()
-    ok_ids, hashes, clips, quarantined = [], [], [], []
-    for clip_id, uri, digest in job.clips:
-        try:
-            clips.append(load_frames(uri, spec, job.storage_options))
-            ok_ids.append(clip_id)
-            hashes.append(digest)
-        except ClipError as exc:
-            quarantined.append({"id": clip_id, "reason": str(exc)})
-    n_sec, dim, n_frames = params.n_seconds, FrameTower.dim, spec.n_frames
-    second = params.second_of_frame()
-    pooled = np.zeros((len(clips), dim), np.float32)
-    per_second = np.zeros((len(clips), n_sec, dim), params.per_second_dtype)
-    if clips:
-        tower = _tower_for(job, FrameTower, size=params.size)
-        for lo in range(0, len(clips), _EMBED_CLIPS):
-            frames = np.stack(clips[lo : lo + _EMBED_CLIPS])  # [n, T, size, size, 3]
-            n = len(frames)
-            emb = tower.embed(frames.reshape(n * n_frames, *frames.shape[2:])).reshape(n, n_frames, dim)
-            pooled[lo : lo + n] = emb.mean(axis=1)
-            for s in range(n_sec):
-                per_second[lo : lo + n, s] = emb[:, second == s].mean(axis=1)
-    store.write_shard(
-        job.dataset, job.feature, job.key, job.shard,
-        clip_ids=ok_ids,
-        arrays={"pooled": pooled, "per_second": per_second},
-        sample_meta=[{"content_hash": h} for h in hashes],
-        manifest=shard_manifest(job, quarantined, start),
-    )
-    return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
+@register_feature
+class FrameTowerFeatures(ShardFeature):
+    name, code_version, params_type = FRAME_TOWER_FEATURE, FRAME_TOWER_CODE_VERSION, FrameTowerParams
+    group, kinds = "towers", ("pytorch",)
+    description = "EfficientNet-lite0 (ImageNet) frame embeddings per clip: pooled [1280] and per second [S, 1280]."
+
+    def extract(self, job: ShardJob, store) -> ShardOutput:
+        """Frames at ``fps`` (decord), EfficientNet-lite0 per frame, averaged per second and per clip."""
+        params = FrameTowerParams.from_params(job.params)
+        spec = params.frame_spec()
+        ok_ids, hashes, clips, quarantined = decode_clips(job, lambda uri: load_frames(uri, spec, job.storage_options))
+        n_sec, dim, n_frames = params.n_seconds, FrameTower.dim, spec.n_frames
+        second = params.second_of_frame()
+        pooled = np.zeros((len(clips), dim), np.float32)
+        per_second = np.zeros((len(clips), n_sec, dim), params.per_second_dtype)
+        if clips:
+            tower = _tower_for(job, FrameTower, size=params.size)
+            for lo in range(0, len(clips), _EMBED_CLIPS):
+                frames = np.stack(clips[lo : lo + _EMBED_CLIPS])  # [n, T, size, size, 3]
+                n = len(frames)
+                emb = tower.embed(frames.reshape(n * n_frames, *frames.shape[2:])).reshape(n, n_frames, dim)
+                pooled[lo : lo + n] = emb.mean(axis=1)
+                for s in range(n_sec):
+                    per_second[lo : lo + n, s] = emb[:, second == s].mean(axis=1)
+        return ShardOutput(ok_ids, {"pooled": pooled, "per_second": per_second}, quarantined,
+                           sample_meta=content_hash_meta(hashes))
 
 
 def text_digest(text: str) -> str:
@@ -234,35 +215,37 @@ def clean_text(text: str | None) -> str:
     return " ".join(str(text or "").split())
 
 
-def compute_text_tower_shard(job: ShardJob) -> ShardResult:
-    """MiniLM embeddings of each clip's caption (else its label); an empty text is quarantined."""
-    start = time.perf_counter()
-    limit_threads(job)
-    store = job_store(job)
-    if len(job.texts) != len(job.clips):
-        raise ValueError(f"shard {job.shard}: {len(job.texts)} texts for {len(job.clips)} clips (ShardJob.texts)")
-    ok_ids, hashes, texts, quarantined = [], [], [], []
-    for (clip_id, _, digest), raw in zip(job.clips, job.texts):
-        text = clean_text(raw)
-        if not text:
-            quarantined.append({"id": clip_id, "reason": NO_TEXT_REASON})
-            continue
-        ok_ids.append(clip_id)
-        hashes.append(digest)
-        texts.append(text)
-    if texts:
-        embeddings = _tower_for(job, TextTower).encode(texts)
-    else:
-        embeddings = np.zeros((0, TextTower.dim), np.float32)
-    manifest = shard_manifest(job, quarantined, start)
-    # The shard name follows the clips' media hashes, not their captions: keep what was embedded
-    # so a check can tell when a caption changed under an unchanged shard name.
-    manifest["text_digests"] = {clip_id: text_digest(t) for clip_id, t in zip(ok_ids, texts)}
-    store.write_shard(
-        job.dataset, job.feature, job.key, job.shard,
-        clip_ids=ok_ids,
-        arrays={"text": embeddings},
-        sample_meta=[{"content_hash": h, "text": t} for h, t in zip(hashes, texts)],
-        manifest=manifest,
-    )
-    return ShardResult(job.shard, len(ok_ids), quarantined, time.perf_counter() - start, True)
+@register_feature
+class TextTowerFeatures(ShardFeature):
+    name, code_version, params_type = TEXT_TOWER_FEATURE, TEXT_TOWER_CODE_VERSION, TextTowerParams
+    group, kinds = "towers", ("pytorch",)
+    description = "MiniLM (all-MiniLM-L6-v2) sentence embeddings [384], unit norm, of each clip's caption, else its label."
+
+    def extract(self, job: ShardJob, store) -> ShardOutput:
+        """MiniLM embeddings of each clip's caption (else its label); an empty text is quarantined."""
+        if len(job.texts) != len(job.clips):
+            raise ValueError(f"shard {job.shard}: {len(job.texts)} texts for {len(job.clips)} clips (ShardJob.texts)")
+        ok_ids, hashes, texts, quarantined = [], [], [], []
+        for (clip_id, _, digest), raw in zip(job.clips, job.texts):
+            text = clean_text(raw)
+            if not text:
+                quarantined.append({"id": clip_id, "reason": NO_TEXT_REASON})
+                continue
+            ok_ids.append(clip_id)
+            hashes.append(digest)
+            texts.append(text)
+        if texts:
+            embeddings = _tower_for(job, TextTower).encode(texts)
+        else:
+            embeddings = np.zeros((0, TextTower.dim), np.float32)
+        # The shard name follows the clips' media hashes, not their captions: keep what was embedded
+        # so a check can tell when a caption changed under an unchanged shard name.
+        digests = {clip_id: text_digest(t) for clip_id, t in zip(ok_ids, texts)}
+        return ShardOutput(ok_ids, {"text": embeddings}, quarantined,
+                           sample_meta=[{"content_hash": h, "text": t} for h, t in zip(hashes, texts)],
+                           manifest_extra={"text_digests": digests})
+
+
+compute_audio_tower_shard = registered_feature(AUDIO_TOWER_FEATURE).compute_shard
+compute_frame_tower_shard = registered_feature(FRAME_TOWER_FEATURE).compute_shard
+compute_text_tower_shard = registered_feature(TEXT_TOWER_FEATURE).compute_shard

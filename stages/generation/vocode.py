@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from stages.core.errors import ConfigError
 from models.vocoder import FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, Vocoder, get_vocoder
 from stages.features.spectral import MelPreset, MelSpectrogram, audio_image_to_mel, get_preset
 from stages.core.store import FeatureStore
@@ -32,7 +33,7 @@ VOCODER_PRESET = "hifigan22k"
 AUDIBLE_LOG_FLOOR = math.log(1e-5)
 
 
-class VocodeError(ValueError):
+class VocodeError(ConfigError):
     """The mels cannot be vocoded as asked (wrong preset); one line saying what to use."""
 
 

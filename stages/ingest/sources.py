@@ -18,12 +18,13 @@ from typing import Any
 import fsspec
 
 from stages.ingest.decode import MEDIA_EXTENSIONS
+from stages.core.errors import XmodalError
 from stages.core.ids import UnsafeNameError, check_name, check_relative_path
 
 SOURCE_KINDS = ("demo", "folder", "audiocaps", "vggsound", "jsonl")
 
 
-class SourceError(RuntimeError):
+class SourceError(XmodalError, RuntimeError):
     """The source as configured cannot be read at all (a whole-run problem, not a bad clip)."""
 
 
