@@ -1,31 +1,20 @@
 """CLAP / CAVP heads trained on cached tower features, the embedding assets, and retrieval evaluation."""
 
 import posixpath
-from dataclasses import dataclass, field
 
-from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset, asset_check, AssetCheckResult
+from dagster import AssetCheckResult, AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output
 from pydantic import Field
 
-from assets.features import _check_feature, _data_version, compute_feature
+from assets.factory import SHARD_RETRY, dataset_asset, dataset_check
+from assets.factory import check_feature, compute_feature, data_version
 from assets.resources import ComputeResource, FeatureStoreResource, PretrainedClapResource
 from stages.core import tables
 from stages.embeddings import heads
 from stages.embeddings import retrieval as head_retrieval
-from stages.core.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
-from stages.core.refs import FeatureRef, ManifestRef
+from stages.core.refs import FeatureRef, HeadRef, ManifestRef
+from stages.features.base import registered_feature
 from stages.ingest.manifest import load_manifest
 from stages.core.store import feature_key
-
-
-@dataclass(frozen=True)
-class HeadRef:
-    """A trained head (or a pretrained CLAP model folder) and the tower features it reads."""
-
-    dataset: str
-    kind: str
-    key: str
-    tower_keys: dict = field(default_factory=dict)
-    pretrained_dir: str = ""
 
 
 class HeadTrainingConfig(Config):
@@ -49,35 +38,11 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
     revision = settings.pop("revision")
     train_config = heads.HeadTrainConfig(**settings)
     tower_keys = {ref.feature: ref.key for ref in towers.values()}
-    shards = sorted(manifest.by_shard())
-    # The key leaves the shard list out on purpose: new clips are embedded with the head already
-    # trained, so the space DiffGAP and downstream models live in stays fixed. `revision` retrains.
-    key = feature_key(kind, {**train_config.params(), "revision": revision}, heads.HEAD_CODE_VERSION, sorted(tower_keys.values()))
-    reused = has_checkpoint(store, manifest.dataset, kind, key)
-    if not reused:
-        data = heads.paired_features(store, manifest, kind, tower_keys)
-        train, val = data.subset("train"), data.subset("val")
-        try:
-            result = heads.train_head(kind, train, val, train_config, log=context.log.debug)
-        except (ValueError, FloatingPointError) as exc:
-            raise Failure(f"{kind} training failed: {exc}") from None
-        save_checkpoint(
-            store, manifest.dataset, kind, key, result.model.state_dict(),
-            {
-                "head_config": train_config.head_config().params(),
-                "train_config": train_config.params(),
-                "input_dims": heads.input_dims(train),
-                "tower_keys": tower_keys,
-                "shards": shards,
-                "clips_train": len(train),
-                "clips_val": len(val),
-                "history": result.history,
-                "best_step": result.best_step,
-                "best_val_loss": result.best_val_loss,
-                "train_seconds": round(result.seconds, 2),
-            },
-        )
-    _, sidecar = load_checkpoint(store, manifest.dataset, kind, key)
+    try:
+        fitted = heads.fit_head(store, manifest, kind, tower_keys, train_config, revision, log=context.log.debug)
+    except (ValueError, FloatingPointError) as exc:
+        raise Failure(f"{kind} training failed: {exc}") from None
+    key, sidecar, reused = fitted.key, fitted.sidecar, fitted.reused
     history = sidecar["history"]
     context.log.info(
         f"{kind} {key}: {'reused' if reused else 'trained'}; best val loss {sidecar['best_val_loss']:.4f} at step {sidecar['best_step']}"
@@ -103,14 +68,14 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
     )
 
 
-@asset(description="CLAP-style audio<->text projection heads (symmetric InfoNCE) on the frozen audio and text towers.",
+@dataset_asset(group="embeddings", kinds=("pytorch",), description="CLAP-style audio<->text projection heads (symmetric InfoNCE) on the frozen audio and text towers.",
        code_version=f"clap_head-{heads.HEAD_CODE_VERSION}")
 def clap_head(
     context: AssetExecutionContext,
     config: HeadTrainingConfig,
     clip_manifest: ManifestRef,
-    audio_tower_features: FeatureRef,
-    text_tower_features: FeatureRef,
+    audio_tower: FeatureRef,
+    text_tower: FeatureRef,
     feature_store: FeatureStoreResource,
     pretrained_clap: PretrainedClapResource,
 ) -> Output[HeadRef]:
@@ -122,52 +87,51 @@ def clap_head(
             metadata={"pretrained_model_dir": pretrained_clap.model_dir},
         )
     return _train(context, heads.CLAP_HEAD, config, clip_manifest,
-                  {"audio": audio_tower_features, "text": text_tower_features}, feature_store)
+                  {"audio": audio_tower, "text": text_tower}, feature_store)
 
 
-@asset(description="CAVP-style audio<->video per-second projection heads (Eq. 1 of DiffGAP, temporal negatives).",
+@dataset_asset(group="embeddings", kinds=("pytorch",), description="CAVP-style audio<->video per-second projection heads (Eq. 1 of DiffGAP, temporal negatives).",
        code_version=f"cavp_head-{heads.HEAD_CODE_VERSION}")
 def cavp_head(
     context: AssetExecutionContext,
     config: HeadTrainingConfig,
     clip_manifest: ManifestRef,
-    audio_tower_features: FeatureRef,
-    frame_tower_features: FeatureRef,
+    audio_tower: FeatureRef,
+    frame_tower: FeatureRef,
     feature_store: FeatureStoreResource,
 ) -> Output[HeadRef]:
     return _train(context, heads.CAVP_HEAD, config, clip_manifest,
-                  {"audio": audio_tower_features, "video": frame_tower_features}, feature_store)
+                  {"audio": audio_tower, "video": frame_tower}, feature_store)
 
 
 def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature_store, compute) -> Output:
     store = feature_store.writable_store()
     feature = head_retrieval.EMBEDDING_FEATURE[kind]
     if head.pretrained_dir:
-        from stages.embeddings.pretrained_clap import PretrainedClapParams, compute_pretrained_clap_shard, PRETRAINED_CLAP_CODE_VERSION
+        from stages.embeddings.pretrained_clap import PretrainedClapParams
 
         params_obj = PretrainedClapParams(model_dir=head.pretrained_dir)
-        params, key, code_version, compute_fn, inputs = (
-            params_obj.params(), params_obj.key(), PRETRAINED_CLAP_CODE_VERSION, compute_pretrained_clap_shard, ()
-        )
+        extractor = registered_feature(f"{feature}:pretrained")
+        params, key, inputs = params_obj.params(), params_obj.key(), ()
     else:
+        extractor = registered_feature(feature)
         params = {"head": kind, "head_key": head.key, "tower_keys": head.tower_keys}
         inputs = (head.key, *sorted(head.tower_keys.values()))
-        key = feature_key(feature, params, heads.EMBEDDING_CODE_VERSION, inputs)
-        code_version, compute_fn = heads.EMBEDDING_CODE_VERSION, heads.compute_embedding_shard
-    run, ref, metadata = compute_feature(context, store, manifest_ref.dataset, manifest_ref.digest, feature, key, params,
-                                         code_version, compute_fn, compute, input_keys=tuple(inputs))
+        key = feature_key(feature, params, extractor.code_version, inputs)
+    run, ref, metadata = compute_feature(context, store, manifest_ref.dataset, manifest_ref.digest, extractor, key, params,
+                                         compute, input_keys=tuple(inputs))
     metadata["head_key"] = head.key or f"pretrained:{head.pretrained_dir}"
-    return Output(ref, data_version=_data_version(run), metadata=metadata)
+    return Output(ref, data_version=data_version(run), metadata=metadata)
 
 
-@asset(description="CLAP embeddings of every clip's audio and caption (L2-normalised), from the trained head or a pretrained ClapModel.",
+@dataset_asset(group="embeddings", kinds=("numpy",), retry_policy=SHARD_RETRY, description="CLAP embeddings of every clip's audio and caption (L2-normalised), from the trained head or a pretrained ClapModel.",
        code_version=f"clap_embeddings-{heads.EMBEDDING_CODE_VERSION}")
 def clap_embeddings(context: AssetExecutionContext, clap_head: HeadRef, clip_manifest: ManifestRef,
                     feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[FeatureRef]:
     return _embed(context, heads.CLAP_HEAD, clap_head, clip_manifest, feature_store, compute)
 
 
-@asset(description="CAVP embeddings of every clip's audio and video: pooled and per second (L2-normalised).",
+@dataset_asset(group="embeddings", kinds=("numpy",), retry_policy=SHARD_RETRY, description="CAVP embeddings of every clip's audio and video: pooled and per second (L2-normalised).",
        code_version=f"cavp_embeddings-{heads.EMBEDDING_CODE_VERSION}")
 def cavp_embeddings(context: AssetExecutionContext, cavp_head: HeadRef, clip_manifest: ManifestRef,
                     feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[FeatureRef]:
@@ -182,7 +146,7 @@ class RetrievalConfig(Config):
 RETRIEVAL_COLUMNS = ["direction", "method", "R@1", "R@5", "R@10", "mean_rank", "median_rank", "n"]
 
 
-@asset(description="Retrieval R@1/5/10, mean/median rank for T->A, A->T, V->A, A->V on a held-out split, next to baselines.",
+@dataset_asset(group="embeddings", kinds=("csv",), description="Retrieval R@1/5/10, mean/median rank for T->A, A->T, V->A, A->V on a held-out split, next to baselines.",
        code_version="retrieval_evaluation-1")
 def retrieval_evaluation(
     context: AssetExecutionContext,
@@ -216,12 +180,12 @@ def retrieval_evaluation(
     return Output(rows, data_version=DataVersion(key), metadata=metadata)
 
 
-@asset_check(asset=clap_embeddings, description="audio/text [N, d], unit norm, finite; rows + quarantined == manifest clips.")
+@dataset_check(asset=clap_embeddings, description="audio/text [N, d], unit norm, finite; rows + quarantined == manifest clips.")
 def clap_embeddings_valid(clap_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     return _check_embeddings(feature_store.store(), clap_embeddings, ("audio", "text"))
 
 
-@asset_check(asset=cavp_embeddings, description="audio/video [N, d] unit norm, finite; rows + quarantined == manifest clips.")
+@dataset_check(asset=cavp_embeddings, description="audio/video [N, d] unit norm, finite; rows + quarantined == manifest clips.")
 def cavp_embeddings_valid(cavp_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     return _check_embeddings(feature_store.store(), cavp_embeddings, ("audio", "video"))
 
@@ -229,7 +193,7 @@ def cavp_embeddings_valid(cavp_embeddings: FeatureRef, feature_store: FeatureSto
 def _check_embeddings(store, ref: FeatureRef, names) -> AssetCheckResult:
     import numpy as np
 
-    first = _check_feature(store, ref, names[0], _row_shape(store, ref, names[0]))
+    first = check_feature(store, ref, names[0], _row_shape(store, ref, names[0]))
     if not first.passed:
         return first
     table = ref.read(store, names=list(names))

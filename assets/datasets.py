@@ -14,7 +14,7 @@ way of launching (the UI's run queue also limits runs per partition, see dagster
 
 from __future__ import annotations
 
-from dagster import ConfigurableResource, DynamicPartitionsDefinition, Failure, InitResourceContext, ResourceDependency
+from dagster import ConfigurableResource, DynamicPartitionsDefinition, Failure, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from assets.resources import ClipSourceResource, FeatureStoreResource
@@ -28,8 +28,8 @@ PARTITION_TAG = "dagster/partition"
 class DatasetLeaseResource(ConfigurableResource):
     """Holds the run's dataset lease from the first step to the end of the run."""
 
-    feature_store: ResourceDependency[FeatureStoreResource]
-    clip_source: ResourceDependency[ClipSourceResource]
+    feature_store: FeatureStoreResource
+    clip_source: ClipSourceResource
     enabled: bool = Field(default=True, description="Take the dataset's lease for the run (off: the caller guarantees one writer).")
     ttl_seconds: float = Field(default=DEFAULT_TTL_SECONDS, description="A lease not refreshed for this long belongs to a dead run and may be broken.")
     wait_seconds: float = Field(default=24 * 3600.0, description="How long a run waits for another run of its dataset before failing.")

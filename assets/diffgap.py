@@ -1,28 +1,19 @@
 """DiffGAP assets: one contrastive diffusion module per space, its retrieval evaluation, ablations."""
 
 import posixpath
-from dataclasses import dataclass
 
 import numpy as np
-from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output
 from pydantic import Field
 
+from assets.factory import dataset_asset
 from assets.resources import FeatureStoreResource
 from stages.diffgap import evaluate as diffgap_eval
 from stages.diffgap import train as diffgap_train
 from stages.core.tables import rows_to_csv, rows_to_markdown
-from stages.core.refs import FeatureRef, ManifestRef
+from stages.core.refs import DiffgapRef, FeatureRef, ManifestRef
 from stages.ingest.manifest import load_manifest
 from stages.core.store import FeatureStore, feature_key
-
-
-@dataclass(frozen=True)
-class DiffgapRef:
-    dataset: str
-    space: str
-    key: str
-    embedding_key: str
-    lineage: str
 
 
 class DiffgapConfig(Config):
@@ -77,14 +68,14 @@ def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, 
     )
 
 
-@asset(description="DiffGAP in CLAP space: one denoiser learning text->audio and audio->text (BST).",
+@dataset_asset(group="diffgap", kinds=("pytorch",), description="DiffGAP in CLAP space: one denoiser learning text->audio and audio->text (BST).",
        code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}")
 def diffgap_clap(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
                  clap_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> Output[DiffgapRef]:
     return _fit(context, "clap", config, clip_manifest, clap_embeddings, feature_store)
 
 
-@asset(description="DiffGAP in CAVP space: one denoiser learning video->audio and audio->video (BST).",
+@dataset_asset(group="diffgap", kinds=("pytorch",), description="DiffGAP in CAVP space: one denoiser learning video->audio and audio->video (BST).",
        code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}")
 def diffgap_cavp(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
                  cavp_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> Output[DiffgapRef]:
@@ -126,7 +117,7 @@ def _seed_summary(rows: list[dict]) -> list[dict]:
     ]
 
 
-@asset(description="Retrieval with DiffGAP (Tables III/IV): base encoder, ridge control and DiffGAP on the test split, over seeds.",
+@dataset_asset(group="diffgap", kinds=("pytorch",), description="Retrieval with DiffGAP (Tables III/IV): base encoder, ridge control and DiffGAP on the test split, over seeds.",
        code_version="diffgap_evaluation-1")
 def diffgap_evaluation(
     context: AssetExecutionContext,
@@ -166,7 +157,7 @@ def diffgap_evaluation(
     })
 
 
-@asset(description="Ablations in the shape of Tables V (CDM/BST), VI (50/20/5 steps) and VII (BST interval), per space.",
+@dataset_asset(group="diffgap", kinds=("pytorch",), description="Ablations in the shape of Tables V (CDM/BST), VI (50/20/5 steps) and VII (BST interval), per space.",
        code_version="diffgap_ablations-1")
 def diffgap_ablations(
     context: AssetExecutionContext,

@@ -8,32 +8,22 @@
 import posixpath
 
 import numpy as np
-from dataclasses import dataclass, field
 
-from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output
 from pydantic import Field
 
-from assets.diffgap import DiffgapRef
-from assets.features import _preview_markdown
+from assets.factory import dataset_asset
+from assets.factory import preview_markdown
 from assets.resources import DeviceResource, FeatureStoreResource
 from stages.core import tables
 from stages.generation import evaluate as generation_eval
 from stages.generation import sample as generation_sample
 from stages.generation import train as generation_train
 from stages.evaluation.alignment import AlignmentConfig
-from stages.core.refs import FeatureRef, ManifestRef
+from stages.core.refs import DiffgapRef, FeatureRef, GeneratorRef, ManifestRef
+from stages.embeddings.spaces import SPACES, get_space
 from stages.ingest.manifest import load_manifest
 from stages.core.store import feature_key
-
-
-@dataclass(frozen=True)
-class GeneratorRef:
-    """The generator checkpoint of each space and what it was trained on."""
-
-    dataset: str
-    keys: dict = field(default_factory=dict)  # space -> checkpoint key
-    latent_key: str = ""
-    embedding_keys: dict = field(default_factory=dict)  # space -> embedding feature key
 
 
 class AudioGeneratorConfig(Config):
@@ -58,12 +48,12 @@ class AudioGeneratorConfig(Config):
 
 
 def _space_check(spaces):
-    unknown = [s for s in spaces if s not in generation_train.SPACES]
+    unknown = [s for s in spaces if s not in SPACES]
     if unknown or not spaces:
-        raise Failure(f"spaces must be a non-empty subset of {list(generation_train.SPACES)}, got {spaces}")
+        raise Failure(f"spaces must be a non-empty subset of {list(SPACES)}, got {spaces}")
 
 
-@asset(description="Latent diffusion audio generators (small UNet, classifier-free guidance) in the audio VAE latent space, "
+@dataset_asset(group="generation", kinds=("pytorch",), description="Latent diffusion audio generators (small UNet, classifier-free guidance) in the audio VAE latent space, "
                    "conditioned on the clip's CLAP (text-to-audio) / CAVP (video-to-audio) audio embedding; train split.",
        code_version=f"audio_generator-{generation_train.GENERATOR_CODE_VERSION}")
 def audio_generator(
@@ -137,7 +127,7 @@ def _models(store, ref: GeneratorRef, diffgaps: dict):
     return out
 
 
-@asset(description="WAVs and spectrogram previews generated for configured test clips (text and video conditions) and "
+@dataset_asset(group="generation", kinds=("pytorch",), description="WAVs and spectrogram previews generated for configured test clips (text and video conditions) and "
                    "text prompts, with and without DiffGAP.",
        code_version="generated_audio-1")
 def generated_audio(
@@ -180,13 +170,13 @@ def generated_audio(
             outputs = {generation_eval.BASELINE: generation_sample.generate(model, decoder, cond, sample)}
             outputs[generation_eval.WITH_DIFFGAP] = generation_sample.generate(model, decoder, cond, sample, diffgap)
             outputs = {m: {**o, "clip_ids": names} for m, o in outputs.items()}
-            wavs += generation_eval.save_outputs(store, folder, outputs, f"{generation_train.SPACES[space][3]}")
+            wavs += generation_eval.save_outputs(store, folder, outputs, f"{get_space(space).task}")
             mels = np.concatenate([outputs[generation_eval.BASELINE]["mels"], outputs[generation_eval.WITH_DIFFGAP]["mels"]])
             images = np.concatenate([outputs[generation_eval.BASELINE]["images"], outputs[generation_eval.WITH_DIFFGAP]["images"]])
             png = preview_png(mels=mels, images=images)
             store.write_bytes(posixpath.join(folder, f"{space}_{kind}_preview.png"), png)
-            metadata[f"{generation_train.SPACES[space][3]}_{kind}_preview"] = _preview_markdown(png)
-            metadata[f"{generation_train.SPACES[space][3]}_{kind}"] = MetadataValue.md(
+            metadata[f"{get_space(space).task}_{kind}_preview"] = preview_markdown(png)
+            metadata[f"{get_space(space).task}_{kind}"] = MetadataValue.md(
                 f"rows: first {len(names)} = baseline, next {len(names)} = DiffGAP; "
                 + ", ".join(f"{n}" + (f" ('{config.prompts[i]}')" if kind == "prompts" else f" ('{index[n].caption or index[n].label}')")
                             for i, n in enumerate(names)))
@@ -206,7 +196,7 @@ class GenerationEvalConfig(SamplingConfig):
     alignment_split: str = Field(default="val", description="Split the alignment classifier trains on (held out from the CAVP head; falls back to train when it has < 2 clips).")
 
 
-@asset(description="Tables I (V2A: IS, KL, FD, Acc) and II (T2A: IS, KL, FAD, FD) on aiSFX, with and without DiffGAP.",
+@dataset_asset(group="generation", kinds=("pytorch",), description="Tables I (V2A: IS, KL, FD, Acc) and II (T2A: IS, KL, FAD, FD) on aiSFX, with and without DiffGAP.",
        code_version="generation_evaluation-2")
 def generation_evaluation(
     context: AssetExecutionContext,

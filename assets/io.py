@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import posixpath
 
-from dagster import ConfigurableIOManager, Failure, InputContext, OutputContext, ResourceDependency
+from dagster import ConfigurableIOManager, Failure, InputContext, OutputContext
 
+from assets.datasets import DatasetLeaseResource
 from assets.resources import FeatureStoreResource
 from stages.core import refs
 from stages.core.ids import check_name
@@ -32,7 +33,9 @@ def _asset_name(context) -> str:
 class StoreIOManager(ConfigurableIOManager):
     """Stores each asset output as JSON beside its dataset in the feature store."""
 
-    feature_store: ResourceDependency[FeatureStoreResource]
+    feature_store: FeatureStoreResource
+    # Held for the whole run (set up before the first step): no other run writes this dataset meanwhile.
+    dataset_lease: DatasetLeaseResource
 
     def _paths(self, dataset: str, asset: str, run_id: str) -> tuple[str, str]:
         store = self.feature_store.store()

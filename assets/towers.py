@@ -10,19 +10,15 @@ import numpy as np
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
-    AssetExecutionContext,
     Config,
-    Failure,
     MetadataValue,
-    Output,
-    asset,
-    asset_check,
 )
 from pydantic import Field
 
-from assets.features import _check_feature, _data_version, compute_feature
-from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
-from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, TowerWeightsError
+from assets.factory import dataset_check, feature_asset
+from assets.factory import check_feature
+from assets.resources import FeatureStoreResource
+from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower
 from stages.core import refs
 from stages.features import towers as T
 from stages.ingest.manifest import load_manifest
@@ -47,97 +43,19 @@ class FrameTowerConfig(Config):
     per_second_dtype: str = Field(default="float16", description="Stored dtype of per_second: float16 or float32.")
 
 
-def _params_or_failure(asset_name: str, build):
-    try:
-        params = build()
-        return params, params.key(), params.params()
-    except (ValueError, TypeError) as exc:
-        raise Failure(f"bad {asset_name} config: {exc}") from None
-    except TowerWeightsError as exc:
-        raise Failure(str(exc)) from None
-
-
-def _run_tower(
-    context: AssetExecutionContext,
-    asset_name: str,
-    feature: str,
-    key: str,
-    params: dict,
-    code_version: str,
-    compute_fn,
-    clip_manifest: refs.ManifestRef,
-    feature_store: FeatureStoreResource,
-    compute: ComputeResource,
-    device: DeviceResource,
-) -> Output[refs.FeatureRef]:
-    store = feature_store.writable_store()
-    try:
-        run, ref, metadata = compute_feature(
-            context, store, clip_manifest.dataset, clip_manifest.digest, feature, key, params, code_version, compute_fn, compute, device.device()
-        )
-    except TowerWeightsError as exc:
-        raise Failure(str(exc)) from None
-    tower = params["tower"]
+def _tower_report(context, store, ref: refs.FeatureRef, metadata: dict, inputs: dict, params) -> None:
+    tower = params.params()["tower"]
     metadata["tower"] = f"{tower['package']} {tower['package_version']}"
     metadata["tower_settings"] = MetadataValue.json(tower)
-    return Output(ref, data_version=_data_version(run), metadata=metadata)
 
 
-@asset(
-    description="aisfx audio embeddings per clip: pooled [512], per second [S, 512] and 69 'ucsMixed' class logits.",
-    code_version=f"audio_tower_features-{T.AUDIO_TOWER_CODE_VERSION}",
-)
-def audio_tower_features(
-    context: AssetExecutionContext,
-    config: AudioTowerConfig,
-    clip_manifest: refs.ManifestRef,
-    feature_store: FeatureStoreResource,
-    compute: ComputeResource,
-    device: DeviceResource,
-) -> Output[refs.FeatureRef]:
-    _, key, params = _params_or_failure("audio_tower_features", lambda: T.AudioTowerParams(**config.model_dump()))
-    return _run_tower(
-        context, "audio_tower_features", T.AUDIO_TOWER_FEATURE, key, params, T.AUDIO_TOWER_CODE_VERSION,
-        T.compute_audio_tower_shard, clip_manifest, feature_store, compute, device,
-    )
-
-
-@asset(
-    description="EfficientNet-lite0 (ImageNet) frame embeddings per clip: pooled [1280] and per second [S, 1280].",
-    code_version=f"frame_tower_features-{T.FRAME_TOWER_CODE_VERSION}",
-)
-def frame_tower_features(
-    context: AssetExecutionContext,
-    config: FrameTowerConfig,
-    clip_manifest: refs.ManifestRef,
-    feature_store: FeatureStoreResource,
-    compute: ComputeResource,
-    device: DeviceResource,
-) -> Output[refs.FeatureRef]:
-    _, key, params = _params_or_failure("frame_tower_features", lambda: T.FrameTowerParams(**config.model_dump()))
-    return _run_tower(
-        context, "frame_tower_features", T.FRAME_TOWER_FEATURE, key, params, T.FRAME_TOWER_CODE_VERSION,
-        T.compute_frame_tower_shard, clip_manifest, feature_store, compute, device,
-    )
-
-
-@asset(
-    description="MiniLM (all-MiniLM-L6-v2) sentence embeddings [384], unit norm, of each clip's caption, else its label.",
-    code_version=f"text_tower_features-{T.TEXT_TOWER_CODE_VERSION}",
-)
-def text_tower_features(
-    context: AssetExecutionContext,
-    clip_manifest: refs.ManifestRef,
-    feature_store: FeatureStoreResource,
-    compute: ComputeResource,
-    device: DeviceResource,
-) -> Output[refs.FeatureRef]:
-    # No config: texts are fixed (caption, else label) and the tower has no input settings to choose.
-    _, key, params = _params_or_failure("text_tower_features", T.TextTowerParams)
-    return _run_tower(
-        context, "text_tower_features", T.TEXT_TOWER_FEATURE, key, params, T.TEXT_TOWER_CODE_VERSION,
-        T.compute_text_tower_shard, clip_manifest, feature_store, compute, device,
-    )
+audio_tower = feature_asset(T.AUDIO_TOWER_FEATURE, config_type=AudioTowerConfig, device=True, report=_tower_report,
+                            params=lambda config, inputs: T.AudioTowerParams(**config.model_dump()))
+frame_tower = feature_asset(T.FRAME_TOWER_FEATURE, config_type=FrameTowerConfig, device=True, report=_tower_report,
+                            params=lambda config, inputs: T.FrameTowerParams(**config.model_dump()))
+# No config: texts are fixed (caption, else label) and the tower has no input settings to choose.
+text_tower = feature_asset(T.TEXT_TOWER_FEATURE, config_type=None, device=True, report=_tower_report,
+                           params=lambda config, inputs: T.TextTowerParams())
 
 
 # ---- asset checks -------------------------------------------------------------------------------
@@ -154,7 +72,7 @@ def _check_tower(
     and finiteness, per-row norms of ``norm_array`` (unit, or at least non-zero) and, for text,
     that every stored row was embedded from the clip's current caption."""
     names = list(shapes)
-    base = _check_feature(store, ref, names[0], shapes[names[0]])
+    base = check_feature(store, ref, names[0], shapes[names[0]])
     problems = [] if base.passed else [base.description]
     norm_min, norm_max = np.inf, 0.0
     for shard in ref.shards:
@@ -197,38 +115,38 @@ def _params_of(store: FeatureStore, ref: refs.FeatureRef) -> dict:
     return store.shard_manifest(ref.dataset, ref.feature, ref.key, ref.shards[0])["params"]
 
 
-@asset_check(
-    asset=audio_tower_features,
+@dataset_check(
+    asset=audio_tower,
     description="pooled [512], per_second [S, 512], logits [69]; finite; non-zero rows; rows + quarantined == manifest clips.",
 )
-def audio_tower_features_valid(audio_tower_features: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def audio_tower_valid(audio_tower: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
-    params = T.AudioTowerParams.from_params(_params_of(store, audio_tower_features))
+    params = T.AudioTowerParams.from_params(_params_of(store, audio_tower))
     shapes = {"pooled": (AudioTower.dim,), "per_second": (params.n_seconds, AudioTower.dim), "logits": (AudioTower.n_classes,)}
-    return _check_tower(store, audio_tower_features, shapes, "pooled", unit_norm=False)
+    return _check_tower(store, audio_tower, shapes, "pooled", unit_norm=False)
 
 
-@asset_check(
-    asset=frame_tower_features,
+@dataset_check(
+    asset=frame_tower,
     description="pooled [1280], per_second [S, 1280]; finite; non-zero rows; rows + quarantined == manifest clips.",
 )
-def frame_tower_features_valid(frame_tower_features: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def frame_tower_valid(frame_tower: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
-    params = T.FrameTowerParams.from_params(_params_of(store, frame_tower_features))
+    params = T.FrameTowerParams.from_params(_params_of(store, frame_tower))
     shapes = {"pooled": (FrameTower.dim,), "per_second": (params.n_seconds, FrameTower.dim)}
-    return _check_tower(store, frame_tower_features, shapes, "pooled", unit_norm=False)
+    return _check_tower(store, frame_tower, shapes, "pooled", unit_norm=False)
 
 
-@asset_check(
-    asset=text_tower_features,
+@dataset_check(
+    asset=text_tower,
     description="text [384], finite, unit norm, embedded from the current caption; rows + quarantined == manifest clips.",
 )
-def text_tower_features_valid(text_tower_features: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def text_tower_valid(text_tower: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
-    manifest = load_manifest(store, text_tower_features.dataset, text_tower_features.manifest_digest)
+    manifest = load_manifest(store, text_tower.dataset, text_tower.manifest_digest)
     texts = {c.id: c.caption or c.label for c in manifest.clips}
-    return _check_tower(store, text_tower_features, {"text": (TextTower.dim,)}, "text", unit_norm=True, manifest_texts=texts)
+    return _check_tower(store, text_tower, {"text": (TextTower.dim,)}, "text", unit_norm=True, manifest_texts=texts)
 
 
-TOWER_ASSETS = [audio_tower_features, frame_tower_features, text_tower_features]
-TOWER_CHECKS = [audio_tower_features_valid, frame_tower_features_valid, text_tower_features_valid]
+TOWER_ASSETS = [audio_tower, frame_tower, text_tower]
+TOWER_CHECKS = [audio_tower_valid, frame_tower_valid, text_tower_valid]

@@ -10,7 +10,6 @@ and config reuses them, and vae_latents computes only the shards whose key is mi
 """
 
 import warnings
-from dataclasses import dataclass
 
 from dagster import (
     AssetCheckResult,
@@ -21,18 +20,18 @@ from dagster import (
     Failure,
     MetadataValue,
     Output,
-    asset,
-    asset_check,
 )
 from pydantic import Field
 
-from assets.features import _check_feature, _data_version, _preview_markdown, compute_feature
+from assets.factory import SHARD_RETRY, dataset_asset, dataset_check, feature_asset
+from assets.factory import check_feature, compute_feature, data_version, preview_markdown
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
 from models.vae import PretrainedVaeError
 from stages.features import frames as FR
 from stages.features import latents
 from stages.vae import train as vae_train
-from stages.core.refs import FeatureRef, ManifestRef
+from stages.core.refs import FeatureRef, ManifestRef, VaeRef
+from stages.features.base import registered_feature
 from stages.ingest.manifest import load_manifest
 
 warnings.filterwarnings("ignore", message=r"Parameter `data_version`")
@@ -43,19 +42,6 @@ PREVIEW_CLIPS = 4
 # a little (measured 1.003 for audio and for frames over all 300 demo clips), a VAE used on data
 # unlike its training data drifts more. Latent means are not centred (-0.69 audio, -0.31 frames).
 LATENT_STD_BAND = (0.75, 1.33)
-
-
-@dataclass(frozen=True)
-class VaeRef:
-    """A VAE checkpoint in the feature store and what it was fitted on."""
-
-    dataset: str
-    name: str
-    key: str
-    modality: str
-    scaling_factor: float
-    input_key: str
-    manifest_digest: str
 
 
 class VideoFramesConfig(Config):
@@ -96,33 +82,17 @@ class LatentConfig(Config):
 
 # ---- video_frames ---------------------------------------------------------------------------------
 
-@asset(
-    description="Video frames of every clip, uint8 [T, size, size, 3] at a fixed fps (decord); clips without video are quarantined.",
-    code_version=f"video_frames-{FR.FRAMES_CODE_VERSION}",
-)
-def video_frames(
-    context: AssetExecutionContext,
-    config: VideoFramesConfig,
-    clip_manifest: ManifestRef,
-    feature_store: FeatureStoreResource,
-    compute: ComputeResource,
-) -> Output[FeatureRef]:
-    store = feature_store.writable_store()
-    try:
-        params = FR.FrameParams(**config.model_dump())
-    except ValueError as exc:
-        raise Failure(f"bad video_frames config: {exc}") from None
-    run, ref, metadata = compute_feature(
-        context, store, clip_manifest.dataset, clip_manifest.digest, FR.VIDEO_FRAMES_FEATURE, params.key(), params.params(), FR.FRAMES_CODE_VERSION,
-        FR.compute_frames_shard, compute,
-    )
+def _frames_report(context, store, ref: FeatureRef, metadata: dict, inputs: dict, params) -> None:
     metadata.update(fps=params.fps, frames_per_clip=params.n_frames, size=params.size)
     for shard in ref.shards:
         preview = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=[shard])
         if len(preview):
-            metadata["preview"] = _preview_markdown(FR.frames_preview_png(preview.arrays["frames"][:PREVIEW_CLIPS]))
+            metadata["preview"] = preview_markdown(FR.frames_preview_png(preview.arrays["frames"][:PREVIEW_CLIPS]))
             break
-    return Output(ref, data_version=_data_version(run), metadata=metadata)
+
+
+video_frames = feature_asset(FR.VIDEO_FRAMES_FEATURE, config_type=VideoFramesConfig, report=_frames_report,
+                             params=lambda config, inputs: FR.FrameParams(**config.model_dump()))
 
 
 # ---- the VAEs -------------------------------------------------------------------------------------
@@ -167,7 +137,7 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
         "psnr_db_mean_image": MetadataValue.float(round(baselines["mean_image"]["psnr"], 3)),
         "psnr_db_untrained": MetadataValue.float(round(baselines["untrained"]["psnr"], 3)),
         "metrics": MetadataValue.json({"trained": metrics, **baselines}),
-        "preview": _preview_markdown(vae_train.fit_preview_png(store, manifest, fit, PREVIEW_CLIPS, device.device())),
+        "preview": preview_markdown(vae_train.fit_preview_png(store, manifest, fit, PREVIEW_CLIPS, device.device())),
     }
     if "mel_l1" in metrics:
         metadata["mel_l1"] = MetadataValue.float(round(metrics["mel_l1"], 4))
@@ -181,7 +151,8 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
     return Output(ref, data_version=DataVersion(fit.key), metadata=metadata)
 
 
-@asset(
+@dataset_asset(
+    group="vae", kinds=("pytorch", "safetensors"),
     description="KL-VAE (diffusers AutoencoderKL) of the audio images: trained on the train split, or a local pretrained one; scaling factor from data.",
     code_version=f"audio_vae-{vae_train.VAE_CODE_VERSION}",
 )
@@ -196,7 +167,8 @@ def audio_vae(
     return _fit(context, vae_train.AUDIO_VAE, "audio", config, audio_images, clip_manifest.digest, feature_store, device)
 
 
-@asset(
+@dataset_asset(
+    group="vae", kinds=("pytorch", "safetensors"),
     description="KL-VAE (diffusers AutoencoderKL) of the video frames: trained on the train split, or a local pretrained one; scaling factor from data.",
     code_version=f"frame_vae-{vae_train.VAE_CODE_VERSION}",
 )
@@ -212,7 +184,8 @@ def frame_vae(
 
 # ---- latents --------------------------------------------------------------------------------------
 
-@asset(
+@dataset_asset(
+    group="vae", kinds=("pytorch", "zarr"), retry_policy=SHARD_RETRY,
     description="Scaled KL-VAE latents per clip: audio [N, C, h, w] of the audio image and frames [N, T, C, h, w] of the video frames.",
     code_version=f"vae_latents-{latents.LATENT_CODE_VERSION}",
 )
@@ -245,9 +218,8 @@ def vae_latents(
         {m: ref.key for m, ref in inputs.items()},
     )
     run, ref, metadata = compute_feature(
-        context, store, audio_images.dataset, audio_images.manifest_digest, latents.LATENT_FEATURE,
-        latents.LatentParams.key(job_params), job_params, latents.LATENT_CODE_VERSION, latents.compute_latent_shard, compute,
-        device.device(), tuple(latents.LatentParams.input_keys(job_params)),
+        context, store, audio_images.dataset, audio_images.manifest_digest, registered_feature(latents.LATENT_FEATURE),
+        latents.LatentParams.key(job_params), job_params, compute, device.device(), tuple(latents.LatentParams.input_keys(job_params)),
     )
     metadata["dtype"] = params.dtype
     metadata["vae_keys"] = MetadataValue.json({m: job_params["vaes"][m]["key"] for m in params.modalities})
@@ -259,18 +231,18 @@ def vae_latents(
             metadata[f"{modality}_scaling_factor"] = MetadataValue.float(round(summary["scaling_factor"], 6))
         png = latents.latent_preview_png(store, ref.dataset, ref.key, ref.shards, PREVIEW_CLIPS, device.device())
         if png:
-            metadata["preview"] = _preview_markdown(png)
-    return Output(ref, data_version=_data_version(run), metadata=metadata)
+            metadata["preview"] = preview_markdown(png)
+    return Output(ref, data_version=data_version(run), metadata=metadata)
 
 
 # ---- asset checks ---------------------------------------------------------------------------------
 
-@asset_check(asset=video_frames, description="Frames uint8 [T, size, size, 3], rows + quarantined == manifest clips.")
+@dataset_check(asset=video_frames, description="Frames uint8 [T, size, size, 3], rows + quarantined == manifest clips.")
 def video_frames_valid(video_frames: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     first = store.shard_manifest(video_frames.dataset, video_frames.feature, video_frames.key, video_frames.shards[0])
     params = FR.FrameParams(**first["params"])
-    return _check_feature(store, video_frames, "frames", (params.n_frames, params.size, params.size, 3))
+    return check_feature(store, video_frames, "frames", (params.n_frames, params.size, params.size, 3))
 
 
 def _check_vae(ref: VaeRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
@@ -289,29 +261,29 @@ def _check_vae(ref: VaeRef, feature_store: FeatureStoreResource) -> AssetCheckRe
     )
 
 
-@asset_check(asset=audio_vae, description="The audio VAE reconstructs validation images better (PSNR) than the mean image and than itself untrained.")
+@dataset_check(asset=audio_vae, description="The audio VAE reconstructs validation images better (PSNR) than the mean image and than itself untrained.")
 def audio_vae_beats_baselines(audio_vae: VaeRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     return _check_vae(audio_vae, feature_store)
 
 
-@asset_check(asset=frame_vae, description="The frame VAE reconstructs validation frames better (PSNR) than the mean image and than itself untrained.")
+@dataset_check(asset=frame_vae, description="The frame VAE reconstructs validation frames better (PSNR) than the mean image and than itself untrained.")
 def frame_vae_beats_baselines(frame_vae: VaeRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     return _check_vae(frame_vae, feature_store)
 
 
-@asset_check(asset=vae_latents, description="Latent shapes per modality, no NaN/Inf, rows + quarantined == manifest clips.")
+@dataset_check(asset=vae_latents, description="Latent shapes per modality, no NaN/Inf, rows + quarantined == manifest clips.")
 def vae_latents_valid(vae_latents: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     first = store.shard_manifest(vae_latents.dataset, vae_latents.feature, vae_latents.key, vae_latents.shards[0])
     results = []
     for modality in first["params"]["modalities"]:
         shape = _row_shape(store, vae_latents, modality)
-        results.append(_check_feature(store, vae_latents, modality, shape))
+        results.append(check_feature(store, vae_latents, modality, shape))
     failed = [r for r in results if not r.passed]
     return failed[0] if failed else results[0]
 
 
-@asset_check(
+@dataset_check(
     asset=vae_latents,
     description=f"Scaled latents have std within {LATENT_STD_BAND[0]}..{LATENT_STD_BAND[1]} per modality over all clips (1 on the training split by construction).",
 )

@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 from stages.evaluation import audio as audio_metrics  # noqa: E402
+from stages.embeddings.spaces import get_space  # noqa: E402
 from stages.generation import evaluate as generation_eval  # noqa: E402
 from stages.generation import sample as generation_sample  # noqa: E402
 from stages.generation import train as generation_train  # noqa: E402
@@ -92,7 +93,7 @@ def main() -> int:
             continue
         model, sidecar = generation_train.load_generator(store, args.dataset, space, generators[0]["checkpoint_key"])
         diffgap, _ = diffgap_train.load_model(store, args.dataset, space, diffgaps[0]["checkpoint_key"])
-        task = generation_train.SPACES[space][3]
+        task = get_space(space).task
         results: dict[tuple[str, int], list[dict]] = {}
         probe = labels = None
         trust = []

@@ -56,6 +56,11 @@ PTH
 
 mkdir -p .dagster_home
 ln -sf ../dagster.yaml .dagster_home/dagster.yaml
+# Create the SQLite instance now (once): two runs started together on a fresh instance would race
+# in Dagster's schema setup. Skipped when DAGSTER_HOME points elsewhere (e.g. a shared Postgres).
+if [ ! -e .dagster_home/history/runs.db ] && [ -z "${DAGSTER_PG_URL:-}" ]; then
+  DAGSTER_HOME="$PROJECT_DIR/.dagster_home" "$VENV/bin/python" -c "from dagster import DagsterInstance; DagsterInstance.get().dispose()"
+fi
 
 if [ "$want_test" -eq 1 ]; then
   # A real PostgreSQL server for the instance-storage test (the test starts its own).

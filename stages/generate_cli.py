@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 
+from stages.embeddings.spaces import SPACES, get_space
 def _newest(store, dataset: str, name: str, key: str | None) -> str:
     from stages.core.checkpoints import list_checkpoints
 
@@ -34,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", default="demo")
     parser.add_argument("--clip-id", action="append", default=[], help="clip whose caption / video conditions the audio (repeatable)")
     parser.add_argument("--text", action="append", default=[], help="free-text prompt (repeatable)")
-    parser.add_argument("--space", choices=["clap", "cavp", "both"], default="both", help="for clip ids: T2A (clap), V2A (cavp) or both")
+    parser.add_argument("--space", choices=[*SPACES, "both"], default="both", help="for clip ids: T2A (clap), V2A (cavp) or both")
     parser.add_argument("--diffgap", choices=["with", "without", "both"], default="both")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (50, 20, 5)")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gap_keys = dict(k.split("=", 1) for k in args.diffgap_key)
     sample = generation_sample.SampleConfig(steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, vocoder=args.vocoder,
                             threads=args.threads)
-    spaces = ["clap", "cavp"] if args.space == "both" else [args.space]
+    spaces = list(SPACES) if args.space == "both" else [args.space]
     if args.text and "clap" not in spaces:
         spaces.insert(0, "clap")
     manifest = load_manifest(store, args.dataset) if args.clip_id else None
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.text and space == "clap":
             cond = generation_sample.text_condition(store, args.dataset, sidecar["embedding_key"], args.text)
             requests.append(([f"text{i:02d}" for i in range(len(args.text))], cond))
-        task = generation_train.SPACES[space][3]
+        task = get_space(space).task
         for names, cond in requests:
             mels = []
             for label, gap in (("baseline", None), ("diffgap", diffgap)):

@@ -22,6 +22,7 @@ import posixpath
 import socket
 import threading
 import time
+import uuid
 from typing import Callable
 
 from stages.core.errors import DatasetError
@@ -61,24 +62,32 @@ class DatasetLease:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self.waited_seconds = 0.0
+        self._acquired: str | None = None
 
     # ---- the document ----------------------------------------------------------------------------
     def _document(self) -> bytes:
         now = _now()
+        self._acquired = self._acquired or _iso(now)
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "acquired": _iso(now), "expires": now + self.ttl}).encode()
+                           "acquired": self._acquired, "expires": now + self.ttl}).encode()
 
     def _create(self) -> bool:
         """Create the lease exclusively; False when someone else holds it."""
         data = self._document()
         if self.store.is_local:
+            # Write the whole document under a private name, then hard-link it into place: the link
+            # fails if the lease exists, and a reader never sees a half-written lease.
             self.store._makedirs(posixpath.dirname(self.path))
+            private = f"{self.path}.{uuid.uuid4().hex}"
+            with open(private, "wb") as handle:
+                handle.write(data)
             try:
-                with open(self.path, "xb") as handle:
-                    handle.write(data)
+                os.link(private, self.path)
                 return True
             except FileExistsError:
                 return False
+            finally:
+                os.unlink(private)
         try:
             self.store.fs.pipe_file(self.path, data, mode="create")
             return True

@@ -14,16 +14,17 @@ import numpy as np
 import torch
 
 from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, DenoiserConfig, diffusion_loss, make_train_scheduler
-from stages.embeddings.heads import CAVP_FEATURE, CLAP_FEATURE
+from stages.embeddings.spaces import get_space
 from stages.ingest.manifest import ClipManifest
 from stages.core.parallel import torch_threads
 from stages.evaluation.retrieval import normalize
-from stages.core.store import FeatureStore
+from stages.core.checkpoints import load_module, restore_optimizer
+from stages.core.lineage import NewShards, Progress, Start, Trained, fit_with_lineage
+from stages.core.store import FeatureStore, feature_key
 
 
 DIFFGAP_CODE_VERSION = "1"
 # space -> (embedding feature, the non-audio modality, its letter in direction names)
-SPACES = {"clap": (CLAP_FEATURE, "text", "T"), "cavp": (CAVP_FEATURE, "video", "V")}
 BLEND_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 
 
@@ -32,7 +33,7 @@ def model_name(space: str) -> str:
 
 
 def direction_names(space: str) -> dict[int, str]:
-    letter = SPACES[space][2]
+    letter = get_space(space).letter
     return {TO_AUDIO: f"{letter}->A", FROM_AUDIO: f"A->{letter}"}
 
 
@@ -93,7 +94,7 @@ class EmbeddingPairs:
 
 
 def load_pairs(store: FeatureStore, manifest: ClipManifest, space: str, embedding_key: str) -> EmbeddingPairs:
-    feature, other, _ = SPACES[space]
+    feature, other = get_space(space).embedding_feature, get_space(space).other
     shards = sorted(manifest.by_shard())
     table = store.read_arrays(manifest.dataset, feature, embedding_key, shards=shards, names=["audio", other])
     index = manifest.index()
@@ -107,14 +108,6 @@ def load_pairs(store: FeatureStore, manifest: ClipManifest, space: str, embeddin
 
 
 # ---- training -------------------------------------------------------------------------------------
-
-@dataclass
-class Progress:
-    """Hooks to save and restore mid-run state; the stage stays storage-agnostic."""
-
-    load: Callable[[], tuple[int, dict, dict, dict] | None] = lambda: None  # -> (step, model, optimizer tensors, groups)
-    save: Callable[[int, Denoiser, torch.optim.Optimizer, list], None] = lambda step, model, optimizer, history: None
-
 
 @dataclass
 class DiffgapTrainResult:
@@ -171,8 +164,6 @@ def _train_diffgap(
     if restored is not None:
         step_done, model_state, optimizer_state, groups = restored
         model.load_state_dict(model_state)
-        from stages.core.checkpoints import restore_optimizer
-
         restore_optimizer(optimizer, optimizer_state, groups)
         first_step, history = step_done + 1, list(groups.get("history", []))
         if log:
@@ -225,8 +216,6 @@ def gap_statistics(pairs: EmbeddingPairs) -> dict:
 # ---- fitting with lineage: reuse, warm start on new shards, resume after a kill -------------------
 
 def lineage_key(space: str, config: DiffgapTrainConfig, embedding_key: str) -> str:
-    from stages.core.store import feature_key
-
     return feature_key(model_name(space), config.params(), DIFFGAP_CODE_VERSION, [embedding_key])
 
 
@@ -239,8 +228,6 @@ class FitResult:
 
 
 def load_model(store: FeatureStore, dataset: str, space: str, key: str) -> tuple[Denoiser, dict]:
-    from stages.core.checkpoints import load_module
-
     return load_module(store, dataset, model_name(space), key, lambda s: Denoiser(DenoiserConfig(**s["denoiser_config"])))
 
 
@@ -252,76 +239,43 @@ def fit_space(
     config: DiffgapTrainConfig,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
-    """The DiffGAP model of one space for the manifest's current shards.
+    """The DiffGAP model of one space for the manifest's current shards (stages.core.lineage).
 
     Checkpoint key = hash(lineage, shards). Same shards: reuse. New shards and an earlier
     checkpoint of the same lineage (same config and embedding key): warm start on the new
     training clips plus replayed old ones. A run killed mid-training resumes from its last
     progress save.
     """
-    from stages.core.checkpoints import has_checkpoint, list_checkpoints, load_checkpoint, load_progress, optimizer_tensors, save_checkpoint, save_progress
-    from stages.core.store import feature_key
-
     name = model_name(space)
     lineage = lineage_key(space, config, embedding_key)
     shards = sorted(manifest.by_shard())
     key = feature_key(name, {"lineage": lineage}, DIFFGAP_CODE_VERSION, shards)
-    if has_checkpoint(store, manifest.dataset, name, key):
-        model, sidecar = load_model(store, manifest.dataset, space, key)
-        return FitResult(key, sidecar, "reused", model)
+    shard_of = {c.id: shard for shard, clips in manifest.by_shard().items() for c in clips}
 
-    pairs = load_pairs(store, manifest, space, embedding_key)
-    train = pairs.subset("train")
-    previous = next((s for s in list_checkpoints(store, manifest.dataset, name) if s.get("lineage") == lineage), None)
-    init_state, new_ids, status = None, None, "trained"
-    if previous is not None:
-        seen = set(previous["shards_seen"])
-        shard_of = {c.id: shard for shard, clips in manifest.by_shard().items() for c in clips}
-        new_ids = {c for c in train.clip_ids if shard_of[c] not in seen}
-        init_state, _ = load_checkpoint(store, manifest.dataset, name, previous["checkpoint_key"])
-        status = "warm-started" if new_ids else "carried over"
-
-    def save(step, model, optimizer, history):
-        tensors, groups = optimizer_tensors(optimizer)
-        tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
-        save_progress(store, manifest.dataset, name, key, tensors, {"step": step, **groups, "history": history})
-
-    def load():
-        found = load_progress(store, manifest.dataset, name, key)
-        if found is None:
-            return None
-        tensors, meta = found
-        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        return meta["step"], model_state, {k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta
-
-    if status == "carried over":
-        model = Denoiser(config.denoiser_config(train.audio.shape[1]))
-        model.load_state_dict(init_state)
-        result = DiffgapTrainResult(model, [], 0, 0, 0.0)
-    else:
-        resumed = load_progress(store, manifest.dataset, name, key) is not None
-        result = train_diffgap(train, config, init_state=init_state, new_clip_ids=new_ids,
-                               progress=Progress(load=load, save=save), log=log)
-        if resumed:
-            status = "resumed"
-    sidecar = save_checkpoint(
-        store, manifest.dataset, name, key, result.model.state_dict(),
-        {
-            "lineage": lineage,
+    def train(start: Start) -> Trained:
+        train_pairs = load_pairs(store, manifest, space, embedding_key).subset("train")
+        new_ids = None
+        if start.previous is not None:
+            new = set(start.new_shards)
+            new_ids = {c for c in train_pairs.clip_ids if shard_of[c] in new}
+        if start.previous is not None and not new_ids:  # no new training clip: the previous weights carry over
+            model = Denoiser(config.denoiser_config(train_pairs.audio.shape[1]))
+            model.load_state_dict(start.state)
+            result = DiffgapTrainResult(model, [], 0, 0, 0.0)
+        else:
+            result = train_diffgap(train_pairs, config, init_state=start.state, new_clip_ids=new_ids,
+                                   progress=start.progress, log=log)
+        return Trained(result.model.state_dict(), result.model, result.steps_run, result.resumed_from, result.seconds, {
             "space": space,
             "embedding_key": embedding_key,
             "train_config": config.params(),
             "denoiser_config": result.model.config.params(),
-            "shards_seen": shards,
-            "clips_train": len(train),
-            "clips_new": len(new_ids) if new_ids is not None else len(train),
-            "warm_start_from": previous["checkpoint_key"] if previous else None,
-            "status": status,
-            "steps_run": result.steps_run,
-            "resumed_from_step": result.resumed_from,
+            "clips_train": len(train_pairs),
+            "clips_new": len(new_ids) if new_ids is not None else len(train_pairs),
             "history": result.history,
-            "train_seconds": round(result.seconds, 2),
-            "gap": gap_statistics(train),
-        },
-    )
-    return FitResult(key, sidecar, status, result.model)
+            "gap": gap_statistics(train_pairs),
+        })
+
+    fitted = fit_with_lineage(store, manifest.dataset, name, key, shards, train, on_new_shards=NewShards.WARM_START,
+                              lineage=lineage, load=lambda k: load_model(store, manifest.dataset, space, k))
+    return FitResult(fitted.key, fitted.sidecar, fitted.status, fitted.model)

@@ -17,7 +17,8 @@ from models.contrastive import CavpHead, ClapHead, HeadConfig
 from stages.core.checkpoints import load_module
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResult, register_feature, registered_feature
 from stages.ingest.manifest import ClipManifest
-from stages.core.store import FeatureStore
+from stages.core.lineage import Fitted, NewShards, Start, Trained, fit_with_lineage
+from stages.core.store import FeatureStore, feature_key
 
 
 
@@ -208,6 +209,39 @@ def _cached_head(store_root: str, storage_items: tuple, dataset: str, kind: str,
 def load_head(store: FeatureStore, dataset: str, kind: str, key: str):
     """A trained head from its checkpoint (cached per process: workers embed many shards)."""
     return _cached_head(store.url_root, tuple(sorted(store.storage_options.items())), dataset, kind, key)
+
+
+def head_key(kind: str, config: HeadTrainConfig, revision: str, tower_keys: Mapping[str, str]) -> str:
+    """The head's checkpoint key. It leaves the shards out on purpose: new clips are embedded with
+    the head already trained, so the space DiffGAP and downstream models live in stays fixed (and
+    so do their keys). ``revision`` retrains on the current data."""
+    return feature_key(kind, {**config.params(), "revision": revision}, HEAD_CODE_VERSION, sorted(tower_keys.values()))
+
+
+def fit_head(store: FeatureStore, manifest: ClipManifest, kind: str, tower_keys: Mapping[str, str], config: HeadTrainConfig,
+             revision: str = "", log: Callable[[str], None] | None = None) -> Fitted:
+    """The trained projection heads of one space (stages.core.lineage, new shards: reuse)."""
+    key = head_key(kind, config, revision, tower_keys)
+
+    def train(start: Start) -> Trained:
+        data = paired_features(store, manifest, kind, dict(tower_keys))
+        train_set, val_set = data.subset("train"), data.subset("val")
+        result = train_head(kind, train_set, val_set, config, log=log)
+        return Trained(result.model.state_dict(), result.model, config.steps, 0, result.seconds, {
+            "head_config": config.head_config().params(),
+            "train_config": config.params(),
+            "input_dims": input_dims(train_set),
+            "tower_keys": dict(tower_keys),
+            "shards": sorted(manifest.by_shard()),
+            "clips_train": len(train_set),
+            "clips_val": len(val_set),
+            "history": result.history,
+            "best_step": result.best_step,
+            "best_val_loss": result.best_val_loss,
+        })
+
+    return fit_with_lineage(store, manifest.dataset, kind, key, sorted(manifest.by_shard()), train,
+                            on_new_shards=NewShards.REUSE)
 
 
 class _HeadEmbeddings(ShardFeature):

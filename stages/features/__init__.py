@@ -1,8 +1,8 @@
-"""Per-shard cached features: the contract and driver (base), and every registered feature.
+"""Per-shard cached features: the contract and driver (base) and the features computed from media.
 
-Importing the package imports each feature module, so ``stages.features.base.FEATURES`` lists
-them all (the asset factory, the CLI and Dask workers look features up there by name).
+Registering a feature: decorate its class with ``@register_feature`` and import its module below
+(the embedding features register from stages/embeddings/__init__.py). ``base.all_features()``
+imports both packages, so the asset factory, the CLI and Dask workers find every feature by name.
 """
 
 from stages.features import frames, latents, mel, towers  # noqa: F401  (registration)
-from stages.embeddings import heads, pretrained_clap  # noqa: F401  (registration: the embedding features)

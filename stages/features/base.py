@@ -162,11 +162,16 @@ def register_feature(cls: type[ShardFeature]) -> type[ShardFeature]:
     return cls
 
 
-def registered_feature(name: str) -> ShardFeature:
-    if name not in FEATURES:
-        import stages.features  # noqa: F401 - the package imports every feature module
+def all_features() -> dict[str, ShardFeature]:
+    """Every registered feature (importing the packages that register them)."""
+    import stages.embeddings  # noqa: F401
+    import stages.features  # noqa: F401
 
-    return FEATURES[name]
+    return FEATURES
+
+
+def registered_feature(name: str) -> ShardFeature:
+    return FEATURES[name] if name in FEATURES else all_features()[name]
 
 
 def iter_decoded(job: ShardJob, decode: Callable[[str], Any], prefetch: bool = False) -> Iterator[tuple[str, str, Any]]:

@@ -18,7 +18,8 @@ from stages.ingest.manifest import ClipManifest
 from stages.core.parallel import torch_threads
 from stages.core.store import FeatureStore
 from stages.generation.sample import SampleConfig, cavp_audio_head, generate, make_decoder, write_wav
-from stages.generation.train import SPACES, LatentPairs, load_latent_pairs
+from stages.embeddings.spaces import get_space
+from stages.generation.train import LatentPairs, load_latent_pairs
 
 
 BASELINE, WITH_DIFFGAP, ORACLE = "baseline (no DiffGAP)", "DiffGAP", "oracle: VAE + vocoder of the real latent"
@@ -109,7 +110,7 @@ def evaluate_space(
     per-second / logits the metrics used)."""
     from models.towers import AudioTower, get_tower
 
-    task = SPACES[space][3]
+    task = get_space(space).task
     pairs = load_latent_pairs(store, manifest, space, generator_sidecar["latent_key"], generator_sidecar["embedding_key"])
     test = pairs.subset(evaluation.split)
     decoder = make_decoder(store, manifest.dataset, generator_sidecar["audio_vae"], sample, device)

@@ -24,20 +24,19 @@ import torch
 
 from models.generator import GeneratorConfig, LatentGenerator, diffusion_loss, make_train_scheduler
 
-from stages.embeddings.heads import CAVP_FEATURE, CAVP_HEAD, CLAP_FEATURE, CLAP_HEAD
+from stages.embeddings.spaces import get_space
 from stages.ingest.manifest import ClipManifest
 from stages.core.parallel import torch_threads
+from stages.core.lineage import NewShards, Start, Trained, fit_with_lineage
 from stages.core.store import FeatureStore, feature_key
 
 
 GENERATOR_CODE_VERSION = "2"  # 2: prediction_type in the key
 # space -> (embedding feature, the other modality's array, its CLAP/CAVP head kind, task name)
-SPACES = {"clap": (CLAP_FEATURE, "text", CLAP_HEAD, "T2A"), "cavp": (CAVP_FEATURE, "video", CAVP_HEAD, "V2A")}
 
 
 def model_name(space: str) -> str:
-    if space not in SPACES:
-        raise ValueError(f"unknown space {space!r}: choose clap or cavp")
+    get_space(space)  # one line naming the choices for an unknown space
     return f"audio_generator_{space}"
 
 
@@ -99,7 +98,7 @@ class LatentPairs:
 
 def load_latent_pairs(store: FeatureStore, manifest: ClipManifest, space: str, latent_key: str, embedding_key: str) -> LatentPairs:
     """Clips of the manifest with both a stored audio latent and embeddings, in manifest order."""
-    feature, other, _, _ = SPACES[space]
+    feature, other = get_space(space).embedding_feature, get_space(space).other
     shards = sorted(manifest.by_shard())
     lat = store.read_arrays(manifest.dataset, "vae_latents", latent_key, shards=shards, names=["audio"])
     names = ["audio", other] + (["audio_per_second", "video_per_second"] if space == "cavp" else [])
@@ -220,38 +219,39 @@ def fit_generator(
 ) -> GeneratorFit:
     """Train the generator of one space on the train split, or reuse the checkpoint of the same
     key = hash(config, latent key, embedding key, shards)."""
-    from stages.core.checkpoints import has_checkpoint, save_checkpoint
     from stages.features.latents import latent_vaes
 
     name = model_name(space)
     shards = sorted(manifest.by_shard())
     key = feature_key(name, config.params(), GENERATOR_CODE_VERSION, [latent_key, embedding_key, *shards])
-    if has_checkpoint(store, manifest.dataset, name, key):
-        model, sidecar = load_generator(store, manifest.dataset, space, key)
-        return GeneratorFit(space, key, sidecar, True, model)
-    pairs = load_latent_pairs(store, manifest, space, latent_key, embedding_key)
-    train = pairs.subset("train")
-    result = train_generator(train, config, log)
-    held_out = pairs.subset("val") if len(pairs.subset("val")) >= 2 else train
-    with torch_threads(config.threads):
-        sensitivity = condition_sensitivity(result.model, held_out)
-    if log:
-        log(f"audio generator ({space}): loss with another clip's condition / its own = {sensitivity['shuffled_over_matched']:.3f}")
-    vaes = latent_vaes(store, manifest.dataset, latent_key)
-    if "audio" not in vaes:
-        raise ValueError(f"vae_latents key {latent_key} holds no audio latents")
-    sidecar = save_checkpoint(store, manifest.dataset, name, key, result.model.state_dict(), {
-        "space": space,
-        "condition": f"{SPACES[space][0]}/audio (the clip's audio embedding)",
-        "generator_config": result.model.config.params(),
-        "train_config": config.params(),
-        "latent_key": latent_key,
-        "embedding_key": embedding_key,
-        "audio_vae": vaes["audio"],
-        "shards": shards,
-        "clips_train": len(train),
-        "history": result.history,
-        "train_seconds": round(result.seconds, 2),
-        "condition_sensitivity": {"split": held_out.splits[0], **sensitivity},
-    })
-    return GeneratorFit(space, key, sidecar, False, result.model)
+
+    def train(start: Start) -> Trained:
+        pairs = load_latent_pairs(store, manifest, space, latent_key, embedding_key)
+        train_pairs = pairs.subset("train")
+        result = train_generator(train_pairs, config, log)
+        held_out = pairs.subset("val") if len(pairs.subset("val")) >= 2 else train_pairs
+        with torch_threads(config.threads):
+            sensitivity = condition_sensitivity(result.model, held_out)
+        if log:
+            log(f"audio generator ({space}): loss with another clip's condition / its own = {sensitivity['shuffled_over_matched']:.3f}")
+        vaes = latent_vaes(store, manifest.dataset, latent_key)
+        if "audio" not in vaes:
+            raise ValueError(f"vae_latents key {latent_key} holds no audio latents")
+        return Trained(result.model.state_dict(), result.model, config.steps, 0, result.seconds, {
+            "space": space,
+            "condition": f"{get_space(space).embedding_feature}/audio (the clip's audio embedding)",
+            "generator_config": result.model.config.params(),
+            "train_config": config.params(),
+            "latent_key": latent_key,
+            "embedding_key": embedding_key,
+            "audio_vae": vaes["audio"],
+            "shards": shards,
+            "clips_train": len(train_pairs),
+            "history": result.history,
+            "condition_sensitivity": {"split": held_out.splits[0], **sensitivity},
+        })
+
+    # New shards train a new generator (its key hashes them); stages.core.lineage does reuse and the sidecar.
+    fitted = fit_with_lineage(store, manifest.dataset, name, key, shards, train, on_new_shards=NewShards.RETRAIN,
+                              load=lambda k: load_generator(store, manifest.dataset, space, k))
+    return GeneratorFit(space, key, fitted.sidecar, fitted.reused, fitted.model)

@@ -45,12 +45,13 @@ from models.vae import (
     vae_from_config,
     vae_loss,
 )
-from stages.core.checkpoints import has_checkpoint, load_checkpoint, save_checkpoint
+from stages.core.checkpoints import load_checkpoint, save_checkpoint
 from stages.features.mel import AUDIO_IMAGE_FEATURE, MEL_FEATURE
 from stages.features.frames import VIDEO_FRAMES_FEATURE
 from stages.ingest.manifest import ClipManifest
 from stages.core.parallel import torch_threads
 from stages.features.spectral import MelPreset, audio_image_to_mel, get_preset
+from stages.core.lineage import NewShards, Start, Trained, fit_with_lineage
 from stages.core.store import FeatureStore, canonical_json, feature_key
 
 AUDIO_VAE, FRAME_VAE = "audio_vae", "frame_vae"
@@ -440,16 +441,23 @@ def fit_vae(
         params = config.params()
     params = {**params, "modality": modality}
     key = vae_checkpoint_key(name, params, [input_key], shards)
-    if has_checkpoint(store, manifest.dataset, name, key):
-        _, sidecar = load_checkpoint(store, manifest.dataset, name, key)
-        return VaeFit(name, key, sidecar, True)
 
-    with torch_threads(config.threads or torch.get_num_threads()):
-        fit = _fit_new(store, manifest, name, modality, input_key, config, key, shards, pretrained, device, log)
-    return fit
+    def train(start: Start) -> Trained:
+        with torch_threads(config.threads or torch.get_num_threads()):
+            vae, sidecar = _fit_new(store, manifest, name, modality, input_key, config, key, shards, pretrained, device, log)
+        return Trained(state={}, model=vae, steps_run=sidecar["steps"], seconds=sidecar["train_seconds"], sidecar=sidecar,
+                       save=lambda st, dataset, nm, k, extra: save_vae_checkpoint(st, dataset, nm, k, vae, extra))
+
+    # New shards train a new VAE (its key hashes them); stages.core.lineage does reuse and the sidecar.
+    fitted = fit_with_lineage(store, manifest.dataset, name, key, shards, train, on_new_shards=NewShards.RETRAIN)
+    if not fitted.reused:  # the sidecar as stored (with its url and weight hash), like a reused one
+        _, written = load_checkpoint(store, manifest.dataset, name, key)
+        return VaeFit(name, key, written, False)
+    return VaeFit(name, key, fitted.sidecar, True)
 
 
-def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pretrained, device, log) -> VaeFit:
+def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pretrained, device, log):
+    """Train (or load) one VAE and measure it: (the model, its sidecar fields)."""
     pretrained_dir = pretrained["pretrained_dir"] if pretrained else ""
     feature = MODALITY_INPUTS[modality][0]
     images = read_image_set(store, manifest, modality, input_key, shards, config.frame_stride)
@@ -508,9 +516,7 @@ def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pr
     )
     if log:
         log(f"{name} {key}: {metrics_line(sidecar)}")
-    save_vae_checkpoint(store, manifest.dataset, name, key, vae, sidecar)
-    _, written = load_checkpoint(store, manifest.dataset, name, key)
-    return VaeFit(name, key, written, False)
+    return vae, sidecar
 
 
 def metrics_line(sidecar: Mapping[str, Any]) -> str:

@@ -4,16 +4,17 @@ heads -> embeddings -> DiffGAP in both spaces -> evaluation and ablations; then 
 import shutil
 
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 
 from assets import contrastive, diffgap, towers
 from assets.features import clip_manifest
-from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
-                              PretrainedClapResource)
+from assets.resources import (ClipSourceResource)
 from stages.core.store import FeatureStore
+from tests.fixtures import tiny
+from tests.fixtures.tiny import materialize_dataset
 from tests.fixtures.dagster_results import materialization_metadata
 
-CHAIN = [clip_manifest, towers.audio_tower_features, towers.frame_tower_features, towers.text_tower_features,
+CHAIN = [clip_manifest, towers.audio_tower, towers.frame_tower, towers.text_tower,
          contrastive.clap_head, contrastive.cavp_head, contrastive.clap_embeddings, contrastive.cavp_embeddings,
          contrastive.retrieval_evaluation, contrastive.clap_embeddings_valid, contrastive.cavp_embeddings_valid,
          diffgap.diffgap_clap, diffgap.diffgap_cavp, diffgap.diffgap_evaluation, diffgap.diffgap_ablations]
@@ -26,7 +27,7 @@ RUN_CONFIG = {"ops": {
     "clap_head": {"config": HEAD}, "cavp_head": {"config": HEAD},
     "diffgap_clap": {"config": CDM}, "diffgap_cavp": {"config": CDM},
     "diffgap_evaluation": {"config": EVAL}, "diffgap_ablations": {"config": {**EVAL, "seeds": [0]}},
-    "frame_tower_features": {"config": {"size": 64}},
+    "frame_tower": {"config": {"size": 64}},
 }}
 
 
@@ -46,15 +47,9 @@ def test_train_diffgap_chain_end_to_end_and_incremental(demo_copy, tmp_path):
         row["split"] = ("val", "test", "train", "train", "train")[i % 5]
     lines = [json.dumps(row) for row in rows]
     demo_copy.write_text("\n".join(lines[:32]) + "\n")  # start with 32 clips, add 8 later
-    resources = {
-        "clip_source": ClipSourceResource(kind="jsonl", path=str(demo_copy), dataset="demo", shard_size=16),
-        "feature_store": FeatureStoreResource(root=str(tmp_path / "store")),
-        "compute": ComputeResource(mode="in_process"),
-        "device": DeviceResource(),
-        "pretrained_clap": PretrainedClapResource(),
-    }
+    resources = tiny.resources(tmp_path / "store", ClipSourceResource(kind="jsonl", path=str(demo_copy), dataset="demo", shard_size=16))
     instance = DagsterInstance.ephemeral()
-    first = materialize(CHAIN, resources=resources, instance=instance, run_config=RUN_CONFIG)
+    first = materialize_dataset(CHAIN, resources, instance=instance, run_config=RUN_CONFIG)
     assert first.success
 
     clap = materialization_metadata(first, "diffgap_clap")
@@ -74,9 +69,9 @@ def test_train_diffgap_chain_end_to_end_and_incremental(demo_copy, tmp_path):
 
     # New clips arrive: new shards only; heads stay (a stable space), DiffGAP warm-starts.
     demo_copy.write_text("\n".join(lines) + "\n")
-    second = materialize(CHAIN, resources=resources, instance=instance, run_config=RUN_CONFIG)
+    second = materialize_dataset(CHAIN, resources, instance=instance, run_config=RUN_CONFIG)
     assert second.success
-    assert materialization_metadata(second, "audio_tower_features")["shards_reused"] == 2
+    assert materialization_metadata(second, "audio_tower")["shards_reused"] == 2
     assert materialization_metadata(second, "clap_head")["reused"] is True
     assert materialization_metadata(second, "clap_embeddings")["shards_new"] == 1
     warm = materialization_metadata(second, "diffgap_clap")

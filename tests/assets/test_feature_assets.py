@@ -4,24 +4,20 @@ import shutil
 
 import numpy as np
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 
 from assets.features import audio_images, audio_images_valid, clip_manifest, mel_spectrograms, mel_spectrograms_valid
-from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
+from assets.resources import ClipSourceResource
 from stages.features.spectral import get_preset
 from stages.core.store import FeatureStore
+from tests.fixtures.tiny import materialize_dataset, resources
 from tests.fixtures.dagster_results import check_passed, materialization_metadata
 
 ASSETS = [clip_manifest, mel_spectrograms, audio_images, mel_spectrograms_valid, audio_images_valid]
 
 
 def _resources(source: ClipSourceResource, root) -> dict:
-    return {
-        "clip_source": source,
-        "feature_store": FeatureStoreResource(root=str(root)),
-        "compute": ComputeResource(mode="in_process"),
-        "device": DeviceResource(name="cpu"),
-    }
+    return resources(root, source)
 
 
 @pytest.fixture
@@ -31,7 +27,7 @@ def demo_source(demo_dataset):
 
 def test_materialize_reports_and_reuses(demo_source, tmp_path):
     instance = DagsterInstance.ephemeral()
-    first = materialize(ASSETS, resources=_resources(demo_source, tmp_path), instance=instance)
+    first = materialize_dataset(ASSETS, _resources(demo_source, tmp_path), instance=instance)
     assert first.success
     manifest_meta = materialization_metadata(first, "clip_manifest")
     assert manifest_meta["clips"] == 40 and manifest_meta["shards"] == 3 and manifest_meta["clips_added"] == 40
@@ -51,7 +47,7 @@ def test_materialize_reports_and_reuses(demo_source, tmp_path):
     assert table.arrays["mel"].shape == (40, preset.n_mels, preset.n_frames(4.0))
     assert np.isfinite(table.arrays["mel"]).all()
 
-    again = materialize(ASSETS, resources=_resources(demo_source, tmp_path), instance=instance)
+    again = materialize_dataset(ASSETS, _resources(demo_source, tmp_path), instance=instance)
     mel_again = materialization_metadata(again, "mel_spectrograms")
     assert (mel_again["shards_new"], mel_again["shards_reused"], mel_again["clips_computed"]) == (0, 3, 0)
     assert mel_again["feature_key"] == mel["feature_key"]
@@ -66,11 +62,9 @@ def test_materialize_reports_and_reuses(demo_source, tmp_path):
 
 def test_changing_the_preset_builds_a_new_key_beside_the_old(demo_source, tmp_path):
     instance = DagsterInstance.ephemeral()
-    first = materialize(ASSETS, resources=_resources(demo_source, tmp_path), instance=instance)
+    first = materialize_dataset(ASSETS, _resources(demo_source, tmp_path), instance=instance)
     old_key = materialization_metadata(first, "mel_spectrograms")["feature_key"]
-    second = materialize(
-        ASSETS,
-        resources=_resources(demo_source, tmp_path),
+    second = materialize_dataset(ASSETS, _resources(demo_source, tmp_path),
         instance=instance,
         run_config={"ops": {"mel_spectrograms": {"config": {"preset": "audioldm16k"}}, "audio_images": {"config": {"size": 32}}}},
     )
@@ -92,7 +86,7 @@ def test_bad_clips_are_quarantined_and_the_rest_goes_on(demo_dataset, bad_media,
     for name in ("zero_byte_mp4", "corrupt_mp4", "no_audio_mp4", "silent_mp4", "too_short_mp4", "truncated_moov_mp4"):
         shutil.copy(bad_media[name], folder / f"bad_{name}.mp4")
     source = ClipSourceResource(kind="folder", path=str(folder), dataset="mixed", shard_size=8)
-    result = materialize(ASSETS, resources=_resources(source, tmp_path / "store"), instance=DagsterInstance.ephemeral())
+    result = materialize_dataset(ASSETS, _resources(source, tmp_path / "store"), instance=DagsterInstance.ephemeral())
     assert result.success
     manifest = materialization_metadata(result, "clip_manifest")
     mel = materialization_metadata(result, "mel_spectrograms")
@@ -106,7 +100,7 @@ def test_bad_clips_are_quarantined_and_the_rest_goes_on(demo_dataset, bad_media,
 
 def test_whole_run_problems_fail_with_one_clear_line(tmp_path):
     missing = ClipSourceResource(kind="folder", path=str(tmp_path / "nowhere"), dataset="x")
-    result = materialize(ASSETS, resources=_resources(missing, tmp_path / "store"), instance=DagsterInstance.ephemeral(),
+    result = materialize_dataset(ASSETS, _resources(missing, tmp_path / "store"), instance=DagsterInstance.ephemeral(),
                          raise_on_error=False)
     assert not result.success
     message = _failure_message(result)
@@ -115,18 +109,23 @@ def test_whole_run_problems_fail_with_one_clear_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     demo = ClipSourceResource(kind="folder", path=str(tmp_path), dataset="x")
-    result = materialize(ASSETS, resources=_resources(demo, blocker / "store"), instance=DagsterInstance.ephemeral(),
+    result = materialize_dataset(ASSETS, _resources(demo, blocker / "store"), instance=DagsterInstance.ephemeral(),
                          raise_on_error=False)
     assert not result.success
     assert "not writable" in _failure_message(result)
 
     bad_name = ClipSourceResource(kind="folder", path=str(tmp_path), dataset="../up")
-    result = materialize(ASSETS, resources=_resources(bad_name, tmp_path / "store"), instance=DagsterInstance.ephemeral(),
+    result = materialize_dataset(ASSETS, _resources(bad_name, tmp_path / "store"), instance=DagsterInstance.ephemeral(),
                          raise_on_error=False)
     assert "dataset '../up' is not allowed" in _failure_message(result)
 
 
 def _failure_message(result) -> str:
-    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert failures, "expected a step failure"
-    return failures[0].step_failure_data.error.message.strip()
+    """The one-line reason of a failed run: a step's failure, or (a whole-run problem, found before
+    any step ran) the failure to set up the run's resources (store, dataset lease)."""
+    failures = [e for e in result.all_events if e.event_type_value in ("STEP_FAILURE", "RESOURCE_INIT_FAILURE")]
+    assert failures, "expected a step or resource failure"
+    error = failures[0].event_specific_data.error
+    while error.cause is not None and "Failure" not in error.cls_name:  # dagster wraps a resource's Failure
+        error = error.cause
+    return error.message.strip()

@@ -5,19 +5,20 @@ import shutil
 
 import numpy as np
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 
 from assets.features import clip_manifest
-from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
+from assets.resources import ClipSourceResource
 from assets.towers import TOWER_ASSETS, TOWER_CHECKS
 from stages.core.store import FeatureStore
 from tests.models import tower_weights_dir  # noqa: F401
+from tests.fixtures.tiny import materialize_dataset, resources
 from tests.fixtures.dagster_results import check_evaluations, materialization_metadata
 
 pytestmark = pytest.mark.usefixtures("tower_weights_dir")
 
 ASSETS = [clip_manifest, *TOWER_ASSETS, *TOWER_CHECKS]
-NAMES = ("audio_tower_features", "frame_tower_features", "text_tower_features")
+NAMES = ("audio_tower", "frame_tower", "text_tower")
 
 
 @pytest.fixture
@@ -39,12 +40,7 @@ def small_source(demo_dataset, bad_media, tmp_path):
 
 
 def _resources(jsonl, root) -> dict:
-    return {
-        "clip_source": ClipSourceResource(kind="jsonl", path=str(jsonl), dataset="towers", shard_size=4),
-        "feature_store": FeatureStoreResource(root=str(root)),
-        "compute": ComputeResource(mode="in_process"),
-        "device": DeviceResource(name="cpu"),
-    }
+    return resources(root, ClipSourceResource(kind="jsonl", path=str(jsonl), dataset="towers", shard_size=4))
 
 
 def _version(result, asset_name: str) -> str:
@@ -55,7 +51,7 @@ def _version(result, asset_name: str) -> str:
 def test_tower_assets_materialize_check_and_reuse(small_source, tmp_path):
     instance = DagsterInstance.ephemeral()
     store_root = tmp_path / "store"
-    first = materialize(ASSETS, resources=_resources(small_source, store_root), instance=instance)
+    first = materialize_dataset(ASSETS, _resources(small_source, store_root), instance=instance)
     assert first.success
     audio, frames, text = (materialization_metadata(first, name) for name in NAMES)
     assert (audio["shards_total"], audio["shards_new"], audio["clips_ok"], audio["clips_quarantined"]) == (2, 2, 7, 0)
@@ -69,8 +65,8 @@ def test_tower_assets_materialize_check_and_reuse(small_source, tmp_path):
     assert text["tower_settings"]["weights_sha256"].startswith("53aa5117")
     checks = check_evaluations(first)
     assert {name: c.passed for name, c in checks.items()} == {f"{n}_valid": True for n in NAMES}
-    assert checks["text_tower_features_valid"].metadata["text_norm_max"].value == pytest.approx(1.0, abs=1e-3)
-    assert checks["audio_tower_features_valid"].metadata["rows"].value == 7
+    assert checks["text_tower_valid"].metadata["text_norm_max"].value == pytest.approx(1.0, abs=1e-3)
+    assert checks["audio_tower_valid"].metadata["rows"].value == 7
 
     store = FeatureStore(str(store_root))
     table = store.read_arrays("towers", "audio_tower", audio["feature_key"])
@@ -80,7 +76,7 @@ def test_tower_assets_materialize_check_and_reuse(small_source, tmp_path):
     table = store.read_arrays("towers", "text_tower", text["feature_key"])
     assert "bare" not in table.clip_ids and np.allclose(np.linalg.norm(table.arrays["text"], axis=1), 1, atol=1e-5)
 
-    again = materialize(ASSETS, resources=_resources(small_source, store_root), instance=instance)
+    again = materialize_dataset(ASSETS, _resources(small_source, store_root), instance=instance)
     assert again.success
     for name in NAMES:
         meta = materialization_metadata(again, name)
@@ -96,24 +92,23 @@ def test_a_changed_caption_recomputes_only_its_shard(small_source, tmp_path):
     instance = DagsterInstance.ephemeral()
     resources = _resources(small_source, tmp_path / "store")
     only_text = [clip_manifest, TOWER_ASSETS[2], TOWER_CHECKS[2]]
-    first = materialize(only_text, resources=resources, instance=instance)
+    first = materialize_dataset(only_text, resources, instance=instance)
     assert first.success
     rows = [json.loads(line) for line in small_source.read_text().splitlines()]
     rows[0]["caption"] = "a completely different caption"
     small_source.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    second = materialize(only_text, resources=resources, instance=instance)
-    metadata = materialization_metadata(second, "text_tower_features")
+    second = materialize_dataset(only_text, resources, instance=instance)
+    metadata = materialization_metadata(second, "text_tower")
     assert metadata["shards_new"] == 1 and metadata["shards_reused"] == metadata["shards_total"] - 1
-    assert check_evaluations(second)["text_tower_features_valid"].passed
+    assert check_evaluations(second)["text_tower_valid"].passed
 
 
 def test_bad_tower_config_fails_with_one_line(small_source, tmp_path):
-    result = materialize(
-        [clip_manifest, TOWER_ASSETS[1]], resources=_resources(small_source, tmp_path / "store"),
+    result = materialize_dataset([clip_manifest, TOWER_ASSETS[1]], _resources(small_source, tmp_path / "store"),
         instance=DagsterInstance.ephemeral(), raise_on_error=False,
-        run_config={"ops": {"frame_tower_features": {"config": {"size": 8}}}},
+        run_config={"ops": {"frame_tower": {"config": {"size": 8}}}},
     )
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failures[0].step_failure_data.error.message.strip()
-    assert "bad frame_tower_features config" in message and "size must be within 32..512" in message
+    assert "bad frame_tower config" in message and "size must be within 32..512" in message
     assert "\n" not in message

@@ -4,15 +4,16 @@ vae_latents and their checks; a re-run reuses the checkpoints and the shards; a 
 from __future__ import annotations
 
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 
 from assets.features import audio_images, clip_manifest, mel_spectrograms
-from assets.resources import ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource
+from assets.resources import ClipSourceResource
 from assets.vae import VAE_ASSETS, VAE_CHECKS
 from models.vae import VaeConfig, build_vae
 from stages.core.store import FeatureStore
 from stages.features.latents import LATENT_FEATURE
 from stages.features.latents import latent_vaes
+from tests.fixtures.tiny import materialize_dataset, resources
 from tests.fixtures.dagster_results import check_passed, materialization_metadata
 
 ASSETS = [clip_manifest, mel_spectrograms, audio_images, *VAE_ASSETS, *VAE_CHECKS]
@@ -27,11 +28,7 @@ RUN_CONFIG = {"ops": {
 
 
 def _resources(root) -> dict:
-    return {
-        "feature_store": FeatureStoreResource(root=str(root)),
-        "compute": ComputeResource(mode="in_process"),
-        "device": DeviceResource(name="cpu"),
-    }
+    return resources(root)
 
 
 @pytest.fixture
@@ -42,7 +39,7 @@ def demo_source(demo_dataset):
 def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkeypatch):
     instance = DagsterInstance.ephemeral()
     resources = {"clip_source": demo_source, **_resources(tmp_path)}
-    first = materialize(ASSETS, resources=resources, instance=instance, run_config=RUN_CONFIG)
+    first = materialize_dataset(ASSETS, resources, instance=instance, run_config=RUN_CONFIG)
     assert first.success
     frames = materialization_metadata(first, "video_frames")
     assert (frames["shards_new"], frames["clips_ok"], frames["frames_per_clip"]) == (3, 40, 8)
@@ -82,7 +79,7 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
         raise AssertionError("trained again")
 
     monkeypatch.setattr(stage, "train_vae", no_training)
-    again = materialize(ASSETS, resources=resources, instance=instance, run_config=RUN_CONFIG)
+    again = materialize_dataset(ASSETS, resources, instance=instance, run_config=RUN_CONFIG)
     assert again.success
     assert materialization_metadata(again, "audio_vae")["reused"] is True and materialization_metadata(again, "frame_vae")["reused"] is True
     assert materialization_metadata(again, "audio_vae")["checkpoint_key"] == audio["checkpoint_key"]
@@ -104,14 +101,14 @@ def test_pretrained_folder_instead_of_training(demo_source, tmp_path):
                       "audio_vae": {"config": {"pretrained_dir": str(folder), "max_val_images": 16}}}}
     selection = [clip_manifest, mel_spectrograms, audio_images, VAE_ASSETS[1]]  # up to audio_vae
     resources = {"clip_source": demo_source, **_resources(tmp_path / "store")}
-    result = materialize(selection, resources=resources, instance=DagsterInstance.ephemeral(), run_config=config)
+    result = materialize_dataset(selection, resources, instance=DagsterInstance.ephemeral(), run_config=config)
     meta = materialization_metadata(result, "audio_vae")
     assert meta["source"] == f"pretrained: {folder}" and meta["steps"] == 0 and meta["latent_shape"] == [4, 8, 8]
     # The folder holds an untrained VAE: loaded as is (no training), it is no better than the mean image.
     assert meta["psnr_db"] < meta["psnr_db_mean_image"]
 
     config["ops"]["audio_vae"]["config"]["pretrained_dir"] = str(tmp_path / "missing")
-    broken = materialize(selection, resources=resources, instance=DagsterInstance.ephemeral(), run_config=config,
+    broken = materialize_dataset(selection, resources, instance=DagsterInstance.ephemeral(), run_config=config,
                          raise_on_error=False)
     assert not broken.success
     (failure,) = [e for e in broken.all_events if e.event_type_value == "STEP_FAILURE"]

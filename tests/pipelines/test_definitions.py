@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dagster import RunRequest, SkipReason, build_sensor_context
+from dagster import SensorResult, SkipReason, build_sensor_context
 
 from assets.resources import ClipSourceResource
 from pipelines.definitions import defs, new_media_sensor
@@ -25,7 +25,7 @@ def test_definitions_wire_the_feature_graph():
     job = defs.resolve_job_def("refresh_features")
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"clip_manifest", "mel_spectrograms", "audio_images"}
     chain = {k.to_user_string() for k in defs.resolve_job_def("train_diffgap").asset_layer.executable_asset_keys}
-    assert {"clip_manifest", "audio_tower_features", "frame_tower_features", "text_tower_features", "clap_head", "cavp_head",
+    assert {"clip_manifest", "audio_tower", "frame_tower", "text_tower", "clap_head", "cavp_head",
             "clap_embeddings", "cavp_embeddings", "diffgap_clap", "diffgap_cavp", "diffgap_evaluation", "diffgap_ablations",
             "retrieval_evaluation"} <= chain
     vae_job = {k.to_user_string() for k in defs.resolve_job_def("train_vae").asset_layer.executable_asset_keys}
@@ -44,25 +44,23 @@ def test_sensor_requests_a_run_only_when_media_change(tmp_path, bad_media):
     source = ClipSourceResource(kind="folder", path=str(folder))
 
     first = new_media_sensor(build_sensor_context(cursor=None, resources={"clip_source": source}))
-    assert isinstance(first, RunRequest)
-    cursor = first.run_key.removeprefix("media-")
+    assert isinstance(first, SensorResult) and len(first.run_requests) == 1
+    (request,) = first.run_requests
+    assert request.partition_key == source.dataset  # the run names its dataset
+    cursor = request.run_key.removeprefix("media-")
     same = new_media_sensor(build_sensor_context(cursor=cursor, resources={"clip_source": source}))
     assert isinstance(same, SkipReason)
     shutil.copy(bad_media["good_flac"], folder / "b.flac")
     after = new_media_sensor(build_sensor_context(cursor=cursor, resources={"clip_source": source}))
-    assert isinstance(after, RunRequest) and after.run_key != first.run_key
+    assert isinstance(after, SensorResult) and after.run_requests[0].run_key != request.run_key
 
 
 def _cli_env(tmp_path: Path, **extra) -> dict:
     """The README's environment minus anything a test runner may have set: the venv's .pth must
     supply the job module by itself."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "XMODAL_"))}
-    home = tmp_path / "dagster_home"
-    home.mkdir(exist_ok=True)
-    shutil.copy(PROJECT_DIR / "dagster.yaml", home / "dagster.yaml")
-    env.update(DAGSTER_HOME=str(home), XMODAL_DATA_DIR=str(tmp_path / "data"), XMODAL_DEMO_CLIPS="12", XMODAL_SHARD_SIZE="8")
-    env.update(extra)
-    return env
+    from tests.fixtures.tiny import cli_env
+
+    return cli_env(tmp_path, postgres_url=extra.pop("DAGSTER_PG_URL", ""), XMODAL_COMPUTE="local_cluster", **extra)
 
 
 def _venv_has_job_module_default() -> bool:

@@ -5,13 +5,14 @@ generated_audio (WAVs + previews) -> generation_evaluation (Tables I / II); then
 import numpy as np
 import pytest
 import soundfile as sf
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 
 from assets import contrastive, diffgap, generation, towers, vae
 from assets.features import audio_images, clip_manifest, mel_spectrograms
-from assets.resources import (ClipSourceResource, ComputeResource, DeviceResource, FeatureStoreResource,
-                              PretrainedClapResource)
+from assets.resources import (ClipSourceResource)
 from stages.core.store import FeatureStore
+from tests.fixtures import tiny
+from tests.fixtures.tiny import materialize_dataset
 from tests.fixtures.dagster_results import materialization_metadata
 from stages.core import tables
 from stages.generation import evaluate as generation_eval
@@ -19,7 +20,7 @@ from stages.generation import sample as generation_sample
 from stages.generation import train as generation_train
 
 CHAIN = [clip_manifest, mel_spectrograms, audio_images, vae.video_frames, vae.audio_vae, vae.frame_vae, vae.vae_latents,
-         towers.audio_tower_features, towers.frame_tower_features, towers.text_tower_features,
+         towers.audio_tower, towers.frame_tower, towers.text_tower,
          contrastive.clap_head, contrastive.cavp_head, contrastive.clap_embeddings, contrastive.cavp_embeddings,
          diffgap.diffgap_clap, diffgap.diffgap_cavp,
          generation.audio_generator, generation.generated_audio, generation.generation_evaluation]
@@ -35,7 +36,7 @@ RUN_CONFIG = {"ops": {
     "audio_vae": {"config": TINY_VAE},
     "frame_vae": {"config": {**TINY_VAE, "frame_stride": 4}},
     "vae_latents": {"config": {"modalities": ["audio", "frames"]}},
-    "frame_tower_features": {"config": {"size": 64}},
+    "frame_tower": {"config": {"size": 64}},
     "clap_head": {"config": HEAD}, "cavp_head": {"config": HEAD},
     "diffgap_clap": {"config": CDM}, "diffgap_cavp": {"config": CDM},
     "audio_generator": {"config": GEN},
@@ -45,14 +46,8 @@ RUN_CONFIG = {"ops": {
 
 
 def test_generation_chain_through_dagster(demo_dataset, tmp_path):
-    resources = {
-        "clip_source": ClipSourceResource(kind="jsonl", path=str(demo_dataset), dataset="demo", shard_size=20),
-        "feature_store": FeatureStoreResource(root=str(tmp_path / "store")),
-        "compute": ComputeResource(mode="in_process"),
-        "device": DeviceResource(name="cpu"),
-        "pretrained_clap": PretrainedClapResource(),
-    }
-    result = materialize(CHAIN, resources=resources, instance=DagsterInstance.ephemeral(), run_config=RUN_CONFIG)
+    resources = tiny.resources(tmp_path / "store", ClipSourceResource(kind="jsonl", path=str(demo_dataset), dataset="demo", shard_size=20))
+    result = materialize_dataset(CHAIN, resources, instance=DagsterInstance.ephemeral(), run_config=RUN_CONFIG)
     assert result.success
 
     trained = materialization_metadata(result, "audio_generator")
@@ -100,7 +95,7 @@ def test_generation_chain_through_dagster(demo_dataset, tmp_path):
     assert sum(n.endswith(".wav") for n in names) == 6 and sum(n.endswith(".png") for n in names) == 3
 
     # Same config again: the generators are reused, not retrained.
-    again = materialize([*CHAIN[:-2]], resources=resources, instance=DagsterInstance.ephemeral(), run_config={
+    again = materialize_dataset([*CHAIN[:-2]], resources, instance=DagsterInstance.ephemeral(), run_config={
         "ops": {k: v for k, v in RUN_CONFIG["ops"].items() if k not in ("generated_audio", "generation_evaluation")}})
     assert materialization_metadata(again, "audio_generator")["clap_status"] == "reused"
 
