@@ -15,7 +15,7 @@ import pytest
 from stages.core.ids import UnsafeNameError
 from stages.core.store import FeatureStore, StoreError, feature_key
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.fixture(params=["local", "s3"])
