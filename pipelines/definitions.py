@@ -34,8 +34,9 @@ ALL_CHECKS = load_asset_checks_from_modules(ASSET_MODULES)
 
 # Shard work is parallel inside each asset (Dask), so steps run in one process: no per-step
 # interpreter start and torch import, and the run's dataset lease is held by that one process.
-# The console shows INFO and up; DEBUG engine events stay in the run's event log in the UI.
-QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+# The console shows INFO and up (dagster.yaml: python_logs.python_log_level); DEBUG engine events
+# stay in the run's event log in the UI. (Not job config: a partitioned job's config applies only
+# to runs launched per partition, never to `dagster job execute`.)
 DEFAULT_DATASET = default_dataset()
 
 
@@ -45,7 +46,6 @@ def _job(name: str, groups: tuple[str, ...], description: str):
         selection=AssetSelection.groups(*groups).upstream(),
         partitions_def=DATASETS,
         executor_def=in_process_executor,
-        config=QUIET_CONSOLE,
         tags={PARTITION_TAG: DEFAULT_DATASET},  # a run without a partition: the default dataset
         description=description,
     )
