@@ -15,44 +15,17 @@ No dagster here: usable from a notebook.
 
 from __future__ import annotations
 
-
 import numpy as np
 
+# FD / FAD are feature-agnostic: they live in stages.evaluation.distribution (with FVD, KID, the
+# bootstrap) and keep their old names here.
+from stages.evaluation.distribution import (  # noqa: F401
+    frechet_distance,
+    frechet_distance_of,
+    gaussian_fit,
+)
 
 EPS = 1e-12
-
-
-# ---- Frechet distance ---------------------------------------------------------------------------
-
-def gaussian_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (unbiased) covariance of rows [N, d]; N >= 2."""
-    x = np.asarray(x, np.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"need [N >= 2, d] samples for a Gaussian fit, got shape {x.shape}")
-    return x.mean(axis=0), np.cov(x, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (the FID / FAD formula)."""
-    from scipy import linalg
-
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():  # singular product: offset the diagonals (as the reference FID code does)
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)
-    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-    return max(value, 0.0)
-
-
-def frechet_distance_of(generated: np.ndarray, reference: np.ndarray) -> float:
-    """Frechet distance between Gaussian fits of two sets of embeddings [N, d] (leading axes flattened)."""
-    g = np.asarray(generated).reshape(-1, np.asarray(generated).shape[-1])
-    r = np.asarray(reference).reshape(-1, np.asarray(reference).shape[-1])
-    return frechet_distance(*gaussian_fit(g), *gaussian_fit(r))
 
 
 # ---- class-posterior metrics --------------------------------------------------------------------

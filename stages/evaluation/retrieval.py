@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.evaluation.base import FeatureBuffer, Metric
+
 
 def match_ranks(similarity: np.ndarray) -> np.ndarray:
     """1-based rank of the true match (the diagonal) in each query's row; ties count against it."""
@@ -25,3 +27,31 @@ def retrieval_metrics(query: np.ndarray, gallery: np.ndarray, ks=(1, 5, 10)) -> 
 def normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class RetrievalRecall(Metric):
+    """Streaming ``retrieval_metrics``: ``update(query, gallery)`` with row-paired batches [B, d]
+    (query row i's match is gallery row i of the same call); ``compute()`` ranks every query
+    against the whole accumulated gallery and returns R@k (%), mean / median rank and n.
+    ``normalize=True`` L2-normalises both sides first (as ``normalize``)."""
+
+    def __init__(self, ks=(1, 5, 10), normalize: bool = False) -> None:
+        self.ks, self.normalize = tuple(ks), normalize
+        super().__init__()
+
+    def reset(self) -> None:
+        super().reset()
+        self.query, self.gallery = FeatureBuffer(), FeatureBuffer()
+
+    def update(self, query: np.ndarray, gallery: np.ndarray) -> None:
+        if len(query) != len(gallery):
+            raise ValueError(f"need as many queries as gallery items per update, got {len(query)} and {len(gallery)}")
+        self.query.add(query)
+        self.gallery.add(gallery)
+        self.updates += 1
+
+    def compute(self) -> dict[str, float]:
+        query, gallery = self.query.array(), self.gallery.array()
+        if self.normalize:
+            query, gallery = normalize(query), normalize(gallery)
+        return retrieval_metrics(query, gallery, self.ks)
