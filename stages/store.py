@@ -10,7 +10,7 @@ from stages.core.store import FeatureStore, FeatureTable, StoreError, feature_ke
 
 __all__ = ["FeatureStore", "FeatureTable", "StoreError", "feature_key"]
 
-if __name__ == "__main__":  # `python -m stages.store <root>`: the catalog, as `xmodal store ls <root>`
+if __name__ == "__main__":  # `python -m stages.store [ROOT]`: the catalog, as `xmodal store ls --root ROOT`
     from stages.core.store import main
 
     raise SystemExit(main())

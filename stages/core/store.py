@@ -453,20 +453,31 @@ def _protocols(fs) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m stages.store <root>`: print the catalog as a table."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="List what a feature store holds.")
-    parser.add_argument("root", help="local path or s3://bucket/prefix")
-    args = parser.parse_args(argv)
-    rows = FeatureStore(args.root).catalog()
-    print(f"{'dataset':<16} {'feature':<20} {'key':<18} {'shards':>6} {'rows':>8} {'MB':>8}  params")
-    for e in rows:
-        print(
+def catalog_table(entries: Sequence[Mapping[str, Any]]) -> str:
+    """The catalog as a text table (``xmodal store ls`` and ``python -m stages.store`` print it)."""
+    lines = [f"{'dataset':<16} {'feature':<20} {'key':<18} {'shards':>6} {'rows':>8} {'MB':>8}  params"]
+    for e in entries:
+        lines.append(
             f"{e['dataset']:<16} {e['feature']:<20} {e['feature_key']:<18} {e['shards_committed']:>6} "
             f"{e['rows']:>8} {e['bytes'] / 1e6:>8.1f}  {canonical_json(e['params'])}"
         )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m stages.store ROOT [--dataset D] [--feature F]`: the catalog as a table (the same
+    as `xmodal store ls`, for readers without the console script)."""
+    import argparse
+
+    from stages.core.settings import storage_options_for
+
+    parser = argparse.ArgumentParser(description="List what a feature store holds.")
+    parser.add_argument("root", help="local path or s3://bucket/prefix")
+    parser.add_argument("--dataset")
+    parser.add_argument("--feature")
+    args = parser.parse_args(argv)
+    store = FeatureStore(args.root, storage_options_for(args.root))
+    print(catalog_table(store.catalog(dataset=args.dataset, feature=args.feature)))
     return 0
 
 

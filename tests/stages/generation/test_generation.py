@@ -84,11 +84,11 @@ def test_generation_chain_through_dagster(demo_dataset, tmp_path):
     assert store.fs.exists(evaluation["csv"])
 
     # The CLI on the same store: a clip id (T2A + V2A) and a prompt, with and without DiffGAP.
-    from stages.generate_cli import main
+    from pipelines.cli import main
 
     test_clip = generated["wavs"][0].split("/")[-1].split("__")[0]
     out = tmp_path / "cli"
-    assert main(["--store", str(tmp_path / "store"), "--clip-id", test_clip, "--text", "rain on a window", "--steps", "2",
+    assert main(["generate", "--root", str(tmp_path / "store"), "--clip-id", test_clip, "--text", "rain on a window", "--steps", "2",
                  "--vocoder", "griffinlim", "--out", str(out), "--threads", "1"]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert f"{test_clip}__V2A__diffgap.wav" in names and "text00__T2A__baseline.wav" in names
