@@ -53,7 +53,7 @@ def _job(name: str, groups: tuple[str, ...], description: str):
 
 refresh_features = _job("refresh_features", ("features",),
                         "Update the clip manifest and compute the missing shards of every feature.")
-train_diffgap = _job("train_diffgap", ("embeddings", "diffgap"),
+train_diffgap = _job("train_diffgap", ("features", "embeddings", "diffgap"),
                      "From nothing: manifest -> features -> tower features -> CLAP/CAVP heads and embeddings -> "
                      "DiffGAP in both spaces -> retrieval evaluation and ablations.")
 train_vae = _job("train_vae", ("vae",), "KL-VAEs on audio images and video frames, and the latents of every clip.")

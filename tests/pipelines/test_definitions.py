@@ -25,6 +25,7 @@ def test_definitions_wire_the_feature_graph():
     job = defs.resolve_job_def("refresh_features")
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"clip_manifest", "mel_spectrograms", "audio_images"}
     chain = {k.to_user_string() for k in defs.resolve_job_def("train_diffgap").asset_layer.executable_asset_keys}
+    assert {"mel_spectrograms", "audio_images"} <= chain  # as the README says: manifest -> mels and audio images -> ...
     assert {"clip_manifest", "audio_tower", "frame_tower", "text_tower", "clap_head", "cavp_head",
             "clap_embeddings", "cavp_embeddings", "diffgap_clap", "diffgap_cavp", "diffgap_evaluation", "diffgap_ablations",
             "retrieval_evaluation"} <= chain
