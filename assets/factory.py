@@ -51,8 +51,10 @@ def _check_datasets(context, values: dict[str, Any]) -> None:
     if dataset is None:
         return
     for name, value in values.items():
-        other = getattr(value, "dataset", None)
-        if isinstance(other, str) and other != dataset:
+        if type(value).__name__ not in refs.REF_TYPES:  # only refs carry data of a dataset (not resources)
+            continue
+        other = value.dataset
+        if other != dataset:
             raise Failure(f"input {name} belongs to dataset {other!r}, but this run is for {dataset!r}: "
                           "re-materialize it for this dataset")
 

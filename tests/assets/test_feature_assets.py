@@ -129,3 +129,23 @@ def _failure_message(result) -> str:
     while error.cause is not None and "Failure" not in error.cls_name:  # dagster wraps a resource's Failure
         error = error.cause
     return error.message.strip()
+
+
+def test_a_dataset_registered_in_the_store_runs_by_its_partition(demo_dataset, tmp_path):
+    """The default dataset's source is one resource; any other dataset runs from the source its
+    name is registered with in the store, and an unregistered name fails before any work."""
+    from stages.ingest.datasets import register_source
+    from stages.ingest.sources import SourceConfig
+
+    store = FeatureStore(str(tmp_path))
+    register_source(store, "second", SourceConfig(kind="jsonl", path=str(demo_dataset)))
+    default = ClipSourceResource(kind="folder", path=str(tmp_path / "nowhere"), dataset="demo", shard_size=16)
+    result = materialize_dataset([clip_manifest, mel_spectrograms], _resources(default, tmp_path), dataset="second")
+    assert result.success
+    manifest = materialization_metadata(result, "clip_manifest")
+    assert manifest["dataset"] == "second" and manifest["clips"] == 40
+    assert store.read_json(store.path("second", "_outputs", "mel_spectrograms.json"))["value"]["dataset"] == "second"
+    assert not store.exists(store.path("demo"))  # nothing written for the default dataset
+
+    unknown = materialize_dataset([clip_manifest], _resources(default, tmp_path), dataset="third", raise_on_error=False)
+    assert not unknown.success and "dataset 'third' is unknown" in _failure_message(unknown)
