@@ -63,9 +63,9 @@ def frechet_distance_of(generated: np.ndarray, reference: np.ndarray) -> float:
     return frechet_distance(*gaussian_fit(g), *gaussian_fit(r))
 
 
-class FrechetDistance(Metric):
-    """Streaming ``frechet_distance_of``: ``update(generated=..., reference=...)`` with batches of
-    features [..., d] (either side may be left out of a call); ``compute()`` fits both sets."""
+class GeneratedVsReference(Metric):
+    """A distance between two feature sets gathered in batches: ``update(generated=...,
+    reference=...)`` with features [..., d] (either side may be left out of a call)."""
 
     def reset(self) -> None:
         super().reset()
@@ -77,6 +77,10 @@ class FrechetDistance(Metric):
         if reference is not None:
             self.reference.add(reference)
         self.updates += 1
+
+
+class FrechetDistance(GeneratedVsReference):
+    """Streaming ``frechet_distance_of``; ``compute()`` fits both sets."""
 
     def compute(self) -> float:
         return frechet_distance_of(self.generated.array(), self.reference.array())
@@ -138,25 +142,13 @@ def kernel_distance(generated: np.ndarray, reference: np.ndarray, subsets: int |
     return float(np.mean(kernel_distance_subsets(generated, reference, subsets, subset_size, seed, degree, gamma, coef)))
 
 
-class KernelDistance(Metric):
-    """Streaming ``kernel_distance``: ``update(generated=..., reference=...)`` with batches of
-    features [..., d]; ``compute()`` runs ``kernel_distance`` with the constructor's settings."""
+class KernelDistance(GeneratedVsReference):
+    """Streaming ``kernel_distance``; ``compute()`` runs it with the constructor's settings."""
 
     def __init__(self, subsets: int | None = None, subset_size: int = 1000, seed: int = 0, degree: int = 3,
                  gamma: float | None = None, coef: float = 1.0) -> None:
         self.settings = {"subsets": subsets, "subset_size": subset_size, "seed": seed, "degree": degree, "gamma": gamma, "coef": coef}
         super().__init__()
-
-    def reset(self) -> None:
-        super().reset()
-        self.generated, self.reference = FeatureBuffer(), FeatureBuffer()
-
-    def update(self, generated: np.ndarray | None = None, reference: np.ndarray | None = None) -> None:
-        if generated is not None:
-            self.generated.add(generated)
-        if reference is not None:
-            self.reference.add(reference)
-        self.updates += 1
 
     def compute(self) -> float:
         return kernel_distance(self.generated.array(), self.reference.array(), **self.settings)
