@@ -174,12 +174,13 @@ def registered_feature(name: str) -> ShardFeature:
     return FEATURES[name] if name in FEATURES else all_features()[name]
 
 
-def iter_decoded(job: ShardJob, decode: Callable[[str], Any], prefetch: bool = False) -> Iterator[tuple[str, str, Any]]:
-    """(clip id, content hash, decoded value or its ClipError) for every clip of a shard, in order.
+def iter_decoded(job: ShardJob, decode: Callable[[str], Any], quarantined: list[dict],
+                 prefetch: bool = False) -> Iterator[tuple[str, str, Any]]:
+    """(clip id, content hash, decoded value) of every usable clip of a shard, in order.
 
-    A ClipError is returned, not raised, so the caller quarantines that clip with its one-line
-    reason; anything else is a bug and propagates. ``prefetch`` decodes ahead on one thread (PyAV
-    and soxr release the GIL) while the caller computes on the clip before.
+    A clip whose decoder raises ClipError is appended to ``quarantined`` with its one-line reason
+    and skipped; anything else is a bug and propagates. ``prefetch`` decodes ahead on one thread
+    (PyAV and soxr release the GIL) while the caller computes on the clip before.
     """
     from stages.ingest.decode import ClipError
 
@@ -189,30 +190,29 @@ def iter_decoded(job: ShardJob, decode: Callable[[str], Any], prefetch: bool = F
         except ClipError as exc:
             return exc
 
-    if not prefetch:
-        for clip in job.clips:
-            yield clip[0], clip[2], attempt(clip)
-        return
-    from concurrent.futures import ThreadPoolExecutor
+    if prefetch:
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for clip, decoded in zip(job.clips, pool.map(attempt, job.clips)):
-            yield clip[0], clip[2], decoded
+        pool = ThreadPoolExecutor(max_workers=1)
+        results = pool.map(attempt, job.clips)
+    else:
+        pool, results = None, map(attempt, job.clips)
+    try:
+        for clip, decoded in zip(job.clips, results):
+            if isinstance(decoded, ClipError):
+                quarantined.append({"id": clip[0], "reason": str(decoded)})
+            else:
+                yield clip[0], clip[2], decoded
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def decode_clips(job: ShardJob, decode: Callable[[str], Any]) -> tuple[list[str], list[str], list[Any], list[dict]]:
     """Decode every clip of a shard: (ok ids, their content hashes, decoded values, quarantine)."""
-    from stages.ingest.decode import ClipError
-
-    ok_ids, hashes, values, quarantined = [], [], [], []
-    for clip_id, digest, decoded in iter_decoded(job, decode):
-        if isinstance(decoded, ClipError):
-            quarantined.append({"id": clip_id, "reason": str(decoded)})
-            continue
-        ok_ids.append(clip_id)
-        hashes.append(digest)
-        values.append(decoded)
-    return ok_ids, hashes, values, quarantined
+    quarantined: list[dict] = []
+    decoded = list(iter_decoded(job, decode, quarantined))
+    return [d[0] for d in decoded], [d[1] for d in decoded], [d[2] for d in decoded], quarantined
 
 
 def content_hash_meta(hashes: list[str]) -> list[dict]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stages.ingest.decode import AudioSpec, ClipError, load_audio
+from stages.ingest.decode import AudioSpec, load_audio
 from stages.features.spectral import STFT_SUB_BATCH, MelSpectrogram, get_preset, mel_to_audio_image
 from stages.core.store import feature_key
 from stages.core.errors import ConfigError
@@ -86,10 +86,8 @@ class MelSpectrograms(ShardFeature):
         extractor = MelSpectrogram(preset, job.device)
         ok_ids, hashes, quarantined, mel_parts, pending = [], [], [], [], []
         # Decoding runs one clip ahead on a thread while this one runs the STFT.
-        for clip_id, digest, decoded in iter_decoded(job, lambda uri: load_audio(uri, spec, job.storage_options), prefetch=True):
-            if isinstance(decoded, ClipError):
-                quarantined.append({"id": clip_id, "reason": str(decoded)})
-                continue
+        decode = lambda uri: load_audio(uri, spec, job.storage_options)  # noqa: E731
+        for clip_id, digest, decoded in iter_decoded(job, decode, quarantined, prefetch=True):
             ok_ids.append(clip_id)
             hashes.append(digest)
             pending.append(decoded)
