@@ -25,6 +25,18 @@ DATASETS = DynamicPartitionsDefinition(name="dataset")
 PARTITION_TAG = "dagster/partition"
 
 
+def _register_partition(instance, dataset: str) -> None:
+    """Add the run's dataset as a partition if it is new. Runs of one dataset add it under its lease;
+    a run with the lease turned off may race another, so a concurrent add is not an error."""
+    if instance is None or instance.has_dynamic_partition(DATASETS.name, dataset):
+        return
+    try:
+        instance.add_dynamic_partitions(DATASETS.name, [dataset])
+    except Exception:  # the storage's unique-constraint error differs between SQLite and Postgres
+        if not instance.has_dynamic_partition(DATASETS.name, dataset):
+            raise
+
+
 class DatasetLeaseResource(ConfigurableResource):
     """Holds the run's dataset lease from the first step to the end of the run."""
 
@@ -48,19 +60,16 @@ class DatasetLeaseResource(ConfigurableResource):
         if not known:
             raise Failure(f"dataset {dataset!r} is unknown in {store.url_root}: register it with "
                           f"`xmodal dataset add {dataset} --kind KIND --path PATH` (or set XMODAL_DATASET={dataset})")
-        instance = context.instance
-        if instance is not None and not instance.has_dynamic_partition(DATASETS.name, dataset):
-            instance.add_dynamic_partitions(DATASETS.name, [dataset])
-        if not self.enabled:
-            return
         log = context.log.info if context.log is not None else None
-        try:
-            self._lease = DatasetLease(store, dataset, owner=run.run_id, ttl=self.ttl_seconds, wait=self.wait_seconds,
-                                       log=log).acquire()
-        except XmodalError as exc:
-            raise Failure(str(exc)) from None
-        if self._lease.waited_seconds > 1 and log:
-            log(f"dataset {dataset!r}: lease taken after waiting {self._lease.waited_seconds:.0f} s")
+        if self.enabled:
+            try:
+                self._lease = DatasetLease(store, dataset, owner=run.run_id, ttl=self.ttl_seconds, wait=self.wait_seconds,
+                                           log=log).acquire()
+            except XmodalError as exc:
+                raise Failure(str(exc)) from None
+            if self._lease.waited_seconds > 1 and log:
+                log(f"dataset {dataset!r}: lease taken after waiting {self._lease.waited_seconds:.0f} s")
+        _register_partition(context.instance, dataset)
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         if self._lease is not None:
