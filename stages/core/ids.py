@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
-from stages.core.errors import XmodalError
+import unicodedata
 from pathlib import PurePosixPath
+
+from stages.core.errors import XmodalError
 
 # No dots: a dot would split a WebDataset key, and '.'/'..' would walk the tree. Used with
 # fullmatch: with match, '$' also matches before a trailing newline ("abc\n" passed).
@@ -31,6 +34,27 @@ def is_safe_name(value: object) -> bool:
     except UnsafeNameError:
         return False
     return True
+
+
+def safe_id(value: str) -> str:
+    """``value`` itself when it is a safe name (existing caches keep their ids), else a slug of it
+    plus a short hash of the original, stable across runs: ``café`` -> ``cafe-1a2b3c4d``.
+
+    A name that is not valid UTF-8 (a POSIX file name read with surrogateescape) hashes by its bytes.
+    """
+    if is_safe_name(value):
+        return value
+    raw = value.encode("utf-8", "surrogateescape")
+    ascii_text = unicodedata.normalize("NFKD", value.encode("utf-8", "replace").decode("utf-8", "replace"))
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_text.encode("ascii", "ignore").decode()).strip("_-")[:100]
+    digest = hashlib.blake2b(raw, digest_size=4).hexdigest()
+    return f"{slug}-{digest}" if slug else f"clip-{digest}"
+
+
+def printable_name(value: str) -> str:
+    """A name as a manifest can hold it: undecodable bytes as U+FFFD, control characters escaped."""
+    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def check_relative_path(value: object, what: str = "path") -> str:

@@ -105,7 +105,7 @@ BAD_REASONS = {
     "zero_byte_mp4": "empty file",
     "truncated_moov_mp4": "not a readable media file",
     "truncated_2pct_mp4": "not a readable media file",
-    "truncated_faststart_mp4": "too short",
+    "truncated_faststart_mp4": "truncated media",
     "no_audio_mp4": "no audio stream",
     "silent_mp4": "silent",
     "quiet_80db_mp4": "silent",
@@ -142,18 +142,28 @@ def test_bad_reasons_say_how_bad(bad_media):
         reasons[name] = str(err.value)
     assert reasons["silent_mp4"] == "silent audio (peak -inf dBFS < -60 dBFS)"
     assert reasons["quiet_80db_mp4"] in ("silent audio (peak -79 dBFS < -60 dBFS)", "silent audio (peak -80 dBFS < -60 dBFS)")
-    assert reasons["too_short_mp4"].startswith("audio too short: 0.3") and reasons["too_short_mp4"].endswith(" s < 1 s")
+    assert reasons["too_short_mp4"].startswith("audio too short: 0.0") and reasons["too_short_mp4"].endswith(" s < 0.1 s")
 
 
-def test_a_truncated_file_decodes_up_to_the_damage(bad_media):
-    # The fast-start copy keeps its index: ~0.6 s of the 3 s decode, then the bytes run out.
-    samples, rate = decode_audio(bad_media["truncated_faststart_mp4"].read_bytes(), "x.mp4")
-    assert 0.3 < len(samples) / rate < 1.0
-    assert abs(dominant_hz(samples, rate) - TONE_HZ) < 5
-    # With a lower minimum length, the part that survived is padded and used.
-    spec = AudioSpec(min_seconds=0.25)
-    audio = prepare_audio(samples, rate, spec)
-    assert audio.shape == (spec.n_samples,) and not np.any(audio[22050:])
+def test_a_truncated_file_decodes_up_to_the_damage_then_says_truncated(bad_media):
+    # The fast-start copy keeps its index: ~0.6 s of the 3 s decode, then the bytes run out. The
+    # damage lies inside the 4 s the clip needs: "truncated", not a short clip padded with zeros.
+    with pytest.raises(ClipError, match=r"^truncated media: audio breaks off after 0\.[3-9]\d s"):
+        decode_audio(bad_media["truncated_faststart_mp4"].read_bytes(), "x.mp4", seconds=4.0)
+    # When the clip needs less than what survived, the surviving part is used.
+    samples, rate = decode_audio(bad_media["truncated_faststart_mp4"].read_bytes(), "x.mp4", seconds=0.25)
+    assert len(samples) == int(0.25 * rate) and abs(dominant_hz(samples, rate) - TONE_HZ) < 10
+
+
+def test_short_clips_are_padded_by_default(bad_media, tmp_path):
+    import soundfile
+
+    path = tmp_path / "blip.wav"
+    soundfile.write(path, tone(0.3, 22050), 22050, subtype="PCM_16")  # a UI sound: 0.3 s
+    spec = AudioSpec()
+    audio = load_audio(str(path), spec)
+    assert spec.min_seconds == 0.1 and audio.shape == (spec.n_samples,)
+    assert np.abs(audio[: int(0.25 * 22050)]).max() > 0.4 and not np.any(audio[int(0.31 * 22050):])
 
 
 def test_quiet_but_audible_is_not_silent():
