@@ -2,7 +2,8 @@
 
 import posixpath
 
-from dagster import AssetCheckResult, AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output
+from dagster import (AssetCheckResult, AssetExecutionContext, Config, DagsterType, DataVersion, Failure, MetadataValue, Output,
+                     PythonObjectDagsterType)
 from pydantic import Field
 
 from assets.factory import SHARD_RETRY, dataset_asset, dataset_check
@@ -11,10 +12,25 @@ from assets.resources import ComputeResource, FeatureStoreResource, PretrainedCl
 from stages.core import tables
 from stages.embeddings import heads
 from stages.embeddings import retrieval as head_retrieval
+from stages.embeddings.spaces import SkippedSpace, space_of_head
 from stages.core.refs import FeatureRef, HeadRef, ManifestRef
 from stages.features.base import registered_feature
 from stages.ingest.manifest import load_manifest
 from stages.core.store import feature_key
+
+
+def or_skipped(ref: type) -> DagsterType:
+    """The Dagster type of a space's output: its ref, or the SkippedSpace the dataset left it as."""
+    return PythonObjectDagsterType((ref, SkippedSpace), name=f"{ref.__name__}OrSkipped",
+                                   description=f"{ref.__name__}, or SkippedSpace when the dataset cannot fill the space")
+
+
+HEAD_OR_SKIPPED, EMBEDDINGS_OR_SKIPPED = or_skipped(HeadRef), or_skipped(FeatureRef)
+
+
+def skipped_output(skipped: SkippedSpace) -> Output:
+    """Pass a skipped space on: downstream assets run on the other space and table the reason."""
+    return Output(skipped, data_version=DataVersion(f"skipped:{skipped.reason}"), metadata={"skipped": skipped.reason})
 
 
 class HeadTrainingConfig(Config):
@@ -38,6 +54,12 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
     revision = settings.pop("revision")
     train_config = heads.HeadTrainConfig(**settings)
     tower_keys = {ref.feature: ref.key for ref in towers.values()}
+    reason = heads.missing_input_reason(store, manifest, kind, tower_keys)
+    if reason:
+        space = space_of_head(kind)
+        # The one place this is said: downstream assets pass the SkippedSpace on quietly.
+        context.log.warning(f"{space.name} space ({', '.join(space.directions)}) skipped: {reason}")
+        return skipped_output(SkippedSpace(manifest.dataset, space.name, reason))
     try:
         fitted = heads.fit_head(store, manifest, kind, tower_keys, train_config, revision, log=context.log.debug)
     except (ValueError, FloatingPointError) as exc:
@@ -69,7 +91,7 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
 
 
 @dataset_asset(group="embeddings", kinds=("pytorch",), description="CLAP-style audio<->text projection heads (symmetric InfoNCE) on the frozen audio and text towers.",
-       code_version=f"clap_head-{heads.HEAD_CODE_VERSION}")
+       code_version=f"clap_head-{heads.HEAD_CODE_VERSION}", dagster_type=HEAD_OR_SKIPPED)
 def clap_head(
     context: AssetExecutionContext,
     config: HeadTrainingConfig,
@@ -78,7 +100,7 @@ def clap_head(
     text_tower: FeatureRef,
     feature_store: FeatureStoreResource,
     pretrained_clap: PretrainedClapResource,
-) -> Output[HeadRef]:
+) -> Output:
     if pretrained_clap.enabled:
         context.log.info(f"using the pretrained ClapModel at {pretrained_clap.model_dir}; no head is trained")
         return Output(
@@ -91,7 +113,7 @@ def clap_head(
 
 
 @dataset_asset(group="embeddings", kinds=("pytorch",), description="CAVP-style audio<->video per-second projection heads (Eq. 1 of DiffGAP, temporal negatives).",
-       code_version=f"cavp_head-{heads.HEAD_CODE_VERSION}")
+       code_version=f"cavp_head-{heads.HEAD_CODE_VERSION}", dagster_type=HEAD_OR_SKIPPED)
 def cavp_head(
     context: AssetExecutionContext,
     config: HeadTrainingConfig,
@@ -99,12 +121,14 @@ def cavp_head(
     audio_tower: FeatureRef,
     frame_tower: FeatureRef,
     feature_store: FeatureStoreResource,
-) -> Output[HeadRef]:
+) -> Output:
     return _train(context, heads.CAVP_HEAD, config, clip_manifest,
                   {"audio": audio_tower, "video": frame_tower}, feature_store)
 
 
 def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature_store, compute) -> Output:
+    if isinstance(head, SkippedSpace):
+        return skipped_output(head)
     store = feature_store.writable_store()
     feature = head_retrieval.EMBEDDING_FEATURE[kind]
     if head.pretrained_dir:
@@ -125,16 +149,16 @@ def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature
 
 
 @dataset_asset(group="embeddings", kinds=("numpy",), retry_policy=SHARD_RETRY, description="CLAP embeddings of every clip's audio and caption (L2-normalised), from the trained head or a pretrained ClapModel.",
-       code_version=f"clap_embeddings-{heads.EMBEDDING_CODE_VERSION}")
-def clap_embeddings(context: AssetExecutionContext, clap_head: HeadRef, clip_manifest: ManifestRef,
-                    feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[FeatureRef]:
+       code_version=f"clap_embeddings-{heads.EMBEDDING_CODE_VERSION}", dagster_type=EMBEDDINGS_OR_SKIPPED)
+def clap_embeddings(context: AssetExecutionContext, clap_head: HEAD_OR_SKIPPED, clip_manifest: ManifestRef,
+                    feature_store: FeatureStoreResource, compute: ComputeResource) -> Output:
     return _embed(context, heads.CLAP_HEAD, clap_head, clip_manifest, feature_store, compute)
 
 
 @dataset_asset(group="embeddings", kinds=("numpy",), retry_policy=SHARD_RETRY, description="CAVP embeddings of every clip's audio and video: pooled and per second (L2-normalised).",
-       code_version=f"cavp_embeddings-{heads.EMBEDDING_CODE_VERSION}")
-def cavp_embeddings(context: AssetExecutionContext, cavp_head: HeadRef, clip_manifest: ManifestRef,
-                    feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[FeatureRef]:
+       code_version=f"cavp_embeddings-{heads.EMBEDDING_CODE_VERSION}", dagster_type=EMBEDDINGS_OR_SKIPPED)
+def cavp_embeddings(context: AssetExecutionContext, cavp_head: HEAD_OR_SKIPPED, clip_manifest: ManifestRef,
+                    feature_store: FeatureStoreResource, compute: ComputeResource) -> Output:
     return _embed(context, heads.CAVP_HEAD, cavp_head, clip_manifest, feature_store, compute)
 
 
@@ -152,23 +176,27 @@ def retrieval_evaluation(
     context: AssetExecutionContext,
     config: RetrievalConfig,
     clip_manifest: ManifestRef,
-    clap_head: HeadRef,
-    cavp_head: HeadRef,
-    clap_embeddings: FeatureRef,
-    cavp_embeddings: FeatureRef,
+    clap_head: HEAD_OR_SKIPPED,
+    cavp_head: HEAD_OR_SKIPPED,
+    clap_embeddings: EMBEDDINGS_OR_SKIPPED,
+    cavp_embeddings: EMBEDDINGS_OR_SKIPPED,
     feature_store: FeatureStoreResource,
 ) -> Output[list]:
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
-    spaces = {
-        heads.CLAP_HEAD: {"embedding_key": clap_embeddings.key, "head_key": clap_head.key, "tower_keys": clap_head.tower_keys},
-        heads.CAVP_HEAD: {"embedding_key": cavp_embeddings.key, "head_key": cavp_head.key, "tower_keys": cavp_head.tower_keys},
-    }
+    spaces, skipped = {}, []
+    for kind, head, embeddings in ((heads.CLAP_HEAD, clap_head, clap_embeddings), (heads.CAVP_HEAD, cavp_head, cavp_embeddings)):
+        if isinstance(embeddings, SkippedSpace):
+            skipped.append(embeddings)
+        else:
+            spaces[kind] = {"embedding_key": embeddings.key, "head_key": head.key, "tower_keys": head.tower_keys}
     try:
         rows = head_retrieval.evaluate_retrieval(store, manifest, spaces, split=config.split, seed=config.seed)
     except ValueError as exc:
         raise Failure(f"retrieval evaluation: {exc}") from None
-    key = feature_key("retrieval_evaluation", config.model_dump(), "1", [clap_embeddings.key, cavp_embeddings.key])
+    rows += [space.row(RETRIEVAL_COLUMNS) for space in skipped]
+    inputs = [getattr(ref, "key", "") or f"skipped:{ref.reason}" for ref in (clap_embeddings, cavp_embeddings)]
+    key = feature_key("retrieval_evaluation", config.model_dump(), "1", inputs)
     csv_path = posixpath.join(store.path(manifest.dataset, "evaluations", "retrieval"), f"{key}.csv")
     store.write_bytes(csv_path, tables.rows_to_csv(rows).encode())
     table = tables.rows_to_markdown(rows, RETRIEVAL_COLUMNS)
@@ -177,21 +205,26 @@ def retrieval_evaluation(
     for row in rows:
         if row["method"] == "trained":
             metadata[f"{row['direction']} R@1"] = MetadataValue.float(round(row["R@1"], 2))
+    for space in skipped:
+        metadata[f"{space.space} skipped"] = space.reason
     return Output(rows, data_version=DataVersion(key), metadata=metadata)
 
 
 @dataset_check(asset=clap_embeddings, description="audio/text [N, d], unit norm, finite; rows + quarantined == manifest clips.")
-def clap_embeddings_valid(clap_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def clap_embeddings_valid(clap_embeddings: EMBEDDINGS_OR_SKIPPED, feature_store: FeatureStoreResource) -> AssetCheckResult:
     return _check_embeddings(feature_store.store(), clap_embeddings, ("audio", "text"))
 
 
 @dataset_check(asset=cavp_embeddings, description="audio/video [N, d] unit norm, finite; rows + quarantined == manifest clips.")
-def cavp_embeddings_valid(cavp_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+def cavp_embeddings_valid(cavp_embeddings: EMBEDDINGS_OR_SKIPPED, feature_store: FeatureStoreResource) -> AssetCheckResult:
     return _check_embeddings(feature_store.store(), cavp_embeddings, ("audio", "video"))
 
 
 def _check_embeddings(store, ref: FeatureRef, names) -> AssetCheckResult:
     import numpy as np
+
+    if isinstance(ref, SkippedSpace):
+        return AssetCheckResult(passed=True, description=f"skipped: {ref.reason}", metadata={"skipped": ref.reason})
 
     first = check_feature(store, ref, names[0], _row_shape(store, ref, names[0]))
     if not first.passed:

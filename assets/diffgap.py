@@ -6,6 +6,7 @@ import numpy as np
 from dagster import AssetExecutionContext, Config, DataVersion, Failure, MetadataValue, Output
 from pydantic import Field
 
+from assets.contrastive import EMBEDDINGS_OR_SKIPPED, or_skipped, skipped_output
 from assets.factory import dataset_asset
 from assets.resources import FeatureStoreResource
 from stages.diffgap import evaluate as diffgap_eval
@@ -14,6 +15,9 @@ from stages.core.tables import rows_to_csv, rows_to_markdown
 from stages.core.refs import DiffgapRef, FeatureRef, ManifestRef
 from stages.ingest.manifest import load_manifest
 from stages.core.store import FeatureStore, feature_key
+from stages.embeddings.spaces import SkippedSpace
+
+DIFFGAP_OR_SKIPPED = or_skipped(DiffgapRef)
 
 
 class DiffgapConfig(Config):
@@ -37,6 +41,8 @@ class DiffgapConfig(Config):
 
 def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, embeddings: FeatureRef,
          feature_store: FeatureStoreResource) -> Output:
+    if isinstance(embeddings, SkippedSpace):
+        return skipped_output(embeddings)
     store = feature_store.writable_store()
     manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
     try:
@@ -69,16 +75,16 @@ def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, 
 
 
 @dataset_asset(group="diffgap", kinds=("pytorch",), description="DiffGAP in CLAP space: one denoiser learning text->audio and audio->text (BST).",
-       code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}")
+       code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}", dagster_type=DIFFGAP_OR_SKIPPED)
 def diffgap_clap(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
-                 clap_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> Output[DiffgapRef]:
+                 clap_embeddings: EMBEDDINGS_OR_SKIPPED, feature_store: FeatureStoreResource) -> Output:
     return _fit(context, "clap", config, clip_manifest, clap_embeddings, feature_store)
 
 
 @dataset_asset(group="diffgap", kinds=("pytorch",), description="DiffGAP in CAVP space: one denoiser learning video->audio and audio->video (BST).",
-       code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}")
+       code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}", dagster_type=DIFFGAP_OR_SKIPPED)
 def diffgap_cavp(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
-                 cavp_embeddings: FeatureRef, feature_store: FeatureStoreResource) -> Output[DiffgapRef]:
+                 cavp_embeddings: EMBEDDINGS_OR_SKIPPED, feature_store: FeatureStoreResource) -> Output:
     return _fit(context, "cavp", config, clip_manifest, cavp_embeddings, feature_store)
 
 
@@ -97,6 +103,7 @@ def _splits_or_failure(store: FeatureStore, manifest, ref: DiffgapRef) -> diffga
 
 
 TABLE_COLUMNS = ["direction", "method", "blend_weight", "R@1", "R@5", "R@10", "mean_rank", "n", "seed"]
+SUMMARY_COLUMNS = ["direction", "method", "R@1 mean", "R@1 std", "seeds"]
 
 
 def _write_csv(store: FeatureStore, dataset: str, name: str, key: str, rows: list[dict]) -> str:
@@ -105,10 +112,21 @@ def _write_csv(store: FeatureStore, dataset: str, name: str, key: str, rows: lis
     return store.url(path)
 
 
+def _present(refs) -> tuple[list[DiffgapRef], list[SkippedSpace]]:
+    """The spaces this dataset has, and those it skipped (tabled as one row each)."""
+    return [r for r in refs if not isinstance(r, SkippedSpace)], [r for r in refs if isinstance(r, SkippedSpace)]
+
+
+def _input_keys(refs) -> list[str]:
+    return [r.reason if isinstance(r, SkippedSpace) else r.key for r in refs]
+
+
 def _seed_summary(rows: list[dict]) -> list[dict]:
     """Mean and spread (std over seeds) of R@1 per direction and method."""
     groups: dict[tuple, list[float]] = {}
     for row in rows:
+        if row["method"].startswith("skipped"):
+            continue
         method = row["method"].split(" (alpha")[0]
         groups.setdefault((row["direction"], method), []).append(row["R@1"])
     return [
@@ -123,14 +141,15 @@ def diffgap_evaluation(
     context: AssetExecutionContext,
     config: DiffgapEvalConfig,
     clip_manifest: ManifestRef,
-    diffgap_clap: DiffgapRef,
-    diffgap_cavp: DiffgapRef,
+    diffgap_clap: DIFFGAP_OR_SKIPPED,
+    diffgap_cavp: DIFFGAP_OR_SKIPPED,
     feature_store: FeatureStoreResource,
 ) -> Output[list]:
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     rows = []
-    for ref in (diffgap_clap, diffgap_cavp):
+    present, skipped = _present((diffgap_clap, diffgap_cavp))
+    for ref in present:
         data = _splits_or_failure(store, manifest, ref)
         main_model, sidecar = diffgap_train.load_model(store, manifest.dataset, ref.space, ref.key)
         trained_with = diffgap_train.DiffgapTrainConfig(**sidecar["train_config"])
@@ -141,10 +160,11 @@ def diffgap_evaluation(
                 seeded = diffgap_train.DiffgapTrainConfig(**{**trained_with.params(), "seed": seed})
                 model = diffgap_train.fit_space(store, manifest, ref.space, ref.embedding_key, seeded, log=context.log.info).model
             rows += diffgap_eval.evaluate_space(ref.space, data, model, diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples, seed))
-    key = feature_key("diffgap_evaluation", config.model_dump(), "1", [diffgap_clap.key, diffgap_cavp.key])
+    rows += [space.row(TABLE_COLUMNS) for space in skipped]
+    key = feature_key("diffgap_evaluation", config.model_dump(), "1", _input_keys((diffgap_clap, diffgap_cavp)))
     csv_url = _write_csv(store, manifest.dataset, "diffgap_retrieval", key, rows)
-    summary = _seed_summary(rows)
-    summary_md = rows_to_markdown(summary, ["direction", "method", "R@1 mean", "R@1 std", "seeds"])
+    summary = _seed_summary(rows) + [space.row(SUMMARY_COLUMNS) for space in skipped]
+    summary_md = rows_to_markdown(summary, SUMMARY_COLUMNS)
     context.log.info(
         f"DiffGAP retrieval (test split, R@1 mean/std over seeds {config.seeds}):\n{summary_md}\n"
         f"Results: {csv_url}\nCheckpoints: {store.url(store.path(manifest.dataset, 'models'))}"
@@ -163,8 +183,8 @@ def diffgap_ablations(
     context: AssetExecutionContext,
     config: DiffgapEvalConfig,
     clip_manifest: ManifestRef,
-    diffgap_clap: DiffgapRef,
-    diffgap_cavp: DiffgapRef,
+    diffgap_clap: DIFFGAP_OR_SKIPPED,
+    diffgap_cavp: DIFFGAP_OR_SKIPPED,
     feature_store: FeatureStoreResource,
 ) -> Output[dict]:
     store = feature_store.writable_store()
@@ -172,19 +192,22 @@ def diffgap_ablations(
     tables: dict[str, list] = {"V": [], "VI": [], "VII": []}
     seed = config.seeds[0] if config.seeds else 0
     evaluation = diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples, seed)
-    for ref in (diffgap_clap, diffgap_cavp):
+    present, skipped = _present((diffgap_clap, diffgap_cavp))
+    for ref in present:
         _splits_or_failure(store, manifest, ref)
         _, sidecar = diffgap_train.load_model(store, manifest.dataset, ref.space, ref.key)
         found = diffgap_eval.ablation_rows(store, manifest, ref.space, ref.embedding_key, diffgap_train.DiffgapTrainConfig(**sidecar["train_config"]),
                                 evaluation, log=context.log.debug)
         for name in tables:
             tables[name] += found[name]
-    key = feature_key("diffgap_ablations", config.model_dump(), "1", [diffgap_clap.key, diffgap_cavp.key])
+    key = feature_key("diffgap_ablations", config.model_dump(), "1", _input_keys((diffgap_clap, diffgap_cavp)))
     columns = {
         "V": ["direction", "CDM", "BST", "R@1", "R@5", "R@10", "blend_weight"],
         "VI": ["direction", "steps", "R@1", "R@5", "R@10", "blend_weight"],
         "VII": ["direction", "bst_interval", "R@1", "R@5", "R@10", "final_loss", "blend_weight"],
     }
+    for name in tables:
+        tables[name] += [space.row(columns[name]) for space in skipped]
     metadata = {}
     for name, rows in tables.items():
         metadata[f"table_{name}"] = MetadataValue.md(rows_to_markdown(rows, columns[name]))

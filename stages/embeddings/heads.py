@@ -35,6 +35,31 @@ HEAD_INPUTS = {
 }
 
 
+# What a missing input is called when no clip has it ("no clip has video").
+INPUT_NOUNS = {"audio": "audio", "text": "a caption or label", "video": "video"}
+
+
+def missing_input_reason(store: FeatureStore, manifest: ClipManifest, head: str, tower_keys: Mapping[str, str]) -> str:
+    """Why this dataset cannot fill the head's space ("" when it can): no clip has one of its
+    inputs, or none has both. Reads the tower shards' manifests only, not their arrays."""
+    present: dict[str, set] = {}
+    quarantined: dict[str, list] = {}
+    for name, feature, _ in HEAD_INPUTS[head]:
+        present[name], quarantined[name] = set(), []
+        for shard in manifest.by_shard():
+            committed = store.shard_manifest(manifest.dataset, feature, tower_keys[feature], shard)
+            present[name].update(committed["clip_ids"])
+            quarantined[name] += [entry.get("reason", "") for entry in committed.get("quarantined", [])]
+    for name, ids in present.items():
+        if not ids:
+            reasons = sorted(set(quarantined[name]))
+            why = f" ({len(quarantined[name])} clips quarantined: {'; '.join(reasons[:2])})" if reasons else ""
+            return f"no clip has {INPUT_NOUNS[name]}{why}"
+    if not set.intersection(*present.values()):
+        return f"no clip has both {' and '.join(INPUT_NOUNS[n] for n in present)}"
+    return ""
+
+
 @dataclass(frozen=True)
 class HeadTrainConfig:
     steps: int = 600
@@ -81,7 +106,7 @@ def paired_features(
     tables = {}
     for name, feature, array in HEAD_INPUTS[head]:
         table = store.read_arrays(manifest.dataset, feature, tower_keys[feature], shards=shards, names=[array])
-        tables[name] = dict(zip(table.clip_ids, table.arrays[array]))
+        tables[name] = dict(zip(table.clip_ids, table.arrays[array])) if table.clip_ids else {}
     index = manifest.index()
     ids = [c.id for c in manifest.clips if all(c.id in t for t in tables.values())]
     arrays = {name: np.stack([t[i] for i in ids]).astype(np.float32) if ids else np.zeros((0,)) for name, t in tables.items()}

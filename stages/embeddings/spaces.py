@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stages.core.errors import ConfigError
+from stages.core.refs import ref_type
 from stages.embeddings.heads import (AUDIO_TOWER, CAVP_FEATURE, CAVP_HEAD, CLAP_FEATURE, CLAP_HEAD, FRAME_TOWER,
                                      TEXT_TOWER)
 
@@ -36,9 +37,31 @@ class Space:
 SPACES: dict[str, Space] = {}
 
 
+@ref_type
+@dataclass(frozen=True)
+class SkippedSpace:
+    """What a space's assets pass on when the dataset cannot fill it (e.g. no clip has video), so
+    the chain runs on the space that exists and the tables say why this one is absent."""
+
+    dataset: str
+    space: str
+    reason: str  # "no clip has video"
+
+    def row(self, columns: list[str]) -> dict:
+        """One table row in place of this space's results: its directions, then why they are absent
+        (in "method" and in the column after "direction", so any table shows it)."""
+        row = {column: "" for column in columns}
+        why = f"skipped: {self.reason}"
+        return {**row, columns[1]: why, "method": why, "direction": " / ".join(get_space(self.space).directions)}
+
+
 def register_space(space: Space) -> Space:
     SPACES[space.name] = space
     return space
+
+
+def space_of_head(head: str) -> Space:
+    return next(space for space in SPACES.values() if space.head == head)
 
 
 def get_space(name: str) -> Space:
