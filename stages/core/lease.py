@@ -18,11 +18,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import posixpath
 import socket
 import threading
 import time
-import uuid
 from typing import Callable
 
 from stages.core.errors import DatasetError
@@ -73,30 +71,7 @@ class DatasetLease:
 
     def _create(self) -> bool:
         """Create the lease exclusively; False when someone else holds it."""
-        data = self._document()
-        if self.store.is_local:
-            # Write the whole document under a private name, then hard-link it into place: the link
-            # fails if the lease exists, and a reader never sees a half-written lease.
-            self.store._makedirs(posixpath.dirname(self.path))
-            private = f"{self.path}.{uuid.uuid4().hex}"
-            with open(private, "wb") as handle:
-                handle.write(data)
-            try:
-                os.link(private, self.path)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(private)
-        try:
-            self.store.fs.pipe_file(self.path, data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-        except OSError as exc:  # s3fs maps 412 Precondition Failed to an OSError subclass on some versions
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
-                return False
-            raise
+        return self.store.create_exclusive(self.path, self._document())
 
     def holder(self) -> dict | None:
         try:

@@ -153,22 +153,24 @@ def test_crash_before_manifest_leaves_no_visible_shard_and_retry_commits(store, 
     write(store, "s000000-good", ["g1", "g2"], good)
 
     crashed_path = store.shard_manifest_path("ds", "feat", "k1", "s000001-late")
-    real_write_json = FeatureStore.write_json
+    real_create = FeatureStore.create_exclusive
 
-    def crash_on_manifest(self, path, value):
+    def crash_on_commit(self, path, data):
         if path == crashed_path:
             raise OSError("simulated crash before the commit")
-        return real_write_json(self, path, value)
+        return real_create(self, path, data)
 
-    monkeypatch.setattr(FeatureStore, "write_json", crash_on_manifest)
+    # A hard crash (SIGKILL) runs no clean-up: the attempt's files stay behind.
+    monkeypatch.setattr(FeatureStore, "create_exclusive", crash_on_commit)
+    monkeypatch.setattr(FeatureStore, "_discard", lambda self, *paths: None)
     garbage = make_rows(5, seed=99)  # the crashed attempt had other (more) rows than the retry
     with pytest.raises(OSError, match="simulated crash"):
         write(store, "s000001-late", ["x1", "x2", "x3", "x4", "x5"], garbage)
 
     key_dir = store.key_dir("ds", "feat", "k1")
-    # The crash happened after the data was written: tar and zarr exist, the manifest does not.
-    assert store.exists(f"{key_dir}/s000001-late.tar")
-    assert store.exists(f"{key_dir}/s000001-late.zarr")
+    # The crash happened after the data was written: its tar and zarr exist, the manifest does not.
+    leftovers = store.fs.glob(f"{key_dir}/s000001-late.*")
+    assert sorted(p.rsplit(".", 1)[1] for p in leftovers) == ["tar", "zarr"]
     assert not store.exists(crashed_path)
     assert not store.has_shard("ds", "feat", "k1", "s000001-late")
     assert store.committed_shards("ds", "feat", "k1") == ["s000000-good"]
@@ -177,8 +179,8 @@ def test_crash_before_manifest_leaves_no_visible_shard_and_retry_commits(store, 
     np.testing.assert_array_equal(table.arrays["mel"], good["mel"])
     assert sorted(s["__key__"] for s in store.webdataset("ds", "feat", "k1")) == ["g1", "g2"]
 
-    # Retry (no crash this time) commits the shard with the retry's data, no leftovers.
-    monkeypatch.setattr(FeatureStore, "write_json", real_write_json)
+    # Retry (no crash this time) commits the shard with the retry's data, under its own names.
+    monkeypatch.undo()
     retry = make_rows(3, seed=8)
     manifest = write(store, "s000001-late", ["r1", "r2", "r3"], retry)
     assert manifest["rows"] == 3
@@ -191,12 +193,19 @@ def test_crash_before_manifest_leaves_no_visible_shard_and_retry_commits(store, 
     assert sorted(samples) == ["g1", "g2", "r1", "r2", "r3"]
     np.testing.assert_array_equal(samples["r3"]["mel.npy"], retry["mel"][2])
 
+    # The dead attempt is garbage: collected once past the grace period, committed files never.
+    assert store.collect_garbage("ds", "feat", "k1") == []  # younger than the default grace
+    removed = store.collect_garbage("ds", "feat", "k1", grace_seconds=0)
+    assert sorted(removed) == sorted(leftovers)
+    assert all(check.ok for check in store.verify_shards("ds", "feat", "k1", full=True))
+    assert store.read_arrays("ds", "feat", "k1").clip_ids == ["g1", "g2", "r1", "r2", "r3"]
+
 
 def test_crash_on_first_shard_means_no_feature_at_all(local_store, monkeypatch):
-    def crash(self, path, value):
+    def crash(self, path, data):
         raise OSError("simulated crash before the commit")
 
-    monkeypatch.setattr(FeatureStore, "write_json", crash)
+    monkeypatch.setattr(FeatureStore, "create_exclusive", crash)
     with pytest.raises(OSError):
         write(local_store, "s000000-only", ["a"], make_rows(1, seed=0))
     assert local_store.committed_shards("ds", "feat", "k1") == []
@@ -208,13 +217,14 @@ def test_crash_on_first_shard_means_no_feature_at_all(local_store, monkeypatch):
 def test_a_committed_shard_is_never_rewritten(store):
     first = make_rows(2, seed=21)
     committed = write(store, "s000000-once", ["a", "b"], first)
-    tar = f"{store.key_dir('ds', 'feat', 'k1')}/s000000-once.tar"
+    tar, _ = store.shard_files("ds", "feat", "k1", "s000000-once", committed)
     tar_bytes = store.fs.cat_file(tar)
 
     # A second writer of the same (key, shard) - e.g. a concurrent run - leaves the commit alone.
     again = write(store, "s000000-once", ["x", "y", "z"], make_rows(3, seed=22))
     assert again == json.loads(json.dumps(committed))
     assert store.fs.cat_file(tar) == tar_bytes
+    assert len(store.fs.glob(f"{store.key_dir('ds', 'feat', 'k1')}/s000000-once.*")) == 3  # tar, zarr, manifest
     table = store.read_arrays("ds", "feat", "k1")
     assert table.clip_ids == ["a", "b"]
     for name in ("mel", "emb", "image"):
@@ -253,7 +263,7 @@ def test_committed_manifest_carries_provenance_and_checksums(store):
     manifest = store.shard_manifest("ds", "feat", "k1", "s000000-prov")
     assert manifest == json.loads(json.dumps(returned))  # what was returned is what was committed
 
-    assert manifest["format"] == 1
+    assert manifest["format"] == 2
     assert (manifest["dataset"], manifest["feature"], manifest["feature_key"], manifest["shard"]) == (
         "ds", "feat", "k1", "s000000-prov")
     assert manifest["rows"] == 3
@@ -263,8 +273,12 @@ def test_committed_manifest_carries_provenance_and_checksums(store):
     assert manifest["code_version"] == "7" and manifest["input_keys"] == ["abc"]
     assert [c["id"] for c in manifest["clips"]] == ["a", "b", "c", "broken"]
 
-    tar_bytes = store.fs.cat_file(f"{store.key_dir('ds', 'feat', 'k1')}/s000000-prov.tar")
-    assert manifest["files"]["tar"] == {"bytes": len(tar_bytes), "sha256": hashlib.sha256(tar_bytes).hexdigest()}
+    tar_path, zarr_path = store.shard_files("ds", "feat", "k1", "s000000-prov", manifest)
+    tar_bytes = store.fs.cat_file(tar_path)
+    assert manifest["files"]["tar"] == {"bytes": len(tar_bytes), "sha256": hashlib.sha256(tar_bytes).hexdigest(),
+                                        "path": f"s000000-prov.{manifest['attempt']}.tar"}
+    assert manifest["files"]["zarr"]["path"] == f"s000000-prov.{manifest['attempt']}.zarr"
+    assert zarr_path.endswith(manifest["files"]["zarr"]["path"])
     for name, array in rows.items():
         info = manifest["arrays"][name]
         assert info["shape"] == list(array.shape)
@@ -305,8 +319,7 @@ def test_catalog_lists_what_exists_and_cli_prints_it(local_store):
     assert first["shards_committed"] == 2
     assert first["current_shards"] == ["s000000-a"]
     assert first["bytes"] == sum(m["files"]["tar"]["bytes"] + m["files"]["zarr"]["bytes"] for m in manifests)
-    tar_sizes = sum(os.path.getsize(f"{store.key_dir('ds', 'feat', 'key000000000001')}/{s}.tar")
-                    for s in ("s000000-a", "s000001-b"))
+    tar_sizes = sum(m["files"]["tar"]["bytes"] for m in manifests)
     assert first["bytes"] > tar_sizes
     assert second["rows"] == 2 and second["input_keys"] == ["key000000000001"]
     assert second["current_shards"] == ["s000000-a"]  # default: every committed shard
@@ -324,11 +337,13 @@ def test_catalog_lists_what_exists_and_cli_prints_it(local_store):
     assert [e["feature_key"] for e in store.catalog("ds", "feat")] == ["key000000000001"]
     assert store.catalog("nothing") == []
 
-    # A second key of the same feature, catalogued later, becomes the default for readers.
+    # A second key of the same feature: readers must name one (a read never switches keys silently).
     write(store, "s000000-a", ["a1"], {"mel": rows["mel"][:1]}, key="key000000000009")
     store.update_catalog("ds", "feat", "key000000000009", params={"preset": "audioldm16k"}, code_version="1")
     assert store.feature_keys("ds", "feat") == ["key000000000009", "key000000000001"]
-    assert store.read_arrays("ds", "feat").feature_key == "key000000000009"
+    with pytest.raises(StoreError, match="has 2 'feat' keys: pass key= one of key000000000009"):
+        store.read_arrays("ds", "feat")
+    assert store.read_arrays("ds", "feat", "key000000000009").feature_key == "key000000000009"
     assert store.read_arrays("ds", "feat", "key000000000001").clip_ids == ["a1", "a2", "a3", "b1"]
 
     result = subprocess.run([sys.executable, "-m", "stages.store", store.url_root], cwd=REPO,
