@@ -25,16 +25,24 @@ from stages.core.preview import preview_png
 from stages.core.store import FeatureStore
 from stages.features import mel
 from stages.features.spectral import DEFAULT_PRESET, PRESETS, get_preset
+from stages.ingest.decode import ClipLength
 from stages.ingest.manifest import build_manifest, load_manifest, save_manifest
 
 PREVIEW_CLIPS = 4
 
 
-class MelConfig(Config):
+class ClipLengthConfig(Config):
+    """The clip-length fields of every asset that decodes audio (stages.ingest.decode.ClipLength), written once."""
+
+    seconds: float = Field(default=ClipLength.seconds, description="Clip length in seconds; audio is padded/tiled or cropped to it.")
+    min_seconds: float = Field(default=ClipLength.min_seconds,
+                               description="Clips with less audio than this are quarantined; shorter-than-`seconds` ones are fitted.")
+    fit: str = Field(default=ClipLength.fit, description="How a short clip reaches `seconds`: 'pad' (zeros) or 'tile' (repeat).")
+    crop: str = Field(default=ClipLength.crop, description="Which `seconds` of a longer clip: 'start' (the first) or 'centre'.")
+
+
+class MelConfig(ClipLengthConfig):
     preset: str = Field(default=DEFAULT_PRESET, description=f"Mel preset: {', '.join(sorted(PRESETS))}.")
-    seconds: float = Field(default=4.0, description="Clip length in seconds; audio is padded/tiled or cropped to it.")
-    min_seconds: float = Field(default=1.0, description="Clips with less audio than this are quarantined.")
-    fit: str = Field(default="pad", description="How a short clip reaches `seconds`: 'pad' (zeros) or 'tile' (repeat).")
     silence_dbfs: float = Field(default=-60.0, description="Clips whose peak is below this level are quarantined as silent.")
     dtype: str = Field(default="float16", description="Stored dtype: float16 (error <= 0.004 in log-mel) or float32.")
 

@@ -16,11 +16,13 @@ from dagster import (
 from pydantic import Field
 
 from assets.factory import dataset_check, feature_asset
+from assets.features import ClipLengthConfig
 from assets.factory import check_feature
 from assets.resources import FeatureStoreResource
 from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower
 from stages.core import refs
 from stages.features import towers as T
+from stages.ingest.decode import ClipLength
 from stages.ingest.manifest import load_manifest
 from stages.core.store import FeatureStore
 
@@ -28,10 +30,7 @@ UNIT_NORM_TOLERANCE = 1e-3
 PROBLEMS_SHOWN = 10
 
 
-class AudioTowerConfig(Config):
-    seconds: float = Field(default=4.0, description="Clip length in seconds (>= 1); one 512-d embedding per whole second.")
-    min_seconds: float = Field(default=1.0, description="Clips with less audio than this are quarantined.")
-    fit: str = Field(default="pad", description="How a short clip reaches `seconds`: 'pad' (zeros) or 'tile' (repeat).")
+class AudioTowerConfig(ClipLengthConfig):  # seconds >= 1: one 512-d embedding per whole second
     silence_dbfs: float = Field(default=-60.0, description="Clips whose peak is below this level are quarantined as silent.")
     per_second_dtype: str = Field(default="float16", description="Stored dtype of per_second: float16 (rel. error <= 4e-4) or float32.")
 
@@ -41,6 +40,7 @@ class FrameTowerConfig(Config):
     fps: float = Field(default=4.0, description="Frames decoded per second (1..60); averaged within each second.")
     size: int = Field(default=DEFAULT_FRAME_SIZE, description="EfficientNet-lite0 input side in pixels; frames are resized to it.")
     per_second_dtype: str = Field(default="float16", description="Stored dtype of per_second: float16 or float32.")
+    crop: str = Field(default=ClipLength.crop, description="Which `seconds` of a longer clip: 'start' or 'centre' (as the audio's).")
 
 
 def _tower_report(context, store, ref: refs.FeatureRef, metadata: dict, inputs: dict, params) -> None:

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stages.embeddings.heads import CLAP_FEATURE
-from stages.ingest.decode import AudioSpec, ClipError, load_audio
+from stages.ingest.decode import AudioSpec, ClipError, ClipLength, load_audio
 from stages.core.errors import ConfigError
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, content_hash_meta, register_feature, registered_feature
 from stages.core.store import feature_key
@@ -372,17 +372,16 @@ class PretrainedClapParams:
     """
 
     model_dir: str
+    # Clip length (ClipLength): LAION's 10 s window and "repeatpad"; the floor and crop are the shared defaults.
     seconds: float = 10.0
-    min_seconds: float = 1.0
+    min_seconds: float = ClipLength.min_seconds
     fit: str = "tile"
     silence_dbfs: float = -60.0
     batch_size: int = DEFAULT_BATCH_SIZE
+    crop: str = ClipLength.crop
 
     def __post_init__(self) -> None:
-        if self.fit not in ("pad", "tile"):
-            raise ConfigError(f"fit must be 'pad' or 'tile', got {self.fit!r}")
-        if not 0 < self.min_seconds <= self.seconds:
-            raise ConfigError(f"need 0 < min_seconds <= seconds, got {self.min_seconds} and {self.seconds}")
+        self.clip_length()  # validates seconds, min_seconds, fit, crop
         if int(self.batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -392,22 +391,20 @@ class PretrainedClapParams:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in names})
 
+    def clip_length(self) -> ClipLength:
+        return ClipLength(self.seconds, self.min_seconds, self.fit, self.crop)
+
     def params(self) -> dict:
         """The shard jobs' params: these fields plus "model" (pretrained_clap_settings)."""
-        return {**asdict(self), "model": pretrained_clap_settings(self.model_dir)}
+        own = {k: v for k, v in asdict(self).items() if k not in ("seconds", "min_seconds", "fit", "crop")}
+        return {**own, **self.clip_length().key_params(), "model": pretrained_clap_settings(self.model_dir)}
 
     def key(self) -> str:
         params = {k: v for k, v in self.params().items() if k not in ("model_dir", "batch_size")}
         return feature_key(CLAP_FEATURE, {**params, "source": "transformers.ClapModel"}, PRETRAINED_CLAP_CODE_VERSION)
 
     def audio_spec(self, sample_rate: int) -> AudioSpec:
-        return AudioSpec(
-            sample_rate=int(sample_rate),
-            seconds=self.seconds,
-            min_seconds=self.min_seconds,
-            fit=self.fit,
-            silence_dbfs=self.silence_dbfs,
-        )
+        return AudioSpec.of(self.clip_length(), sample_rate, self.silence_dbfs)
 
 
 @register_feature
@@ -439,7 +436,7 @@ class PretrainedClapEmbeddings(ShardFeature):
         ok_ids, hashes, audio, captions, quarantined = [], [], [], [], []
         for row, (clip_id, uri, digest) in enumerate(job.clips):
             try:
-                samples = load_audio(uri, spec, job.storage_options)
+                samples = load_audio(uri, spec, job.storage_options, job.span(row))
             except ClipError as exc:
                 quarantined.append({"id": clip_id, "reason": str(exc)})
                 continue

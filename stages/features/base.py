@@ -51,6 +51,11 @@ class ShardJob:
     device: str = "cpu"
     worker_threads: int = 0  # torch threads in a worker; 0 leaves torch's default
     texts: tuple[str, ...] = ()  # per clip: its caption, else its label (for text features)
+    # Per clip: (start, end) seconds in its media file, end 0 = to the end; () = every clip whole.
+    spans: tuple[tuple[float, float], ...] = ()
+
+    def span(self, row: int) -> tuple[float, float]:
+        return self.spans[row] if self.spans else (0.0, 0.0)
 
 
 @dataclass
@@ -132,7 +137,7 @@ class ShardFeature:
         if self.sets_threads:
             limit_threads(job)
         store = job_store(job)
-        out = self.extract(job, store)
+        out = drop_non_finite_rows(self.extract(job, store))
         manifest = shard_manifest(job, out.quarantined, start, out.params)
         manifest.update(out.manifest_extra)
         store.write_shard(
@@ -148,6 +153,37 @@ class ShardFeature:
     @classmethod
     def registry_name(cls) -> str:
         return getattr(cls, "variant", "") and f"{cls.name}:{cls.variant}" or cls.name
+
+
+def drop_non_finite_rows(out: ShardOutput) -> ShardOutput:
+    """Every stored array is finite: a row holding NaN or Inf in any float array is quarantined
+    (with the array it was found in) instead of written, whatever feature made it."""
+    import numpy as np
+
+    n = len(out.clip_ids)
+    bad = np.zeros(n, bool)
+    where: dict[int, str] = {}
+    for name, array in out.arrays.items():
+        array = np.asarray(array) if not hasattr(array, "dtype") else array
+        if array.dtype.kind != "f" or len(array) != n or not n:
+            continue
+        finite = np.isfinite(array.reshape(n, -1)).all(axis=1)
+        for row in np.flatnonzero(~finite & ~bad):
+            where[int(row)] = name
+        bad |= ~finite
+    if not bad.any():
+        return out
+    keep = np.flatnonzero(~bad)
+    quarantined = list(out.quarantined) + [
+        {"id": out.clip_ids[row], "reason": f"non-finite values in {where[row]}"} for row in sorted(where)
+    ]
+    return ShardOutput(
+        clip_ids=[out.clip_ids[i] for i in keep],
+        arrays={k: (np.asarray(v)[keep] if len(v) == n else v) for k, v in out.arrays.items()},
+        quarantined=quarantined,
+        sample_meta=None if out.sample_meta is None else [out.sample_meta[i] for i in keep],
+        tar_encodings=out.tar_encodings, params=out.params, manifest_extra=out.manifest_extra,
+    )
 
 
 FEATURES: dict[str, ShardFeature] = {}
@@ -174,29 +210,31 @@ def registered_feature(name: str) -> ShardFeature:
     return FEATURES[name] if name in FEATURES else all_features()[name]
 
 
-def iter_decoded(job: ShardJob, decode: Callable[[str], Any], quarantined: list[dict],
+def iter_decoded(job: ShardJob, decode: Callable[[str, tuple[float, float]], Any], quarantined: list[dict],
                  prefetch: bool = False) -> Iterator[tuple[str, str, Any]]:
     """(clip id, content hash, decoded value) of every usable clip of a shard, in order.
 
-    A clip whose decoder raises ClipError is appended to ``quarantined`` with its one-line reason
-    and skipped; anything else is a bug and propagates. ``prefetch`` decodes ahead on one thread
-    (PyAV and soxr release the GIL) while the caller computes on the clip before.
+    ``decode(uri, span)`` gets each clip's media and its (start, end) span. A clip whose decoder
+    raises ClipError is appended to ``quarantined`` with its one-line reason and skipped; anything
+    else is a bug and propagates. ``prefetch`` decodes ahead on one thread (PyAV and soxr release
+    the GIL) while the caller computes on the clip before.
     """
     from stages.ingest.decode import ClipError
 
-    def attempt(clip):
+    def attempt(row):
         try:
-            return decode(clip[1])
+            return decode(job.clips[row][1], job.span(row))
         except ClipError as exc:
             return exc
 
+    rows = range(len(job.clips))
     if prefetch:
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(max_workers=1)
-        results = pool.map(attempt, job.clips)
+        results = pool.map(attempt, rows)
     else:
-        pool, results = None, map(attempt, job.clips)
+        pool, results = None, map(attempt, rows)
     try:
         for clip, decoded in zip(job.clips, results):
             if isinstance(decoded, ClipError):
@@ -208,7 +246,7 @@ def iter_decoded(job: ShardJob, decode: Callable[[str], Any], quarantined: list[
             pool.shutdown(wait=True)
 
 
-def decode_clips(job: ShardJob, decode: Callable[[str], Any]) -> tuple[list[str], list[str], list[Any], list[dict]]:
+def decode_clips(job: ShardJob, decode: Callable[[str, tuple[float, float]], Any]) -> tuple[list[str], list[str], list[Any], list[dict]]:
     """Decode every clip of a shard: (ok ids, their content hashes, decoded values, quarantine)."""
     quarantined: list[dict] = []
     decoded = list(iter_decoded(job, decode, quarantined))
@@ -227,11 +265,18 @@ def shard_manifest(job: ShardJob, quarantined: list[dict], start: float, params:
         "params": job.params if params is None else params,
         "code_version": job.code_version,
         "input_keys": list(job.input_keys),
-        "clips": [{"id": clip_id, "content_hash": digest} for clip_id, _, digest in job.clips],
+        "clips": [_clip_entry(job, row) for row in range(len(job.clips))],
         "quarantined": quarantined,
         "compute_seconds": round(time.perf_counter() - start, 4),
         "device": job.device,
     }
+
+
+def _clip_entry(job: ShardJob, row: int) -> dict:
+    clip_id, _, digest = job.clips[row]
+    start, end = job.span(row)
+    entry = {"id": clip_id, "content_hash": digest}
+    return entry if (start, end) == (0.0, 0.0) else {**entry, "start": start, "end": end}  # old entries unchanged
 
 
 def shard_jobs(
@@ -262,6 +307,7 @@ def shard_jobs(
                 shard=shard,
                 clips=tuple((c.id, c.uri, c.content_hash) for c in clips),
                 texts=tuple(c.caption or c.label for c in clips),
+                spans=tuple(c.span for c in clips) if any(c.span != (0.0, 0.0) for c in clips) else (),
                 params=params,
                 code_version=code_version,
                 input_keys=input_keys,

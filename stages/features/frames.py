@@ -1,6 +1,6 @@
 """The ``video_frames`` feature: uint8 frames [N, T, size, size, 3] per shard, decoded once with decord.
 
-Frames are sampled at ``fps`` over the first ``seconds`` of each clip (nearest source frame; a
+Frames are sampled at ``fps`` over ``seconds`` of each clip (its first, or with crop="centre" its middle, ones) (nearest source frame; a
 shorter clip repeats its last frame, the way stages.ingest.decode.decode_frames fits it), the shorter
 side resized to ``size`` and centre-cropped. A clip without a video stream, or whose video cannot
 be decoded, is quarantined with its one-line reason; the rest of the shard goes on.
@@ -18,7 +18,7 @@ import numpy as np
 from stages.core.errors import ConfigError
 from stages.features.base import (ShardFeature, ShardJob, ShardOutput, content_hash_meta, decode_clips, register_feature,
                                   registered_feature)
-from stages.ingest.decode import FrameSpec, load_frames
+from stages.ingest.decode import CROPS, FrameSpec, load_frames
 from stages.core.store import feature_key
 
 VIDEO_FRAMES_FEATURE = "video_frames"
@@ -31,8 +31,11 @@ class FrameParams:
     fps: float = 4.0
     size: int = 64
     seconds: float = 4.0
+    crop: str = "start"  # a longer clip: its first or its middle `seconds` (as ClipLength.crop)
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ConfigError(f"crop must be 'start' or 'centre', got {self.crop!r}")
         if not 0 < self.fps <= 60:
             raise ConfigError(f"fps must be within (0, 60], got {self.fps}")
         if not 8 <= self.size <= 1024:
@@ -41,13 +44,14 @@ class FrameParams:
             raise ConfigError(f"seconds x fps must give at least one frame, got {self.seconds} s at {self.fps} fps")
 
     def params(self) -> dict:
-        return asdict(self)
+        params = asdict(self)
+        return params if self.crop != "start" else {k: v for k, v in params.items() if k != "crop"}  # keys before crop
 
     def key(self) -> str:
         return feature_key(VIDEO_FRAMES_FEATURE, self.params(), FRAMES_CODE_VERSION)
 
     def frame_spec(self) -> FrameSpec:
-        return FrameSpec(fps=self.fps, size=self.size, seconds=self.seconds)
+        return FrameSpec(fps=self.fps, size=self.size, seconds=self.seconds, crop=self.crop)
 
     @property
     def n_frames(self) -> int:
@@ -64,7 +68,7 @@ class VideoFrames(ShardFeature):
     def extract(self, job: ShardJob, store) -> ShardOutput:
         """Decode every clip's frames; clips without usable video are quarantined."""
         spec = FrameParams(**job.params).frame_spec()
-        ok_ids, hashes, frames, quarantined = decode_clips(job, lambda uri: load_frames(uri, spec, job.storage_options))
+        ok_ids, hashes, frames, quarantined = decode_clips(job, lambda uri, span: load_frames(uri, spec, job.storage_options, span))
         if frames:
             stacked = np.stack(frames).astype(np.uint8, copy=False)
         else:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stages.ingest.decode import AudioSpec, load_audio
+from stages.ingest.decode import AudioSpec, ClipLength, load_audio
 from stages.features.spectral import STFT_SUB_BATCH, MelSpectrogram, get_preset, mel_to_audio_image
 from stages.core.store import feature_key
 from stages.core.errors import ConfigError
@@ -25,36 +25,37 @@ AUDIO_IMAGE_CODE_VERSION = "1"
 @dataclass(frozen=True)
 class MelParams:
     preset: str = "hifigan22k"
-    seconds: float = 4.0
-    min_seconds: float = 1.0
-    fit: str = "pad"
+    # Clip length: ClipLength's fields and defaults (one setting for every feature that decodes audio).
+    seconds: float = ClipLength.seconds
+    min_seconds: float = ClipLength.min_seconds
+    fit: str = ClipLength.fit
     silence_dbfs: float = -60.0
     dtype: str = "float16"  # log-mel error <= 0.004 against float32, half the bytes
+    crop: str = ClipLength.crop
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
-        if self.fit not in ("pad", "tile"):
-            raise ConfigError(f"fit must be 'pad' or 'tile', got {self.fit!r}")
+        self.clip_length()  # validates seconds, min_seconds, fit, crop
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"dtype must be 'float16' or 'float32', got {self.dtype!r}")
-        if not 0 < self.min_seconds <= self.seconds:
-            raise ConfigError(f"need 0 < min_seconds <= seconds, got {self.min_seconds} and {self.seconds}")
+
+    def clip_length(self) -> ClipLength:
+        return ClipLength(self.seconds, self.min_seconds, self.fit, self.crop)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "MelParams":
+        return cls(**{k: v for k, v in params.items() if k != "preset_values"})
 
     def params(self) -> dict:
         # The preset's values, not only its name, go into the key: editing a preset re-keys.
-        return {**asdict(self), "preset_values": get_preset(self.preset).params()}
+        own = {k: v for k, v in asdict(self).items() if k not in ("seconds", "min_seconds", "fit", "crop")}
+        return {**own, **self.clip_length().key_params(), "preset_values": get_preset(self.preset).params()}
 
     def key(self) -> str:
         return feature_key(MEL_FEATURE, self.params(), MEL_CODE_VERSION)
 
     def audio_spec(self) -> AudioSpec:
-        return AudioSpec(
-            sample_rate=get_preset(self.preset).sample_rate,
-            seconds=self.seconds,
-            min_seconds=self.min_seconds,
-            fit=self.fit,
-            silence_dbfs=self.silence_dbfs,
-        )
+        return AudioSpec.of(self.clip_length(), get_preset(self.preset).sample_rate, self.silence_dbfs)
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,13 @@ class MelSpectrograms(ShardFeature):
 
     def extract(self, job: ShardJob, store) -> ShardOutput:
         """Decode every clip of the shard (bad ones quarantined), batched log-mel."""
-        params = MelParams(**{k: v for k, v in job.params.items() if k != "preset_values"})
+        params = MelParams.from_params(job.params)
         spec = params.audio_spec()
         preset = get_preset(params.preset)
         extractor = MelSpectrogram(preset, job.device)
         ok_ids, hashes, quarantined, mel_parts, pending = [], [], [], [], []
         # Decoding runs one clip ahead on a thread while this one runs the STFT.
-        decode = lambda uri: load_audio(uri, spec, job.storage_options)  # noqa: E731
+        decode = lambda uri, span: load_audio(uri, spec, job.storage_options, span)  # noqa: E731
         for clip_id, digest, decoded in iter_decoded(job, decode, quarantined, prefetch=True):
             ok_ids.append(clip_id)
             hashes.append(digest)

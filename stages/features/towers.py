@@ -27,7 +27,7 @@ from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower,
 from stages.core.errors import ConfigError, EnvironmentMismatchError
 from stages.features.base import (ShardFeature, ShardJob, ShardOutput, content_hash_meta, decode_clips, register_feature,
                                   registered_feature)
-from stages.ingest.decode import AudioSpec, FrameSpec, load_audio, load_frames
+from stages.ingest.decode import CROPS, AudioSpec, ClipLength, FrameSpec, load_audio, load_frames
 from stages.core.store import feature_key
 
 AUDIO_TOWER_FEATURE = "audio_tower"
@@ -50,27 +50,30 @@ def _check_dtype(dtype: str) -> None:
 
 @dataclass(frozen=True)
 class AudioTowerParams:
-    seconds: float = 4.0
-    min_seconds: float = 1.0
-    fit: str = "pad"
+    # Clip length: ClipLength's fields and defaults (the same setting as the mels).
+    seconds: float = ClipLength.seconds
+    min_seconds: float = ClipLength.min_seconds
+    fit: str = ClipLength.fit
     silence_dbfs: float = -60.0
     per_second_dtype: str = "float16"
+    crop: str = ClipLength.crop
 
     def __post_init__(self) -> None:
-        if self.fit not in ("pad", "tile"):
-            raise ConfigError(f"fit must be 'pad' or 'tile', got {self.fit!r}")
+        self.clip_length()  # validates seconds, min_seconds, fit, crop
         _check_dtype(self.per_second_dtype)
         if self.seconds < 1:
             raise ConfigError(f"seconds must be at least 1 (one embedding per second), got {self.seconds}")
-        if not 0 < self.min_seconds <= self.seconds:
-            raise ConfigError(f"need 0 < min_seconds <= seconds, got {self.min_seconds} and {self.seconds}")
+
+    def clip_length(self) -> ClipLength:
+        return ClipLength(self.seconds, self.min_seconds, self.fit, self.crop)
 
     @classmethod
     def from_params(cls, params: dict) -> "AudioTowerParams":
         return cls(**{k: v for k, v in params.items() if k != "tower"})
 
     def params(self) -> dict:
-        return {**asdict(self), "tower": AudioTower.describe()}
+        own = {k: v for k, v in asdict(self).items() if k not in ("seconds", "min_seconds", "fit", "crop")}
+        return {**own, **self.clip_length().key_params(), "tower": AudioTower.describe()}
 
     def key(self) -> str:
         return feature_key(AUDIO_TOWER_FEATURE, self.params(), AUDIO_TOWER_CODE_VERSION)
@@ -80,13 +83,7 @@ class AudioTowerParams:
         return int(math.floor(self.seconds + 1e-9))
 
     def audio_spec(self) -> AudioSpec:
-        return AudioSpec(
-            sample_rate=AudioTower.sample_rate,
-            seconds=self.seconds,
-            min_seconds=self.min_seconds,
-            fit=self.fit,
-            silence_dbfs=self.silence_dbfs,
-        )
+        return AudioSpec.of(self.clip_length(), AudioTower.sample_rate, self.silence_dbfs)
 
 
 @dataclass(frozen=True)
@@ -95,8 +92,11 @@ class FrameTowerParams:
     fps: float = 4.0
     size: int = DEFAULT_FRAME_SIZE
     per_second_dtype: str = "float16"
+    crop: str = ClipLength.crop  # as the audio tower's, so frames and audio cover the same seconds
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ConfigError(f"crop must be 'start' or 'centre', got {self.crop!r}")
         _check_dtype(self.per_second_dtype)
         if self.seconds < 1:
             raise ConfigError(f"seconds must be at least 1 (one embedding per second), got {self.seconds}")
@@ -110,7 +110,8 @@ class FrameTowerParams:
         return cls(**{k: v for k, v in params.items() if k != "tower"})
 
     def params(self) -> dict:
-        return {**asdict(self), "tower": FrameTower.describe(size=self.size)}
+        own = {k: v for k, v in asdict(self).items() if k != "crop" or v != "start"}  # keys made before crop stay
+        return {**own, "tower": FrameTower.describe(size=self.size)}
 
     def key(self) -> str:
         return feature_key(FRAME_TOWER_FEATURE, self.params(), FRAME_TOWER_CODE_VERSION)
@@ -121,7 +122,7 @@ class FrameTowerParams:
 
     def frame_spec(self) -> FrameSpec:
         # Decoded straight at the tower's input size: one resize, done by the decoder.
-        return FrameSpec(fps=self.fps, size=self.size, seconds=self.seconds)
+        return FrameSpec(fps=self.fps, size=self.size, seconds=self.seconds, crop=self.crop)
 
     def second_of_frame(self) -> np.ndarray:
         """The second each decoded frame falls in (frame j is taken at (j + 0.5) / fps)."""
@@ -163,7 +164,7 @@ class AudioTowerFeatures(ShardFeature):
         """Decode at 44.1 kHz (same length / silence rules as the mels), aisfx embeddings."""
         params = AudioTowerParams.from_params(job.params)
         spec = params.audio_spec()
-        ok_ids, hashes, audio, quarantined = decode_clips(job, lambda uri: load_audio(uri, spec, job.storage_options))
+        ok_ids, hashes, audio, quarantined = decode_clips(job, lambda uri, span: load_audio(uri, spec, job.storage_options, span))
         n_sec, dim = params.n_seconds, AudioTower.dim
         pooled = np.zeros((len(audio), dim), np.float32)
         per_second = np.zeros((len(audio), n_sec, dim), params.per_second_dtype)
@@ -188,7 +189,7 @@ class FrameTowerFeatures(ShardFeature):
         """Frames at ``fps`` (decord), EfficientNet-lite0 per frame, averaged per second and per clip."""
         params = FrameTowerParams.from_params(job.params)
         spec = params.frame_spec()
-        ok_ids, hashes, clips, quarantined = decode_clips(job, lambda uri: load_frames(uri, spec, job.storage_options))
+        ok_ids, hashes, clips, quarantined = decode_clips(job, lambda uri, span: load_frames(uri, spec, job.storage_options, span))
         n_sec, dim, n_frames = params.n_seconds, FrameTower.dim, spec.n_frames
         second = params.second_of_frame()
         pooled = np.zeros((len(clips), dim), np.float32)

@@ -3,8 +3,22 @@
 Shard assignment is an append-only ledger kept in the store: a clip keeps its shard for life,
 new clips (sorted by id) fill new shards after the last one, so adding clips never reshuffles
 existing shards. A shard's store name is ``<shard_id>-<fingerprint>`` where the fingerprint
-hashes its clip ids and content hashes: a changed or removed file gives that one shard a new
-name (recomputed beside the old one), and every other shard keeps its cached features.
+hashes its clip ids and content hashes (and a clip's span and extra captions when it has them):
+a changed or removed file gives that one shard a new name (recomputed beside the old one), and
+every other shard keeps its cached features.
+
+Splits: a clip keeps the split its source names; one without gets a split from the hash of its
+group (``SPLIT_RATIOS``, 80/10/10): stable when clips are added, and grouped, so segments of one
+video (``group`` = its YouTube id) and byte-identical media (same content hash) never straddle
+train and test.
+
+``ClipManifest.metadata`` (in the JSONL header, not part of the digest; derived from the clips):
+
+    splits            {split: clip count}
+    split_policy      {"given": clips whose source named a split, "assigned": the others,
+                       "ratios": SPLIT_RATIOS, "grouped_by": how a group is chosen}
+    duplicate_media   [[clip ids sharing one content hash], ...] (sorted)
+    shared_captions   {caption: clip count} for captions used by more than one clip (the 50 most used)
 """
 
 from __future__ import annotations
@@ -16,16 +30,37 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from stages.ingest.decode import ClipError, read_bytes
+from stages.ingest.decode import ClipError, iter_chunks
 from stages.core.ids import check_name
 from stages.ingest.sources import Rejected, SourceListing
 from stages.core.store import FeatureStore, canonical_json
 
 MANIFEST_FOLDER = "clip_manifest"
+SPLIT_RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
+SHARED_CAPTIONS_SHOWN = 50
 
 
 def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def content_hash_of(uri: str, storage_options: dict | None = None) -> str:
+    """``content_hash`` of a file, read in chunks (an hour-long file is not held in memory)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for block in iter_chunks(uri, storage_options):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def assigned_split(group: str) -> str:
+    """The split of a group: a fixed point of [0, 1) from its hash, cut at SPLIT_RATIOS."""
+    point = int.from_bytes(hashlib.blake2b(group.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") / 2**64
+    edge = 0.0
+    for split, share in SPLIT_RATIOS.items():
+        edge += share
+        if point < edge:
+            return split
+    return split
 
 
 @dataclass(frozen=True)
@@ -38,6 +73,45 @@ class Clip:
     label: str = ""
     split: str = "train"
     stat: str = ""
+    captions: tuple[str, ...] = ()  # every caption when the source gives several; caption is the first
+    group: str = ""  # split group: "youtube:<id>", else "hash:<content hash>"
+    start: float = 0.0  # span in the media file, seconds
+    end: float = 0.0  # 0 = to the end of the file
+    name: str = ""  # the original file name or id, when the id was derived from it
+
+    def to_row(self) -> dict:
+        """The JSONL row: fields added after the first manifests are left out at their default,
+        so manifests of sources that do not use them keep their digest."""
+        row = asdict(self)
+        for name in _OPTIONAL_FIELDS:
+            if row[name] == _DEFAULTS[name]:
+                del row[name]
+        if "captions" in row:
+            row["captions"] = list(row["captions"])
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Clip":
+        if "captions" in row:
+            row = {**row, "captions": tuple(row["captions"])}
+        return cls(**row)
+
+    @property
+    def span(self) -> tuple[float, float]:
+        return (self.start, self.end)
+
+
+_OPTIONAL_FIELDS = ("captions", "group", "start", "end", "name")
+_DEFAULTS = {"captions": [], "group": "", "start": 0.0, "end": 0.0, "name": ""}
+
+
+def _json_line(row: dict) -> str:
+    line = json.dumps(row, sort_keys=True, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a name with undecodable bytes (surrogates): escape this line only
+        line = json.dumps(row, sort_keys=True)
+    return line
 
 
 @dataclass
@@ -55,6 +129,7 @@ class ClipManifest:
     shard_size: int
     clips: list[Clip]
     quarantined: list[dict] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # see the module docstring
 
     def by_shard(self) -> dict[str, list[Clip]]:
         """Shard store name -> its clips (in id order), for every shard that holds a clip."""
@@ -71,12 +146,18 @@ class ClipManifest:
         return {c.id: c for c in self.clips}
 
     def digest(self) -> str:
-        return hashlib.sha256(self.to_jsonl().encode()).hexdigest()[:16]
+        # The metadata is derived from the clips: it is not part of what names the manifest.
+        return hashlib.sha256(self._jsonl(with_metadata=False).encode()).hexdigest()[:16]
 
     def to_jsonl(self) -> str:
+        return self._jsonl(with_metadata=True)
+
+    def _jsonl(self, with_metadata: bool) -> str:
         header = {"dataset": self.dataset, "shard_size": self.shard_size, "quarantined": self.quarantined}
-        lines = [json.dumps({"manifest": header}, sort_keys=True)]
-        lines += [json.dumps(asdict(c), sort_keys=True, ensure_ascii=False) for c in self.clips]
+        if with_metadata and self.metadata:
+            header["metadata"] = self.metadata
+        lines = [_json_line({"manifest": header})]
+        lines += [_json_line(c.to_row()) for c in self.clips]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -85,14 +166,22 @@ class ClipManifest:
         # json.dumps(ensure_ascii=False) leaves unescaped inside captions.
         lines = text.split("\n")
         header = json.loads(lines[0])["manifest"]
-        clips = [Clip(**json.loads(line)) for line in lines[1:] if line.strip()]
-        return cls(header["dataset"], header["shard_size"], clips, header.get("quarantined", []))
+        clips = [Clip.from_row(json.loads(line)) for line in lines[1:] if line.strip()]
+        return cls(header["dataset"], header["shard_size"], clips, header.get("quarantined", []),
+                   header.get("metadata", {}))
 
 
 def shard_fingerprint(clips: list[Clip]) -> str:
     # Captions and labels are inputs too (text features): editing one re-keys its shard.
-    members = sorted((c.id, c.content_hash, c.caption, c.label) for c in clips)
+    # A span or extra captions change what is computed: they count, only when a clip has them.
+    members = sorted([c.id, c.content_hash, c.caption, c.label] + _extra(c) for c in clips)
     return hashlib.blake2b(canonical_json(members).encode(), digest_size=5).hexdigest()
+
+
+def _extra(clip: Clip) -> list:
+    extra = {k: v for k, v in (("start", clip.start), ("end", clip.end), ("captions", list(clip.captions)))
+             if v != _DEFAULTS[k]}
+    return [extra] if extra else []
 
 
 def shard_id_of(index: int) -> str:
@@ -129,22 +218,29 @@ def build_manifest(
         if before and before.uri == source_clip.uri and source_clip.stat and before.stat == source_clip.stat:
             return before.content_hash  # same size and mtime/etag: no need to read it again
         try:
-            return content_hash(read_bytes(source_clip.uri, storage_options))
+            return content_hash_of(source_clip.uri, storage_options)
         except ClipError as exc:
             return exc
 
     with ThreadPoolExecutor(max(1, hash_threads)) as pool:
         hashes = list(pool.map(hash_of, unique))
 
-    delta = ManifestDelta()
-    kept: list[Clip] = []
-    new: list[tuple] = []
+    hashed = []
     for source_clip, digest in zip(unique, hashes):
         if isinstance(digest, ClipError):
             quarantined.append(asdict(Rejected(source_clip.id, source_clip.uri, str(digest))))
-            continue
+        else:
+            hashed.append((source_clip, digest))
+    groups = split_groups([(c.group, digest) for c, digest in hashed])
+
+    delta = ManifestDelta()
+    kept: list[Clip] = []
+    new: list[tuple] = []
+    for (source_clip, digest), group in zip(hashed, groups):
         fields = dict(uri=source_clip.uri, content_hash=digest, caption=source_clip.caption,
-                      label=source_clip.label, split=source_clip.split, stat=source_clip.stat)
+                      label=source_clip.label, split=source_clip.split or assigned_split(group),
+                      stat=source_clip.stat, captions=tuple(source_clip.captions), group=group,
+                      start=float(source_clip.start), end=float(source_clip.end), name=source_clip.name)
         before = old.get(source_clip.id)
         if before is not None:
             if before.content_hash != digest:
@@ -161,7 +257,50 @@ def build_manifest(
         clips.append(Clip(id=clip_id, shard_id=shard_id_of(next_index + position // shard_size), **fields))
         delta.added.append(clip_id)
     clips.sort(key=lambda c: (c.shard_id, c.id))
-    return ClipManifest(dataset, shard_size, clips, quarantined), delta
+    given = sum(1 for c, _ in hashed if c.split)
+    return ClipManifest(dataset, shard_size, clips, quarantined, manifest_metadata(clips, given)), delta
+
+
+def split_groups(members: list[tuple[str, str]]) -> list[str]:
+    """Each clip's split group, from (source group or "", content hash) per clip.
+
+    Clips are joined when they share a source group (segments of one video) or a content hash
+    (byte-identical media); a joined set's group is its smallest name ("youtube:<id>" or
+    "hash:<content hash>"), so the split depends on the set, not on the order clips came in.
+    """
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for group, digest in members:
+        a, b = root(f"hash:{digest}"), root(group or f"hash:{digest}")
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [root(f"hash:{digest}") for _, digest in members]
+
+
+def manifest_metadata(clips: list[Clip], given: int) -> dict:
+    """Split sizes and policy, duplicated media and shared captions (see the module docstring)."""
+    splits: dict[str, int] = {}
+    by_hash: dict[str, list[str]] = {}
+    captions: dict[str, int] = {}
+    for clip in clips:
+        splits[clip.split] = splits.get(clip.split, 0) + 1
+        by_hash.setdefault(clip.content_hash, []).append(clip.id)
+        if clip.caption:
+            captions[clip.caption] = captions.get(clip.caption, 0) + 1
+    shared = sorted(((n, c) for c, n in captions.items() if n > 1), key=lambda t: (-t[0], t[1]))
+    return {
+        "splits": dict(sorted(splits.items())),
+        "split_policy": {"given": given, "assigned": len(clips) - given, "ratios": SPLIT_RATIOS,
+                         "grouped_by": "youtube id of a segment, else content hash; joined by shared media"},
+        "duplicate_media": sorted(sorted(ids) for ids in by_hash.values() if len(ids) > 1),
+        "shared_captions": {c: n for n, c in shared[:SHARED_CAPTIONS_SHOWN]},
+    }
 
 
 def save_manifest(store: FeatureStore, manifest: ClipManifest) -> str:

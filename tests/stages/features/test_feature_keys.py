@@ -2,26 +2,30 @@
 
 These keys name every cached shard and checkpoint in existing stores. A refactor that changes one
 of them silently invalidates users' caches: a key may change only when the numbers change, and
-then on purpose (bump the code version, say so in the change's note). The values were computed at
-commit a704554 (before the house refactor) and must stay.
+then on purpose (bump the code version or change a default, say so in the change's note). The values
+were computed at commit a704554 (before the house refactor); the clip floor change re-keyed some (below).
 """
 
 from stages.core.store import feature_key
 
 PINNED = {
-    "mel_spectrograms": "101adc40b7c2c901",
-    "audio_images": "af10ae07de3552e5",
+    # Re-keyed on purpose (issue 13): the clip floor ClipLength.min_seconds went from 1.0 to 0.1 s, so
+    # every mel- and audio-tower-dependent key moved; at min_seconds=1.0 the old keys come back (below).
+    "mel_spectrograms": "1ede3762acb5f644",  # was 101adc40b7c2c901
+    "audio_images": "001052448d0610a4",  # was af10ae07de3552e5
     "video_frames": "cfde3d0e85c8e5fb",
-    "audio_tower": "deb932265682b67b",
+    "audio_tower": "b8649d3bb2d8df4c",  # was deb932265682b67b
     "frame_tower": "6c404cdd971fc6ae",
     "text_tower": "46bb203abb0bd5d4",
-    "clap_head": "080b3c194afd239c",
-    "cavp_head": "709410e843f43023",
-    "clap_embeddings": "15f268e1d785ab68",
-    "cavp_embeddings": "b5d949740f5830a5",
-    "diffgap_clap lineage": "d1e27e5d2a0197f5",
-    "diffgap_cavp lineage": "98c9b9b17d348831",
+    "clap_head": "d9619db66548737a",  # was 080b3c194afd239c
+    "cavp_head": "206f66d7db272f09",  # was 709410e843f43023
+    "clap_embeddings": "82810d17f0fb66fb",  # was 15f268e1d785ab68
+    "cavp_embeddings": "a3d446b740271772",  # was b5d949740f5830a5
+    "diffgap_clap lineage": "43055a79c21d3d92",  # was d1e27e5d2a0197f5
+    "diffgap_cavp lineage": "bc1f08c537508d35",  # was 98c9b9b17d348831
 }
+# The keys before ClipLength, which a store made with min_seconds=1.0 still holds.
+PINNED_AT_ONE_SECOND_FLOOR = {"mel_spectrograms": "101adc40b7c2c901", "audio_tower": "deb932265682b67b"}
 
 
 def demo_keys() -> dict[str, str]:
@@ -57,3 +61,15 @@ def demo_keys() -> dict[str, str]:
 
 def test_the_demo_keys_are_the_ones_existing_stores_hold():
     assert demo_keys() == PINNED
+
+
+def test_the_clip_length_refactor_changed_keys_only_through_the_new_floor():
+    from stages.features.frames import FrameParams
+    from stages.features.mel import MelParams
+    from stages.features.towers import AudioTowerParams, FrameTowerParams
+
+    assert MelParams(min_seconds=1.0).key() == PINNED_AT_ONE_SECOND_FLOOR["mel_spectrograms"]
+    assert AudioTowerParams(min_seconds=1.0).key() == PINNED_AT_ONE_SECOND_FLOOR["audio_tower"]
+    # crop="start" was the only behaviour before: it stays out of the key; "centre" is a new key.
+    for params in (MelParams(), AudioTowerParams(), FrameParams(), FrameTowerParams()):
+        assert "crop" not in params.params() and type(params)(crop="centre").key() != params.key()

@@ -198,7 +198,7 @@ def test_bad_clips_are_quarantined_per_shard_and_a_shard_of_only_bad_clips_commi
     for n, name in enumerate(["a_good0", "a_good1", "a_good2", "c_good3", "c_good4"]):
         wav(name, rng.uniform(-0.5, 0.5, 16000 + 4000 * n))
     wav("b_silent", np.zeros(32000))
-    wav("b_short", rng.uniform(-0.5, 0.5, 8000))
+    wav("b_short", rng.uniform(-0.5, 0.5, 800))  # 0.05 s: under the 0.1 s floor
     (media / "b_garbage.wav").write_bytes(b"this is not audio at all" * 40)
     ids = ["a_good0", "a_good1", "a_good2", "b_garbage", "b_short", "b_silent", "c_good3", "c_good4"]
     jsonl = tmp_path / "wavs" / "clips.jsonl"
@@ -214,7 +214,7 @@ def test_bad_clips_are_quarantined_per_shard_and_a_shard_of_only_bad_clips_commi
     assert set(reasons) == {"b_garbage", "b_short", "b_silent"}
     assert all(shard == shards[1] for shard, _ in reasons.values())
     assert reasons["b_silent"][1].startswith("silent audio")
-    assert reasons["b_short"][1] == "audio too short: 0.50 s < 1 s"
+    assert reasons["b_short"][1] == "audio too short: 0.05 s < 0.1 s"
     assert reasons["b_garbage"][1].startswith("not a readable media file")
 
     table = store.read_arrays("demo", MEL_FEATURE, params.key())

@@ -13,6 +13,7 @@ import soundfile
 
 import stages.ingest.manifest as manifest_module
 from stages.ingest.manifest import ClipManifest, build_manifest, content_hash, load_manifest, save_manifest
+from stages.core.ids import safe_id
 from stages.ingest.sources import SourceConfig, read_source
 from stages.core.store import FeatureStore
 
@@ -162,28 +163,33 @@ def test_duplicates_and_unreadable_clips_are_quarantined_with_a_reason(wavs):
         {"id": "bad.id", "path": "media/c001.wav", "caption": "dot in the id"},
     ]
     manifest, delta = build_manifest("wav", wavs.list(IDS, extra), None, shard_size=4)
-    assert [c.id for c in manifest.clips] == IDS
+    derived = safe_id("bad.id")  # kept under a safe id, its original name beside it
+    assert derived.startswith("bad_id-") and manifest.index()[derived].name == "bad.id"
+    assert sorted(c.id for c in manifest.clips) == sorted(IDS + [derived])
     assert manifest.index()["c002"].uri == wavs.uri("c002")  # the first one seen wins
     reasons = {q["id"]: q["reason"] for q in manifest.quarantined}
-    assert set(reasons) == {"c002", "empty", "ghost", "bad.id"}
+    assert set(reasons) == {"c002", "empty", "ghost"}
     assert reasons["c002"].startswith("duplicate clip id") and wavs.uri("c002") in reasons["c002"]
     assert reasons["empty"] == "empty file (0 bytes)"
     assert reasons["ghost"] == "media file not found"
-    assert "not allowed" in reasons["bad.id"]
-    assert delta.added == IDS
+    assert delta.added == sorted(IDS + [derived])
+    # c001 and the derived clip are one file: same group, same split, and listed as duplicate media.
+    index = manifest.index()
+    assert index[derived].group == index["c001"].group and index[derived].split == index["c001"].split
+    assert manifest.metadata["duplicate_media"] == [sorted(["c001", derived])]
     # Quarantined clips survive a save/load round trip with their reasons.
     assert ClipManifest.from_jsonl(manifest.to_jsonl()).quarantined == manifest.quarantined
 
 
 def test_unchanged_stat_reuses_the_hash_without_reading(wavs, monkeypatch):
     reads: list[str] = []
-    real_read_bytes = manifest_module.read_bytes
+    real_hash = manifest_module.content_hash_of
 
-    def counting_read_bytes(uri, storage_options=None):
+    def counting_hash(uri, storage_options=None):
         reads.append(uri)
-        return real_read_bytes(uri, storage_options)
+        return real_hash(uri, storage_options)
 
-    monkeypatch.setattr(manifest_module, "read_bytes", counting_read_bytes)
+    monkeypatch.setattr(manifest_module, "content_hash_of", counting_hash)
     first, _ = build_manifest("wav", wavs.list(IDS), None, shard_size=4)
     assert sorted(reads) == sorted(wavs.uri(i) for i in IDS)
     assert all(c.stat for c in first.clips)

@@ -1,10 +1,12 @@
 """stages.ingest.sources: folder, AudioCaps CSV, VGGSound CSV and JSONL sources, with their bad rows."""
 
+import json
 import shutil
 
 import pytest
 
 from stages.ingest.manifest import build_manifest
+from stages.core.ids import safe_id
 from stages.ingest.sources import SourceConfig, SourceError, read_source
 from tests.fixtures.media import JSONL_BAD_LINES, JSONL_GOOD_LINES
 
@@ -44,23 +46,24 @@ def clip_folder(bad_media, tmp_path):
 
 def test_folder_ids_captions_labels(clip_folder):
     listing = read_source(SourceConfig(kind="folder", path=str(clip_folder), default_split="val"))
-    clips = [(c.id, c.uri, c.caption, c.label, c.split) for c in listing.clips]
+    clips = [(c.id, c.uri, c.caption, c.label, c.split, c.name) for c in listing.clips]
+    # Names that are not safe store names keep their clip under a derived id; safe ids stay as they are.
+    bad_name, dotted = safe_id("bad name"), safe_id("x.y")
+    assert bad_name.startswith("bad_name-") and dotted.startswith("x_y-")
     assert clips == [
-        ("deep__nested__clip", str(clip_folder / "deep/nested/clip.m4a"), "", "deep", "val"),
-        ("dog__bark_1", str(clip_folder / "dog/bark_1.wav"), "a dog barks twice", "dog", "val"),
-        ("dog__bark_2", str(clip_folder / "dog/bark_2.flac"), "", "dog", "val"),
-        ("top", str(clip_folder / "top.wav"), "", "", "val"),
+        (bad_name, str(clip_folder / "bad name.wav"), "", "", "val", "bad name.wav"),
+        ("deep__nested__clip", str(clip_folder / "deep/nested/clip.m4a"), "", "deep", "val", ""),
+        ("dog__bark_1", str(clip_folder / "dog/bark_1.wav"), "a dog barks twice", "dog", "val", ""),
+        ("dog__bark_2", str(clip_folder / "dog/bark_2.flac"), "", "dog", "val", ""),
+        ("top", str(clip_folder / "top.wav"), "", "", "val", ""),
+        (dotted, str(clip_folder / "x.y.wav"), "", "", "val", "x.y.wav"),
     ]
     for clip in listing.clips:
         size = (clip_folder / clip.uri).stat().st_size
         assert clip.stat.startswith(f"{size}:") and len(clip.stat) > len(f"{size}:")
 
     rejected = {r.source: (r.id, r.reason) for r in listing.rejected}
-    assert set(rejected) == {"bad name.wav", "x.y.wav", "cat/meow.mp4"}
-    assert rejected["bad name.wav"][0] == "bad name"
-    assert rejected["bad name.wav"][1].startswith("clip id 'bad name' is not allowed")
-    assert rejected["x.y.wav"][1].startswith("clip id 'x.y' is not allowed")
-    assert rejected["cat/meow.mp4"] == ("cat__meow", "caption file is not valid UTF-8")
+    assert rejected == {"cat/meow.mp4": ("cat__meow", "caption file is not valid UTF-8")}
 
 
 def test_folder_that_is_a_file_or_missing(clip_folder):
@@ -74,20 +77,21 @@ def test_folder_that_is_a_file_or_missing(clip_folder):
 def test_audiocaps_csv(bad_manifests):
     csv_path, media = bad_manifests["audiocaps_csv"], bad_manifests["audiocaps_media"]
     listing = read_source(SourceConfig(kind="audiocaps", path=str(csv_path), media_dir=str(media)))
-    assert [(c.id, c.uri, c.caption, c.split) for c in listing.clips] == [
-        ("101", str(media / "101.wav"), "media found by audiocap id", "train"),
-        ("102", str(media / "yt0002_40.wav"), "media found by youtube id and start", "train"),
-        ("103", str(media / "yt0003.wav"), "media found by youtube id alone", "train"),
-        ("106", str(media / "yt0006.mp4"), "a caption, with a comma", "train"),
-        ("101", str(media / "101.wav"), "duplicate of 101", "train"),  # the manifest quarantines it
+    assert [(c.id, c.uri, c.caption, c.split, c.start, c.end, c.group) for c in listing.clips] == [
+        ("101", str(media / "101.wav"), "media found by audiocap id", "train", 0.0, 0.0, "youtube:yt0001"),
+        ("102", str(media / "yt0002_40.wav"), "media found by youtube id and start", "train", 0.0, 0.0, "youtube:yt0002"),
+        # The uncut video: decoded from start_time for one 10 s segment.
+        ("103", str(media / "yt0003.wav"), "media found by youtube id alone", "train", 50.0, 60.0, "youtube:yt0003"),
+        ("106", str(media / "yt0006.mp4"), "a caption, with a comma", "train", 80.0, 90.0, "youtube:yt0006"),
     ]
+    # Every row of one (youtube_id, start_time) is one clip with all its captions, the first row's id.
+    assert listing.clips[0].captions == ("media found by audiocap id", "unsafe id", "dotted id", "duplicate of 101")
+    assert all(c.captions == () for c in listing.clips[1:])
     rejected = rejected_by_line(listing)
     assert rejected["line 5"] == ("104", "empty caption")
     assert rejected["line 6"] == ("105", "media file not found")
-    assert rejected["line 7"][0] == "../evil" and "not allowed" in rejected["line 7"][1]
-    assert rejected["line 8"][0] == "x.y" and "not allowed" in rejected["line 8"][1]
     assert rejected["line 10"][0] == "107" and "UTF-8" in rejected["line 10"][1]
-    assert len(rejected) == 5
+    assert len(rejected) == 3
 
 
 @pytest.mark.parametrize(
@@ -117,18 +121,22 @@ def test_vggsound_csv(bad_manifests):
     csv_path = bad_manifests["vggsound_csv"]
     folder = csv_path.parent
     listing = read_source(SourceConfig(kind="vggsound", path=str(csv_path)))
-    assert [(c.id, c.uri, c.label, c.caption, c.split) for c in listing.clips] == [
-        ("-0BIyqJj9ZU_000030", str(folder / "-0BIyqJj9ZU_000030.mp4"), "dog barking", "dog barking", "train"),
-        ("abcdefghijk_000005", str(folder / "abcdefghijk_5.wav"), "cat meowing", "cat meowing", "test"),
-        ("-0BIyqJj9ZU_000040", str(folder / "-0BIyqJj9ZU_000040.flac"), "speech, crowd", "speech, crowd", "train"),
-        ("-0BIyqJj9ZU_000030", str(folder / "-0BIyqJj9ZU_000030.mp4"), "dog barking", "dog barking", "train"),
+    assert [(c.id, c.uri, c.label, c.caption, c.split, c.group) for c in listing.clips] == [
+        ("-0BIyqJj9ZU_000030", str(folder / "-0BIyqJj9ZU_000030.mp4"), "dog barking", "dog barking", "train",
+         "youtube:-0BIyqJj9ZU"),
+        ("abcdefghijk_000005", str(folder / "abcdefghijk_5.wav"), "cat meowing", "cat meowing", "test",
+         "youtube:abcdefghijk"),
+        ("-0BIyqJj9ZU_000040", str(folder / "-0BIyqJj9ZU_000040.flac"), "speech, crowd", "speech, crowd", "train",
+         "youtube:-0BIyqJj9ZU"),
+        ("-0BIyqJj9ZU_000030", str(folder / "-0BIyqJj9ZU_000030.mp4"), "dog barking", "dog barking", "train",
+         "youtube:-0BIyqJj9ZU"),
     ]
     rejected = rejected_by_line(listing)
     assert rejected["line 3"] == ("noMedia0000_000012", "media file not found")
     assert rejected["line 4"] == ("badstart000", "start_seconds 'soon' is not a number")
     assert rejected["line 5"] == ("infstart000", "start_seconds 'inf' is not a number")
     assert rejected["line 6"] == ("short", "expected 4 columns, found 2")
-    assert rejected["line 7"][0] == "../evil_000000" and "not allowed" in rejected["line 7"][1]
+    assert rejected["line 7"] == (safe_id("../evil_000000"), "media file not found")  # a safe id, no media
     assert rejected["line 9"][0] == "latin1label" and "UTF-8" in rejected["line 9"][1]
     assert len(rejected) == 6
 
@@ -139,14 +147,14 @@ def test_vggsound_csv(bad_manifests):
 JSONL_REASONS = {
     "non_utf8_caption": ("latin1_caption", "not valid UTF-8"),
     "duplicate_id": None,  # a valid row: build_manifest quarantines it
-    "id_dotdot": ("../evil", "clip id '../evil' is not allowed"),
-    "id_slash": ("a/b", "clip id 'a/b' is not allowed"),
-    "id_dot": ("x.y", "clip id 'x.y' is not allowed"),
-    "id_empty": ("", "clip id '' is not allowed"),
-    "id_null": ("", "id must be a string, got null"),
-    "id_newline": ("abc\n", "clip id 'abc\\n' is not allowed"),
-    "path_dotdot": ("passwd", "media path '../../etc/passwd' could escape its folder: use a relative path"),
-    "path_absolute": ("absolute", "media path '/abs/file.mp4' could escape its folder: use a relative path"),
+    "id_dotdot": None,  # unsafe ids keep their row under a derived safe id (below)
+    "id_slash": None,
+    "id_dot": None,
+    "id_empty": ("", "id must be a non-empty string"),
+    "id_null": ("", "id must be a non-empty string, got null"),
+    "id_newline": None,
+    "path_dotdot": ("passwd", "media file not found"),  # '..' and absolute paths are normal paths
+    "path_absolute": ("absolute", "media file not found"),
     "invalid_json": ("", "not valid JSON"),
     "missing_media": ("ghost", "media file not found"),
 }
@@ -156,11 +164,16 @@ def test_jsonl_rows_and_rejections(bad_manifests):
     jsonl = bad_manifests["jsonl"]
     media = jsonl.parent / "media"
     listing = read_source(SourceConfig(kind="jsonl", path=str(jsonl)))
-    assert [(c.id, c.uri, c.caption, c.label, c.split) for c in listing.clips] == [
-        ("good_a", str(media / "a.wav"), "a tone", "tone", "val"),
-        ("dup", str(media / "a.wav"), "first row with id dup", "", "train"),
-        ("utf8_caption", str(media / "b.wav"), "caf\u00e9 cr\u00e8me", "", "train"),  # "./media/b.wav"
-        ("dup", str(media / "b.wav"), "second row with id dup", "", "train"),
+    a, b = str(media / "a.wav"), str(media / "b.wav")
+    assert [(c.id, c.uri, c.caption, c.label, c.split, c.name) for c in listing.clips] == [
+        ("good_a", a, "a tone", "tone", "val", ""),
+        ("dup", a, "first row with id dup", "", "", ""),  # "": no split given, the manifest assigns one
+        ("utf8_caption", b, "caf\u00e9 cr\u00e8me", "", "", ""),  # "./media/b.wav"
+        ("dup", b, "second row with id dup", "", "", ""),
+        (safe_id("../evil"), a, "escape", "", "", "../evil"),
+        (safe_id("a/b"), a, "slash", "", "", "a/b"),
+        (safe_id("x.y"), a, "dot", "", "", "x.y"),
+        (safe_id("abc\n"), a, "id ends with a newline", "", "", "abc\\n"),
     ]
     assert set(JSONL_REASONS) == set(JSONL_BAD_LINES)
     rejected = rejected_by_line(listing)
@@ -176,11 +189,27 @@ def test_jsonl_rows_and_rejections(bad_manifests):
     assert set(rejected) == expected_lines
 
 
-@pytest.mark.parametrize("problem", ["path_dotdot", "path_absolute"])
-def test_jsonl_escaping_paths_name_the_problem(bad_manifests, problem):
-    listing = read_source(SourceConfig(kind="jsonl", path=str(bad_manifests["jsonl"])))
-    (reason,) = [r.reason for r in listing.rejected if r.id == JSONL_REASONS[problem][0]]
-    assert "escape" in reason and "relative" in reason
+def test_jsonl_absolute_and_parent_paths_are_normal_and_confinement_refuses_them(bad_media, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(bad_media["good_wav"], elsewhere / "x.wav")
+    root = tmp_path / "set"
+    (root / "media").mkdir(parents=True)
+    shutil.copy(bad_media["good_wav"], root / "media" / "y.wav")
+    rows = [{"id": "abs", "path": str(elsewhere / "x.wav")}, {"id": "up", "path": "../elsewhere/x.wav"},
+            {"id": "in", "path": "media/y.wav"}]
+    jsonl = root / "clips.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    listing = read_source(SourceConfig(kind="jsonl", path=str(jsonl)))
+    assert [(c.id, c.uri) for c in listing.clips] == [
+        ("abs", str(elsewhere / "x.wav")), ("up", str(elsewhere / "x.wav")), ("in", str(root / "media" / "y.wav"))]
+    assert listing.rejected == []
+    confined = read_source(SourceConfig(kind="jsonl", path=str(jsonl), confine_to_root=True))
+    assert [c.id for c in confined.clips] == ["in"]
+    assert {r.id: r.reason for r in confined.rejected} == {
+        "abs": f"media path {str(elsewhere / 'x.wav')!r} leaves the source root (confine_to_root)",
+        "up": "media path '../elsewhere/x.wav' leaves the source root (confine_to_root)",
+    }
 
 
 def test_jsonl_paths_are_relative_to_the_jsonl_not_the_cwd(bad_manifests, tmp_path, monkeypatch):
@@ -205,8 +234,7 @@ def test_jsonl_paths_are_relative_to_the_jsonl_not_the_cwd(bad_manifests, tmp_pa
 
 @pytest.mark.parametrize(
     "kind,duplicate,kept_caption",
-    [("jsonl", "dup", "first row with id dup"), ("audiocaps", "101", "media found by audiocap id"),
-     ("vggsound", "-0BIyqJj9ZU_000030", "dog barking")],
+    [("jsonl", "dup", "first row with id dup"), ("vggsound", "-0BIyqJj9ZU_000030", "dog barking")],
 )
 def test_duplicate_ids_keep_the_first_row(bad_manifests, kind, duplicate, kept_caption):
     config = {
