@@ -13,6 +13,7 @@ from stages.core import tables
 from stages.embeddings import heads
 from stages.embeddings import retrieval as head_retrieval
 from stages.embeddings.spaces import SkippedSpace, space_of_head
+from stages.evaluation.duplicates import find_duplicates
 from stages.core.refs import FeatureRef, HeadRef, ManifestRef
 from stages.features.base import registered_feature
 from stages.ingest.manifest import load_manifest
@@ -167,11 +168,12 @@ class RetrievalConfig(Config):
     seed: int = Field(default=0, description="Seed of the random-embedding and untrained-head baselines.")
 
 
-RETRIEVAL_COLUMNS = ["direction", "method", "R@1", "R@5", "R@10", "mean_rank", "median_rank", "n"]
+RETRIEVAL_COLUMNS = ["direction", "method", "R@1", "R@5", "R@10", "dup-aware R@1", "dup-aware R@5", "dup-aware R@10",
+                     "mean_rank", "median_rank", "n", "gallery"]
 
 
-@dataset_asset(group="embeddings", kinds=("csv",), description="Retrieval R@1/5/10, mean/median rank for T->A, A->T, V->A, A->V on a held-out split, next to baselines.",
-       code_version="retrieval_evaluation-1")
+@dataset_asset(group="embeddings", kinds=("csv",), description="Retrieval R@1/5/10 (and duplicate-aware R@k), mean/median rank for T->A, A->T, V->A, A->V on a held-out split, next to baselines; duplicate media and shared captions reported.",
+       code_version="retrieval_evaluation-2")
 def retrieval_evaluation(
     context: AssetExecutionContext,
     config: RetrievalConfig,
@@ -196,12 +198,18 @@ def retrieval_evaluation(
         raise Failure(f"retrieval evaluation: {exc}") from None
     rows += [space.row(RETRIEVAL_COLUMNS) for space in skipped]
     inputs = [getattr(ref, "key", "") or f"skipped:{ref.reason}" for ref in (clap_embeddings, cavp_embeddings)]
-    key = feature_key("retrieval_evaluation", config.model_dump(), "1", inputs)
+    key = feature_key("retrieval_evaluation", config.model_dump(), "2", inputs)
+    everywhere = find_duplicates(manifest.clips, getattr(manifest, "metadata", None))
+    in_split = find_duplicates([c for c in manifest.clips if c.split == config.split])
     csv_path = posixpath.join(store.path(manifest.dataset, "evaluations", "retrieval"), f"{key}.csv")
     store.write_bytes(csv_path, tables.rows_to_csv(rows).encode())
     table = tables.rows_to_markdown(rows, RETRIEVAL_COLUMNS)
-    context.log.info(f"retrieval on split {config.split!r}:\n{table}\nCSV: {store.url(csv_path)}")
-    metadata = {"table": MetadataValue.md(table), "csv": MetadataValue.path(store.url(csv_path)), "split": config.split}
+    context.log.info(f"retrieval on split {config.split!r}:\n{table}\nCSV: {store.url(csv_path)}\n"
+                     f"duplicates: {everywhere.summary()} (split {config.split!r}: {in_split.summary()})")
+    metadata = {"table": MetadataValue.md(table), "csv": MetadataValue.path(store.url(csv_path)), "split": config.split,
+                "duplicates": everywhere.summary(), "duplicates_in_split": in_split.summary(),
+                "duplicate_media": len(everywhere.media), "shared_captions": len(everywhere.texts),
+                "duplicates_table": MetadataValue.md(everywhere.markdown())}
     for row in rows:
         if row["method"] == "trained":
             metadata[f"{row['direction']} R@1"] = MetadataValue.float(round(row["R@1"], 2))

@@ -1,6 +1,7 @@
 """Datasets with one modality missing run the train_diffgap chain on the space they have: the
 other space's head says once why it is skipped, and every table has one row saying so."""
 
+import csv
 import logging
 
 from dagster import DagsterInstance
@@ -39,11 +40,22 @@ def _assert_half(result, warnings, present: tuple[str, str], absent: tuple[str, 
 
 
 def test_audio_only_dataset_runs_the_text_audio_half(demo_dataset, tmp_path):
-    jsonl = write_audio_only(demo_dataset, tmp_path / "audio_only")
+    # A test clip's WAV again under another id (its caption too), as scraped datasets have.
+    jsonl = write_audio_only(demo_dataset, tmp_path / "audio_only", duplicate_of={"copy_of_000001": "demo_000001"})
     result, warnings = _run(jsonl, tmp_path, "audio_only")
     _assert_half(result, warnings, ("T->A", "A->T"), ("V->A", "A->V"), "cavp_head", "no clip has video")
     assert materialization_metadata(result, "diffgap_clap")["status"] == "trained"
     assert "skipped" in materialization_metadata(result, "diffgap_cavp")
+
+    retrieval = materialization_metadata(result, "retrieval_evaluation")
+    assert retrieval["duplicate_media"] == 1 and retrieval["shared_captions"] == 1
+    assert retrieval["duplicates_in_split"] == "1 byte-identical media groups (2 clips); 1 captions shared by 2 clips"
+    assert "copy_of_000001, demo_000001" in retrieval["duplicates_table"]
+    with open(retrieval["csv"]) as f:
+        rows = [row for row in csv.DictReader(f) if row["R@1"]]
+    assert {row["direction"] for row in rows} == {"T->A", "A->T"}
+    for row in rows:  # the aware R@k sits beside the standard one and never below it
+        assert all(float(row[f"dup-aware R@{k}"]) >= float(row[f"R@{k}"]) for k in (1, 5, 10)), row
 
 
 def test_video_without_captions_runs_the_video_audio_half(demo_dataset, tmp_path):
@@ -51,3 +63,5 @@ def test_video_without_captions_runs_the_video_audio_half(demo_dataset, tmp_path
     result, warnings = _run(jsonl, tmp_path, "no_captions")
     _assert_half(result, warnings, ("V->A", "A->V"), ("T->A", "A->T"), "clap_head", "no clip has a caption or label")
     assert materialization_metadata(result, "diffgap_cavp")["status"] == "trained"
+    retrieval = materialization_metadata(result, "retrieval_evaluation")
+    assert retrieval["duplicate_media"] == 0 and retrieval["shared_captions"] == 0
