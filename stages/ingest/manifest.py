@@ -102,7 +102,7 @@ class Clip:
 
 
 _OPTIONAL_FIELDS = ("captions", "group", "start", "end", "name")
-_DEFAULTS = {"captions": [], "group": "", "start": 0.0, "end": 0.0, "name": ""}
+_DEFAULTS = {"captions": (), "group": "", "start": 0.0, "end": 0.0, "name": ""}
 
 
 def _json_line(row: dict) -> str:
@@ -179,8 +179,10 @@ def shard_fingerprint(clips: list[Clip]) -> str:
 
 
 def _extra(clip: Clip) -> list:
-    extra = {k: v for k, v in (("start", clip.start), ("end", clip.end), ("captions", list(clip.captions)))
+    extra = {k: v for k, v in (("start", clip.start), ("end", clip.end), ("captions", clip.captions))
              if v != _DEFAULTS[k]}
+    if "captions" in extra:
+        extra["captions"] = list(extra["captions"])
     return [extra] if extra else []
 
 

@@ -120,7 +120,7 @@ class MediaScan:
     def why_empty(self) -> str:
         if not self.files:
             return "it holds no files"
-        kinds = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common(6))
+        kinds = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items(), key=lambda t: (-t[1], t[0]))[:6])
         return f"of its {self.files} files none is media ({kinds})"
 
 
