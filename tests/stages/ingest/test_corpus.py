@@ -257,3 +257,55 @@ def test_the_shard_driver_quarantines_rows_with_non_finite_values(tmp_path):
                                   {"id": "c", "reason": "non-finite values in x"}]
     table = store.read_arrays("p", "probe", "k1")
     assert table.clip_ids == ["a"] and table.arrays["n"].tolist() == [0]
+
+
+class CountingFile:
+    """A file object that counts the bytes read through it."""
+
+    def __init__(self, path):
+        self.handle, self.read_bytes = open(path, "rb"), 0
+
+    def read(self, n=-1):
+        data = self.handle.read(n)
+        self.read_bytes += len(data)
+        return data
+
+    def readinto(self, buffer):
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset, whence=0):
+        return self.handle.seek(offset, whence)
+
+    def tell(self):
+        return self.handle.tell()
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+
+@pytest.mark.parametrize("fmt", ["flac", "m4a"])
+def test_a_long_file_is_read_only_as_far_as_the_clip_needs(tmp_path, fmt):
+    import soundfile
+
+    from stages.ingest.decode import decode_audio
+    from tests.fixtures.corpus import write_media
+
+    path = tmp_path / f"long.{fmt}"
+    if fmt == "flac":
+        rng = np.random.default_rng(0)
+        soundfile.write(path, (0.3 * rng.standard_normal(120 * 16000)).astype(np.float32), 16000)  # 2 min of noise
+    else:
+        write_media(path, "mp4", None, "aac", seconds=120.0, rate=16000)
+    size = path.stat().st_size
+    handle = CountingFile(path)
+    samples, rate = decode_audio(handle, str(path), seconds=4.0)
+    assert len(samples) == 4 * rate
+    assert handle.read_bytes < 0.2 * size, f"read {handle.read_bytes} of {size} bytes for 4 s of 120 s"
+    late = CountingFile(path)
+    samples, rate = decode_audio(late, str(path), span=(100.0, 0.0), seconds=4.0)  # seek, not decode 100 s
+    assert len(samples) == 4 * rate and late.read_bytes < 0.2 * size
