@@ -73,7 +73,8 @@ def test_changing_the_preset_builds_a_new_key_beside_the_old(demo_source, tmp_pa
     store = FeatureStore(str(tmp_path))
     assert store.read_arrays("demo", "mel_spectrograms", old_key).arrays["mel"].shape[1] == 80
     assert store.read_arrays("demo", "mel_spectrograms", new["feature_key"]).arrays["mel"].shape[1] == 64
-    assert store.read_arrays("demo", "audio_images").arrays["image"].shape[1:] == (32, 32, 3)
+    images_key = materialization_metadata(second, "audio_images")["feature_key"]
+    assert store.read_arrays("demo", "audio_images", images_key).arrays["image"].shape[1:] == (32, 32, 3)
     assert {e["feature_key"] for e in store.catalog("demo", "mel_spectrograms")} == {old_key, new["feature_key"]}
 
 
