@@ -12,11 +12,11 @@ loudly instead of computing one dataset's features into another. ``feature_asset
 per-shard feature asset (and its standard check) from a registered ShardFeature.
 """
 
+import base64
 import functools
 import warnings
+from collections import Counter
 from typing import Any, Callable
-
-import base64
 
 import numpy as np
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetExecutionContext, AssetIn, DataVersion, Failure,
@@ -131,7 +131,17 @@ def _run_metadata(store: FeatureStore, run: feature_base.FeatureRun) -> dict:
         "throughput_clips_per_s": MetadataValue.float(round(run.clips_per_second, 2)),
         "seconds": MetadataValue.float(round(run.seconds, 3)),
         "quarantine": MetadataValue.md(quarantine_markdown(run.quarantined)),
+        "shards_retired": len(run.retired),
     }
+
+
+def quarantine_summary(quarantined: list[dict]) -> str:
+    """'3 quarantined: 2 audio too short ..., 1 no audio stream' (reasons by count), '' for none."""
+    counts = Counter(q.get("reason", "") for q in quarantined)
+    if not counts:
+        return ""
+    return f"{len(quarantined)} quarantined: " + ", ".join(f"{n} {reason}" for reason, n in counts.most_common(5)) + (
+        f", and {len(counts) - 5} other reasons" if len(counts) > 5 else "")
 
 
 def compute_feature(
@@ -145,7 +155,10 @@ def compute_feature(
     run = feature_base.run_feature(store, manifest, feature.name, key, params, feature.code_version, feature.compute_shard,
                                    _LazyExecutor(compute), input_keys=input_keys, device=device,
                                    worker_threads=compute.worker_threads)
-    context.log.info(f"{feature.name} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards")
+    for line in run.retired:
+        context.log.warning(f"{feature.name} {run.key}: shard {line}; retired and computed again")
+    context.log.info(f"{feature.name} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards"
+                     + (f"; {quarantine_summary(run.quarantined)}" if run.quarantined else ""))
     ref = refs.FeatureRef(dataset, feature.name, run.key, manifest_digest, tuple(run.shards))
     return run, ref, _run_metadata(store, run)
 
@@ -167,11 +180,14 @@ class _LazyExecutor:
 
 
 def check_feature(store: FeatureStore, ref: refs.FeatureRef, name: str, expected_shape) -> AssetCheckResult:
-    """Shapes, finiteness, and rows + quarantined == clips of the manifest, shard by shard."""
+    """Every shard verifies against its manifest (checksums), shapes, finiteness, and rows +
+    quarantined == clips of the manifest, shard by shard."""
     manifest = load_manifest(store, ref.dataset, ref.manifest_digest)
     by_shard = manifest.by_shard()
     problems, rows, quarantined = [], 0, 0
-    for shard in ref.shards:
+    damaged = [c for c in store.verify_shards(ref.dataset, ref.feature, ref.key, ref.shards) if not c.ok]
+    problems += [f"{c.shard}: {'; '.join(c.problems)}" for c in damaged]
+    for shard in sorted(set(ref.shards) - {c.shard for c in damaged}):
         committed = store.shard_manifest(ref.dataset, ref.feature, ref.key, shard)
         table = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=[shard], names=[name])
         rows += len(table)
@@ -188,7 +204,7 @@ def check_feature(store: FeatureStore, ref: refs.FeatureRef, name: str, expected
     return AssetCheckResult(
         passed=not problems,
         severity=AssetCheckSeverity.ERROR,
-        description="; ".join(problems[:10]) or "shapes, finiteness and row counts match the clip manifest",
+        description="; ".join(problems[:10]) or "checksums, shapes, finiteness and row counts match the clip manifest",
         metadata={"rows": rows, "quarantined": quarantined, "clips_in_manifest": len(manifest.clips), "problems": len(problems)},
     )
 

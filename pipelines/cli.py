@@ -1,6 +1,9 @@
 """`xmodal`: the project's one command line (the feature store, datasets, quarantine, features, generation).
 
     xmodal store ls [--dataset D] [--feature F]            the catalog as a table
+    xmodal store verify [--dataset D] [--feature F] [--full] [--repair]
+                                                           check shards against their manifests
+    xmodal store gc [--dataset D] [--grace-seconds S]      remove files of attempts that never committed
     xmodal dataset add NAME --kind KIND --path PATH [...]  register a source (+ its Dagster partition)
     xmodal dataset ls                                      registered datasets
     xmodal quarantine DATASET [--feature F] [--key K]      quarantined clips with their reasons
@@ -94,6 +97,48 @@ def cmd_store_ls(args: argparse.Namespace) -> int:
 
     _check_names(dataset=args.dataset, feature=args.feature)
     print(catalog_table(open_store(args.root).catalog(dataset=args.dataset, feature=args.feature)))
+    return 0
+
+
+def _feature_keys_in_store(store, dataset: str | None, feature: str | None) -> list[tuple[str, str, str]]:
+    """Stored keys of per-shard features (other folders hold checkpoints, not shards)."""
+    from stages.features.base import all_features
+
+    shard_features = {f.name for f in all_features().values()}
+    return [k for k in store.stored_keys(dataset, feature) if k[1] in shard_features]
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from stages.features.base import recompute_key
+
+    _check_names(dataset=args.dataset, feature=args.feature)
+    store = open_store(args.root)
+    checked = damaged = retired = 0
+    for dataset, feature, key in _feature_keys_in_store(store, args.dataset, args.feature):
+        checks = store.verify_shards(dataset, feature, key, full=args.full, repair=args.repair)
+        checked += len(checks)
+        for check in checks:
+            if not check.ok:
+                damaged += 1
+                retired += check.retired
+                print(check.line())
+        if args.repair and any(c.retired for c in checks):
+            run = recompute_key(store, dataset, feature, key)
+            print(f"recomputed {dataset}/{feature}/{key}: {run.shards_new} shards")
+    verb = "verified" if args.full else "verified (unchanged shards skipped; --full reads all)"
+    print(f"{checked} shards {verb}: {damaged} damaged" + (f", {retired} retired and recomputed" if args.repair else ""))
+    return 1 if damaged and not args.repair else 0
+
+
+def cmd_store_gc(args: argparse.Namespace) -> int:
+    _check_names(dataset=args.dataset)
+    store = open_store(args.root)
+    removed = []
+    for dataset, feature, key in _feature_keys_in_store(store, args.dataset, None):
+        removed += store.collect_garbage(dataset, feature, key, grace_seconds=args.grace_seconds)
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} files of uncommitted attempts removed")
     return 0
 
 
@@ -343,6 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--dataset", default=None, help="only this dataset")
     ls.add_argument("--feature", default=None, help="only this feature")
     ls.set_defaults(handler=cmd_store_ls)
+    verify = store_commands.add_parser(
+        "verify", parents=[root], help="check shards against their manifests; --repair retires and recomputes",
+        description="Read every shard whose files changed since they last verified (all with --full) and check "
+                    "each array and tar against the manifest's sha256. --repair retires a damaged shard and "
+                    "recomputes it with the params its catalog entry records. Exit 1 when damage is left.")
+    verify.add_argument("--dataset", default=None, help="only this dataset")
+    verify.add_argument("--feature", default=None, help="only this feature")
+    verify.add_argument("--full", action="store_true", help="read every shard, changed or not")
+    verify.add_argument("--repair", action="store_true", help="retire damaged shards and recompute them")
+    verify.set_defaults(handler=cmd_store_verify)
+    gc = store_commands.add_parser("gc", parents=[root], help="remove files of attempts that never committed",
+                                   description="Remove the tar/zarr files of writers that died or lost a race, "
+                                               "once older than the grace period. Committed shards are never touched.")
+    gc.add_argument("--dataset", default=None, help="only this dataset")
+    gc.add_argument("--grace-seconds", type=float, default=3600.0,
+                    help="leave attempts younger than this (a writer may still be running); default 3600")
+    gc.set_defaults(handler=cmd_store_gc)
 
     dataset = commands.add_parser("dataset", help="register and list datasets")
     dataset_commands = dataset.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND", required=True)

@@ -55,7 +55,7 @@ import fsspec
 import numpy as np
 
 from stages.core.errors import XmodalError
-from stages.core.ids import check_name
+from stages.core.ids import check_name, is_safe_name
 
 # 2: shard data under per-attempt names that the manifest records (files.tar.path, files.zarr.path);
 # 1: data at <shard>.tar / <shard>.zarr. Readers take both.
@@ -809,6 +809,34 @@ class FeatureStore:
         pipeline.feature_key, pipeline.manifest, pipeline.shards = key, version, list(shard_list)
         return pipeline
 
+    def quarantined(self, dataset: str, feature: str, key: str | None = None, *,
+                    manifest: str | None = None) -> list[dict]:
+        """The clips of a snapshot (see read_arrays) that this feature quarantined, each
+        ``{"id", "reason", "shard"}``; the clip manifest's own rejections are in its header."""
+        key, shard_list, _ = self._read_plan(dataset, feature, key, None, manifest)
+        return [dict(q, shard=shard) for shard in shard_list
+                for q in self.shard_manifest(dataset, feature, key, shard).get("quarantined", [])]
+
+    def stored_keys(self, dataset: str | None = None, feature: str | None = None) -> list[tuple[str, str, str]]:
+        """(dataset, feature, key) of every key folder in the store, catalogued or not."""
+        def folders(path: str) -> list[str]:
+            try:
+                entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return []
+            names = [posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"]
+            return sorted(n for n in names if is_safe_name(n) and not n.startswith("_"))
+
+        found = []
+        for ds in [check_name(dataset, "dataset")] if dataset else folders(self.root):
+            if ds == "catalog":
+                continue
+            for feat in [check_name(feature, "feature")] if feature else folders(self.path(ds)):
+                if feat == "clip_manifest":
+                    continue
+                found += [(ds, feat, key) for key in folders(self.path(ds, feat))]
+        return found
+
     # ---- catalog -----------------------------------------------------------------------------
     def update_catalog(
         self,
@@ -827,7 +855,12 @@ class FeatureStore:
         committed shard of the key (older manifests' shards stay readable).
         """
         committed = self.committed_shards(dataset, feature, key)
-        manifests = [self.shard_manifest(dataset, feature, key, s) for s in committed]
+        manifests = []
+        for shard in committed:
+            try:
+                manifests.append(self.shard_manifest(dataset, feature, key, shard))
+            except ShardCorruptError:  # counted once repaired; verify_shards names it
+                pass
         entry = {
             "format": STORE_FORMAT,
             "dataset": dataset,

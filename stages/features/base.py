@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
 
 
-from stages.ingest.manifest import ClipManifest
-from stages.core.parallel import Executor
-from stages.core.store import FeatureStore
+from stages.ingest.manifest import ClipManifest, load_manifest
+from stages.core.parallel import Executor, InProcessExecutor
+from stages.core.store import FeatureStore, StoreError
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,8 @@ class FeatureRun:
     clips_computed: int = 0
     seconds: float = 0.0
     shards: list[str] = field(default_factory=list)
+    # Shards of this key found damaged (missing or mismatched files) and recomputed: "shard: why".
+    retired: list[str] = field(default_factory=list)
 
     @property
     def clips_per_second(self) -> float:
@@ -331,8 +333,16 @@ def run_feature(
     device: str = "cpu",
     worker_threads: int = 0,
 ) -> FeatureRun:
-    """Compute the missing shards of one feature key in parallel, then update the catalog."""
+    """Compute the missing shards of one feature key in parallel, then update the catalog.
+
+    Shards already committed are verified first (a full read only for those whose files changed
+    since they last verified); a damaged one is retired and computed again with the missing ones.
+    """
     start = time.perf_counter()
+    shard_names = sorted(manifest.by_shard())
+    checks = store.verify_shards(manifest.dataset, feature, key, shard_names, repair=True)
+    retired = [f"{c.shard}: {'; '.join(c.problems)}" for c in checks if c.retired]
+    store.collect_garbage(manifest.dataset, feature, key)
     jobs, reused = shard_jobs(store, manifest, feature, key, params, code_version, input_keys, device, worker_threads)
     results: list[ShardResult] = executor.map(compute, jobs)
     for shard in reused:
@@ -357,4 +367,20 @@ def run_feature(
         clips_computed=sum(r.rows + len(r.quarantined) for r in results if r.computed),
         seconds=elapsed,
         shards=shards,
+        retired=retired,
     )
+
+
+def recompute_key(store: FeatureStore, dataset: str, feature: str, key: str, executor: Executor | None = None) -> FeatureRun:
+    """Compute the shards one stored key lacks for the dataset's current clip manifest, with the
+    params its catalog entry records (``xmodal store verify --repair`` after retiring damage)."""
+    entries = [e for e in store.catalog(dataset, feature) if e["feature_key"] == key]
+    manifest = load_manifest(store, dataset)
+    if not entries or manifest is None:
+        raise StoreError(f"cannot recompute {dataset}/{feature}/{key}: "
+                         f"{'no catalog entry' if not entries else 'no clip manifest'}; run its Dagster job instead")
+    entry = entries[0]
+    implementation = registered_feature(feature)
+    return run_feature(store, manifest, feature, key, entry["params"], entry["code_version"],
+                       implementation.compute_shard, executor or InProcessExecutor(),
+                       input_keys=tuple(entry.get("input_keys", ())))
