@@ -43,7 +43,8 @@ class Duplicates:
 
 def find_duplicates(clips, metadata: dict | None = None) -> Duplicates:
     """Byte-identical media (same content hash, different ids) and texts shared by several clips.
-    A clip manifest's own counts (``metadata["duplicate_media"]`` / ``["shared_captions"]``) win."""
+    A clip manifest's ``metadata["duplicate_media"]`` wins; shared texts are always counted here:
+    the manifest lists only its most used captions, and labels stand in for missing captions."""
     metadata = metadata or {}
     media = metadata.get("duplicate_media")
     if media is None:
@@ -51,10 +52,8 @@ def find_duplicates(clips, metadata: dict | None = None) -> Duplicates:
         for clip in clips:
             groups.setdefault(clip.content_hash, []).append(clip.id)
         media = [sorted(ids) for ids in groups.values() if len(ids) > 1]
-    texts = metadata.get("shared_captions")
-    if texts is None:
-        counts = Counter(text for clip in clips for text in set(clip_texts(clip)))
-        texts = {text: n for text, n in counts.items() if n > 1}
+    counts = Counter(text for clip in clips for text in set(clip_texts(clip)))
+    texts = {text: n for text, n in counts.items() if n > 1}
     return Duplicates(sorted(sorted(group) for group in media), dict(texts))
 
 

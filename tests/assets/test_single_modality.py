@@ -40,20 +40,24 @@ def _assert_half(result, warnings, present: tuple[str, str], absent: tuple[str, 
 
 
 def test_audio_only_dataset_runs_the_text_audio_half(demo_dataset, tmp_path):
-    # A test clip's WAV again under another id (its caption too), as scraped datasets have.
-    jsonl = write_audio_only(demo_dataset, tmp_path / "audio_only", duplicate_of={"copy_of_000001": "demo_000001"})
+    # Two captions per clip; a test clip's WAV again under another id (its captions too), as scraped datasets have.
+    jsonl = write_audio_only(demo_dataset, tmp_path / "audio_only", duplicate_of={"copy_of_000001": "demo_000001"},
+                             two_captions=True)
     result, warnings = _run(jsonl, tmp_path, "audio_only")
     _assert_half(result, warnings, ("T->A", "A->T"), ("V->A", "A->V"), "cavp_head", "no clip has video")
     assert materialization_metadata(result, "diffgap_clap")["status"] == "trained"
     assert "skipped" in materialization_metadata(result, "diffgap_cavp")
 
     retrieval = materialization_metadata(result, "retrieval_evaluation")
-    assert retrieval["duplicate_media"] == 1 and retrieval["shared_captions"] == 1
-    assert retrieval["duplicates_in_split"] == "1 byte-identical media groups (2 clips); 1 captions shared by 2 clips"
+    assert retrieval["duplicate_media"] == 1 and retrieval["shared_captions"] == 2
+    assert retrieval["duplicates_in_split"] == "1 byte-identical media groups (2 clips); 2 captions shared by 4 clips"
     assert "copy_of_000001, demo_000001" in retrieval["duplicates_table"]
     with open(retrieval["csv"]) as f:
         rows = [row for row in csv.DictReader(f) if row["R@1"]]
     assert {row["direction"] for row in rows} == {"T->A", "A->T"}
+    for row in rows:  # every caption a T->A query over the clips' audio; one A->T query per clip
+        captions, audios = (row["n"], row["gallery"]) if row["direction"] == "T->A" else (row["gallery"], row["n"])
+        assert int(captions) == 2 * int(audios), row
     for row in rows:  # the aware R@k sits beside the standard one and never below it
         assert all(float(row[f"dup-aware R@{k}"]) >= float(row[f"R@{k}"]) for k in (1, 5, 10)), row
 

@@ -40,6 +40,12 @@ def test_several_captions_per_clip_follow_the_audiocaps_protocol():
     assert a2t["R@1"] == 50.0 and a2t["n"] == 2
 
 
+def test_every_caption_of_a_clip_is_a_text():
+    clip = Clip("c0", "m/0.wav", "h", "s000000", caption="one", captions=("one", " two  words"), label="x")
+    assert clip_texts(clip) == ("one", "two words")
+    assert clip_texts(_clip(1, "h", label="rain")) == ("rain",)
+
+
 def test_shared_caption_and_duplicate_media_are_hits_only_in_the_aware_metric():
     clips = [_clip(0, "h0", "a dog barks"), _clip(1, "h1", "a dog  barks"), _clip(2, "h0", "rain"), _clip(3, "h3", "wind")]
     texts = [clip_texts(c) for c in clips]
@@ -58,13 +64,13 @@ def test_shared_caption_and_duplicate_media_are_hits_only_in_the_aware_metric():
     assert standard["R@1"] == 75.0 and aware_metrics["R@1"] == 100.0
 
 
-def test_find_duplicates_counts_media_and_captions_and_prefers_the_manifests():
+def test_find_duplicates_counts_media_and_captions_and_prefers_the_manifests_media():
     clips = [_clip(0, "h0", "a dog barks"), _clip(1, "h0", "a dog barks"), _clip(2, "h2", label="rain"),
              _clip(3, "h3", label="rain"), _clip(4, "h4", "wind")]
     found = find_duplicates(clips)
     assert found == Duplicates([["c0", "c1"]], {"a dog barks": 2, "rain": 2})
     assert found.summary() == "1 byte-identical media groups (2 clips); 2 captions shared by 4 clips"
     assert "c0, c1" in found.markdown()
-    given = find_duplicates(clips, {"duplicate_media": [["c3", "c2"]], "shared_captions": {"x": 3}})
-    assert given == Duplicates([["c2", "c3"]], {"x": 3})
+    given = find_duplicates(clips, {"duplicate_media": [["c3", "c2"]], "shared_captions": {"a dog barks": 2}})
+    assert given == Duplicates([["c2", "c3"]], {"a dog barks": 2, "rain": 2})  # labels count as texts too
     assert find_duplicates(clips[4:]).markdown() == "No duplicate media or shared caption."
