@@ -18,6 +18,7 @@ from dagster import ConfigurableResource, DynamicPartitionsDefinition, Failure, 
 from pydantic import Field, PrivateAttr
 
 from assets.resources import ClipSourceResource, FeatureStoreResource
+from assets.run_config import check_run_config
 from stages.core.errors import XmodalError
 from stages.core.lease import DEFAULT_TTL_SECONDS, DatasetLease
 
@@ -49,6 +50,9 @@ class DatasetLeaseResource(ConfigurableResource):
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         run = context.dagster_run
+        problems = check_run_config(run.run_config if run is not None else None)
+        if problems:  # before any step computes anything
+            raise Failure("; ".join(problems))
         dataset = run.tags.get(PARTITION_TAG) if run is not None else None
         if not dataset:
             return

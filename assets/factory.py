@@ -23,6 +23,7 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetExecutionContext
                      MetadataValue, Output, RetryPolicy, asset, asset_check)
 
 from assets.datasets import DATASETS
+from assets.run_config import CONFIG_CHECKS, builds_stage_params, config_type_of, register_config_check
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
 from stages.core import refs
 from stages.core.errors import ConfigError, expected_errors
@@ -85,6 +86,10 @@ def dataset_asset(*, group: str, code_version: str, description: str, kinds: tup
         raise ValueError(f"group {group!r} is not one of {GROUPS}")
 
     def decorator(fn: Callable):
+        config_type = config_type_of(fn)
+        name = kwargs.get("name") or fn.__name__
+        if config_type is not None and name not in CONFIG_CHECKS:
+            register_config_check(name, builds_stage_params(config_type))
         return asset(partitions_def=DATASETS, group_name=group, kinds=set(kinds), code_version=code_version,
                      description=description, **kwargs)(_translated(fn))
 
@@ -221,6 +226,8 @@ def feature_asset(feature_name: str, *, config_type: type | None, params: Callab
     """
     feature = registered_feature(feature_name)
     inputs = tuple(feature.inputs)
+    if config_type is not None:  # its params are built from the config alone (inputs give only keys)
+        register_config_check(name or feature.name, builds_stage_params(config_type, lambda c: params(c, {})))
 
     def body(context: AssetExecutionContext, config, clip_manifest: ManifestRef, feature_store: FeatureStoreResource,
              compute: ComputeResource, device: DeviceResource, **refs) -> Output[FeatureRef]:

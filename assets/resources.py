@@ -57,6 +57,9 @@ class ClipSourceResource(ConfigurableResource):
     s3_endpoint_url: str = Field(default="", description="S3-compatible endpoint for s3:// sources; empty = AWS.")
     s3_anon: bool = Field(default=False, description="Read s3:// sources without credentials.")
 
+    def setup_for_execution(self, context) -> None:
+        self.config()  # a bad kind, path or shard size fails the run before any step
+
     def config(self) -> SourceConfig:
         try:
             check_name(self.dataset, "dataset")
@@ -120,6 +123,9 @@ class ClipSourceResource(ConfigurableResource):
         return digest.hexdigest()[:20]
 
 
+COMPUTE_MODES = ("in_process", "local_cluster", "scheduler")
+
+
 class ComputeResource(ConfigurableResource):
     """Where shard jobs run: in this process, a fresh Dask LocalCluster, or an existing Dask cluster."""
 
@@ -127,6 +133,15 @@ class ComputeResource(ConfigurableResource):
     n_workers: int = Field(default=2, description="Worker processes of the LocalCluster.")
     scheduler_address: str = Field(default="", description="Address of an existing Dask scheduler (mode=scheduler).")
     _executor: Executor | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context) -> None:
+        """Check the settings when the run starts; the cluster itself starts on first use."""
+        if self.mode not in COMPUTE_MODES:
+            raise Failure(f"compute mode {self.mode!r} is unknown: {', '.join(COMPUTE_MODES)} (XMODAL_COMPUTE)")
+        if self.mode == "scheduler" and not self.scheduler_address:
+            raise Failure("compute mode 'scheduler' needs scheduler_address (e.g. tcp://10.0.0.5:8786; XMODAL_DASK_SCHEDULER)")
+        if self.mode == "local_cluster" and self.n_workers < 1:
+            raise Failure(f"compute n_workers must be at least 1, got {self.n_workers} (XMODAL_WORKERS)")
 
     def executor(self) -> Executor:
         """Started on first use, so a run with nothing to compute never starts a cluster."""
@@ -159,6 +174,9 @@ class DeviceResource(ConfigurableResource):
     """The torch device for feature and model work: cpu or cuda[:n]."""
 
     name: str = Field(default="cpu", description="cpu or cuda[:index]; everything runs on cpu.")
+
+    def setup_for_execution(self, context) -> None:
+        self.device()  # an unknown or unavailable device fails the run before any step
 
     def device(self) -> str:
         if self.name.startswith("cuda"):

@@ -27,6 +27,7 @@ from assets import contrastive, diffgap, features, generation, towers, vae
 from assets.datasets import DATASETS, PARTITION_TAG, DatasetLeaseResource
 from assets.io import StoreIOManager
 from assets.resources import ClipSourceResource, default_dataset, resources_from_env
+from stages.core.errors import ConfigError
 
 ASSET_MODULES = [features, towers, contrastive, diffgap, vae, generation]
 ALL_ASSETS = load_assets_from_modules(ASSET_MODULES)
@@ -37,7 +38,10 @@ ALL_CHECKS = load_asset_checks_from_modules(ASSET_MODULES)
 # The console shows INFO and up (dagster.yaml: python_logs.python_log_level); DEBUG engine events
 # stay in the run's event log in the UI. (Not job config: a partitioned job's config applies only
 # to runs launched per partition, never to `dagster job execute`.)
-DEFAULT_DATASET = default_dataset()
+try:
+    DEFAULT_DATASET = default_dataset()
+except ConfigError as exc:  # a bad XMODAL_* variable: one line naming it, not a load traceback
+    raise SystemExit(f"xmodal: {exc}") from None
 
 
 def _job(name: str, groups: tuple[str, ...], description: str):
@@ -99,12 +103,17 @@ def _resources() -> dict:
     return resources
 
 
+try:
+    RESOURCES = _resources()
+except ConfigError as exc:
+    raise SystemExit(f"xmodal: {exc}") from None
+
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
     jobs=[refresh_features, train_diffgap, train_vae, generate_audio],
     schedules=[daily_feature_refresh],
     sensors=[new_media_sensor],
-    resources=_resources(),
+    resources=RESOURCES,
     executor=in_process_executor,
 )
