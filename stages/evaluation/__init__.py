@@ -30,9 +30,17 @@ Class posteriors and aiSFX audio embeddings (``audio``; Table I / II's IS, KL, F
 
 Cross-modal retrieval (``retrieval``; query i's match is gallery item i):
     match_ranks(similarity [N, N])             1-based rank of the diagonal in each row (ties count against)
-    retrieval_metrics(query, gallery [N, d], ks=(1, 5, 10))   R@k (%), mean / median rank, n (dot product)
+    retrieval_metrics(query, gallery [N, d], ks=(1, 5, 10), relevant=None)   R@k (%), mean / median rank, n
+                                               (dot product); ``relevant`` [Q, G] bool: hit on any marked item
+    relevant_ranks(similarity [Q, G], relevant [Q, G])   rank of the best relevant item (ties count against)
+    owner_relevance(query_owner [Q], gallery_owner [G])  same clip (several captions per clip)
     normalize(x [..., d])                      L2-normalised rows (float32)
     object: RetrievalRecall(ks, normalize=False)   update(query [B, d], gallery [B, d]) of row-paired batches
+
+Duplicates (``duplicates``; a shared caption or a byte-identical copy is not a retrieval miss):
+    find_duplicates(clips, metadata=None) -> Duplicates(media groups, shared texts)   .summary(), .markdown()
+    clip_texts(clip)                           all captions, else caption, else label (whitespace-normalised)
+    relevance(query_owner, gallery_owner, content_hashes, query_texts, gallery_texts) -> (paired, aware)
 
 Rhythm (``rhythm``; CMMD's beat / onset hit rate, windows CMMD_TOLERANCES = (0.1, 0.5) s):
     hit_rate(reference_times, estimated_times, tolerance)   share of reference events with an estimated
@@ -85,10 +93,13 @@ from stages.evaluation.distribution import (
     mmd2_unbiased,
     polynomial_kernel,
 )
+from stages.evaluation.duplicates import Duplicates, clip_texts, find_duplicates, relevance
 from stages.evaluation.retrieval import (
     RetrievalRecall,
     match_ranks,
     normalize,
+    owner_relevance,
+    relevant_ranks,
     retrieval_metrics,
 )
 from stages.evaluation.rhythm import (
@@ -130,7 +141,9 @@ __all__ = [
     "softmax", "kl_divergence", "paired_kl", "inception_score", "inception_score_from_probs",
     "to_aisfx_rate", "aisfx_outputs", "generation_metrics",
     # retrieval
-    "match_ranks", "retrieval_metrics", "normalize", "RetrievalRecall",
+    "match_ranks", "relevant_ranks", "owner_relevance", "retrieval_metrics", "normalize", "RetrievalRecall",
+    # duplicates
+    "Duplicates", "clip_texts", "find_duplicates", "relevance",
     # rhythm
     "CMMD_TOLERANCES", "hit_counts", "hit_rate", "coverage", "mean_hit_rate", "HitRate",
     "beat_times", "onset_times", "beat_hit_rate", "onset_hit_rate",
