@@ -456,9 +456,7 @@ def _read_jsonl(config: SourceConfig) -> SourceListing:
             listing.rejected.append(Rejected(safe_id(clip_id), where, f"bad start/end: {exc}"))
             continue
         full = posixpath.normpath(path if path.startswith("/") or "://" in path else posixpath.join(root_path, path))
-        found = by_path.get(full)
-        if found is None and not scan.media.get(path):
-            found = _stat_of(fs, full)
+        found = by_path.get(full) or _stat_of(fs, full)  # outside the listed folder: one stat for this row
         if found is not None and config.confine_to_root and not _is_remote(fs):
             if not _inside(os.path.realpath(full), real_root):
                 listing.rejected.append(Rejected(safe_id(clip_id), where,
