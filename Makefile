@@ -1,5 +1,5 @@
 # Every target sets up what it needs first (idempotent): see scripts/setup.sh.
-.PHONY: setup demo generate test bench ui clean-demo
+.PHONY: setup demo generate test bench soak ui clean-demo
 
 setup:
 	./scripts/setup.sh
@@ -17,6 +17,10 @@ test:
 bench:
 	./scripts/setup.sh --bench
 	.venv/bin/python bench/bench_features.py
+
+soak:
+	./scripts/setup.sh --test
+	.venv/bin/python bench/soak_store.py
 
 ui: setup
 	.venv/bin/dagster dev
