@@ -51,7 +51,9 @@ class ClipSourceResource(ConfigurableResource):
     media_dir: str = Field(default="", description="Folder of the media for CSV/JSONL sources; default: the CSV's folder.")
     dataset: str = Field(default="demo", description="Dataset name in the feature store (letters, digits, '_' or '-').")
     shard_size: int = Field(default=64, description="Clips per shard; the unit of caching and parallel work.")
-    default_split: str = Field(default="train", description="Split for clips whose source names none.")
+    default_split: str = Field(default="", description="Split for clips whose source names none; empty: assigned "
+                               "train/val/test 80/10/10 by group (same video or same bytes), stable under additions.")
+    confine_to_root: bool = Field(default=False, description="Refuse media (links, absolute paths) outside the source's folder.")
     demo_clips: int = Field(default=300, description="Demo only: number of generated clips.")
     demo_seed: int = Field(default=0, description="Demo only: generator seed.")
     s3_endpoint_url: str = Field(default="", description="S3-compatible endpoint for s3:// sources; empty = AWS.")
@@ -75,6 +77,7 @@ class ClipSourceResource(ConfigurableResource):
         options = s3_options(self.s3_endpoint_url, self.s3_anon) if path.startswith("s3://") else {}
         return SourceConfig(
             kind=self.kind, path=path, media_dir=self.media_dir, default_split=self.default_split,
+            confine_to_root=self.confine_to_root,
             storage_options=options, demo_clips=self.demo_clips, demo_seed=self.demo_seed,
         )
 

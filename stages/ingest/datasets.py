@@ -19,7 +19,7 @@ from stages.core.store import FeatureStore
 from stages.ingest.sources import SOURCE_KINDS, SourceConfig
 
 SOURCE_FILE = "source.json"
-_RECORDED = ("kind", "path", "media_dir", "default_split", "demo_clips", "demo_seed")
+_RECORDED = ("kind", "path", "media_dir", "default_split", "demo_clips", "demo_seed", "confine_to_root")
 
 
 def source_path(store: FeatureStore, dataset: str) -> str:
