@@ -144,7 +144,8 @@ def train_head(*args, **kwargs) -> "TrainResult":
     """See _train_head; small heads train on one thread (see stages.core.parallel.torch_threads)."""
     from stages.core.parallel import torch_threads
 
-    with torch_threads(1):
+    # Seeded from the config's seed (init and dropout) in a scope of its own: the caller's global RNG is left as it was.
+    with torch_threads(1), torch.random.fork_rng(devices=[]):
         return _train_head(*args, **kwargs)
 
 

@@ -128,7 +128,9 @@ def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Calla
     """AdamW on random batches of (latent, audio embedding); eps-MSE with condition dropout."""
     if len(train) < 2:
         raise ValueError(f"need at least 2 training clips with latents and embeddings, got {len(train)}")
-    with torch_threads(config.threads):
+    # The weights are initialised from the config's seed in a scope of its own (the caller's global
+    # RNG is left as it was); noise, timesteps and dropout come from a generator of the same seed.
+    with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
         start = time.perf_counter()
         torch.manual_seed(config.seed)
         _, channels, size, _ = train.latents.shape

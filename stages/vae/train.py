@@ -26,9 +26,10 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -184,6 +185,17 @@ def reconstruction_l1(vae, images: np.ndarray, batch_size: int = DEFAULT_BATCH) 
     return total / max(count, 1)
 
 
+@contextmanager
+def seeded_rng(seed: int, device: str = "cpu") -> Iterator[None]:
+    """torch's global RNG seeded with ``seed`` inside the block and the caller's state restored after
+    (CPU, and the CUDA device trained on): a fit depends on its config's seed, not on the caller."""
+    where = torch.device(device)
+    devices = [where.index if where.index is not None else torch.cuda.current_device()] if where.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def train_vae(
     train: np.ndarray,
     val: np.ndarray,
@@ -195,8 +207,14 @@ def train_vae(
     """AdamW (one-cycle schedule) on random batches; keeps the weights with the lowest validation L1.
 
     ``train`` / ``val`` are uint8 [N, H, W, 3]. An empty validation set scores a fixed subset of
-    the training images instead (``val_source`` says so).
+    the training images instead (``val_source`` says so). Initialisation and the posterior samples
+    come from the config's seed in a scope of their own (the caller's global RNG is left as it was).
     """
+    with seeded_rng(config.seed, device):
+        return _train_vae(train, val, config, device, init_state, log)
+
+
+def _train_vae(train, val, config, device, init_state, log) -> VaeTrainResult:
     if len(train) < 1:
         raise ValueError("need at least 1 training image")
     start = time.perf_counter()
@@ -490,8 +508,8 @@ def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pr
         if all(c in by_id for c in eval_ids):
             source_mels = np.stack([by_id[c] for c in eval_ids]).astype(np.float32)
     metrics, _ = reconstruction_metrics(vae, eval_images, preset, n_frames, source_mels)
-    torch.manual_seed(config.seed)
-    untrained = vae_from_config(diffusers_config(vae)).to(device)  # same architecture, fresh weights
+    with seeded_rng(config.seed):
+        untrained = vae_from_config(diffusers_config(vae)).to(device)  # same architecture, fresh weights
     baselines = baseline_metrics(train.images.mean(axis=0), eval_images, untrained, preset, n_frames)
     sidecar.update(
         shards=shards,
