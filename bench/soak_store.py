@@ -94,19 +94,24 @@ def damaged(store: FeatureStore) -> list[str]:
     return [c.line() for c in store.verify_shards("demo", "mel_spectrograms", key, full=True) if not c.ok]
 
 
-def _refresh_process(root, options, jsonl, out=None):
+def _refresh_process(root, options, jsonl, out=None, ready=None):
+    import stages.features.mel  # noqa: F401 - imports first: the kill should land in the work
+
+    if ready is not None:
+        ready.set()
     result = refresh(root, options, jsonl)
     if out is not None:
         out.put(result)
 
 
-def _reader_loop(root, options, stop, counts):
-    """Verified reads of every committed shard, over and over; counts reads and damage seen."""
+def _reader_loop(base, options, stop, counts, generation):
+    """Verified reads of every committed shard of the current store (``<base>-<generation>``), over
+    and over; counts reads and damage seen."""
     from stages.features.mel import MelParams
 
-    store = FeatureStore(root, options)
     key = MelParams(seconds=MEL_SECONDS).key()
     while not stop.is_set():
+        store = FeatureStore(f"{base}-{generation.value}", options)
         for shard in store.committed_shards("demo", "mel_spectrograms", key):
             try:
                 store.read_shard_arrays("demo", "mel_spectrograms", key, shard)
@@ -120,34 +125,50 @@ def _reader_loop(root, options, stop, counts):
 # ---- phases ------------------------------------------------------------------------------------
 
 
-def phase_kill(work: Path, jsonl: str, reference: dict, kills: int) -> list[str]:
+def phase_kill(work: Path, jsonl: str, reference: dict, kills: int, clean_seconds: float) -> list[str]:
+    """A writer is SIGKILLed at a random point; the next writer continues from what was committed.
+    When a writer finishes before its kill, the result is compared with the clean run and the
+    store starts empty again, so kills keep landing in real work. A reader verifies throughout."""
     context = multiprocessing.get_context("spawn")
-    root = str(work / "kill")
-    stop, counts = context.Event(), context.Array("i", [0, 0])
-    reader = context.Process(target=_reader_loop, args=(root, {}, stop, counts))
+    base = str(work / "kill")
+    stop, counts, generation = context.Event(), context.Array("i", [0, 0]), context.Value("i", 0)
+    root = f"{base}-0"
+    reader = context.Process(target=_reader_loop, args=(base, {}, stop, counts, generation))
     reader.start()
     rng = random.Random(0)
-    done_kills = reruns = 0
-    for _ in range(kills):
-        writer = context.Process(target=_refresh_process, args=(root, {}, jsonl))
+    done_kills = reruns = completions = differing = damaged_total = 0
+    while done_kills < kills and reruns < 4 * kills:
+        ready = context.Event()
+        writer = context.Process(target=_refresh_process, args=(root, {}, jsonl, None, ready))
         writer.start()
-        time.sleep(rng.uniform(1.0, 6.0))  # imports take ~2 s: kills land in imports, decode, writes, commits
+        ready.wait(timeout=300)
+        # Anywhere in the work: manifest, decode, STFT, tar/zarr writes, commits, catalog.
+        time.sleep(rng.uniform(0.0, clean_seconds))
         if writer.is_alive():
             os.kill(writer.pid, signal.SIGKILL)
             done_kills += 1
         writer.join()
         reruns += 1
+        if writer.exitcode == 0:  # it finished: check it, then start from nothing again
+            store = FeatureStore(root)
+            completions += 1
+            differing += fingerprint(store) != reference
+            damaged_total += len(damaged(store))
+            generation.value += 1  # a fresh store; the old one stays (the reader may be in it)
+            root = f"{base}-{generation.value}"
     final = refresh(root, {}, jsonl)
     stop.set()
     reader.join(timeout=30)
     store = FeatureStore(root)
-    same = fingerprint(store) == reference
-    bad = damaged(store)
+    completions += 1
+    differing += fingerprint(store) != reference
+    damaged_total += len(damaged(store))
     leftovers = sum(len(store.collect_garbage("demo", f, k, grace_seconds=0)) for _, f, k in store.stored_keys("demo"))
-    return [f"SIGKILLs {done_kills}, re-runs {reruns + 1} (last: {final['new']} new / {final['reused']} reused)",
-            f"identical to a clean run: {same}; damaged shards: {len(bad)}",
+    return [f"SIGKILLs {done_kills} at random points of a {clean_seconds:.1f} s refresh, {reruns + 1} runs, "
+            f"{completions} completed stores (the last run: {final['new']} new / {final['reused']} reused shards)",
+            f"completed stores differing from a clean run: {differing}; damaged shards: {damaged_total}",
             f"reader during the writes: {counts[0]} verified shard reads, {counts[1]} errors",
-            f"dead attempts' files collected afterwards: {leftovers}"], same and not bad and counts[1] == 0
+            f"dead attempts' files collected afterwards: {leftovers}"], not differing and not damaged_total and counts[1] == 0
 
 
 def phase_race(work: Path, jsonl: str, reference: dict, rounds: int, label: str, root_of, options: dict):
@@ -400,14 +421,16 @@ def main() -> int:
     print(f"$ {shlex.join([sys.executable, *sys.argv])}")
     print(f"work in {work}; {os.cpu_count()} cores")
     jsonl = str(generate_demo(work / "media", DemoSpec(n_clips=args.clips, seed=0)))
+    clean_start = time.time()
     refresh(str(work / "reference"), {}, jsonl)
+    clean_seconds = time.time() - clean_start
     reference = fingerprint(FeatureStore(str(work / "reference")))
     print(f"reference: {len(reference)} mel shards of {args.clips} clips")
     all_ok = True
     moto = None
     try:
         if "kill" in phases:
-            lines, ok = phase_kill(work, jsonl, reference, args.kills)
+            lines, ok = phase_kill(work, jsonl, reference, args.kills, clean_seconds)
             all_ok &= ok
             print("\n[kill]\n  " + "\n  ".join(lines))
         if "race" in phases:
