@@ -28,7 +28,7 @@ from assets.resources import ComputeResource, DeviceResource, FeatureStoreResour
 from stages.core import refs
 from stages.core.errors import ConfigError, expected_errors
 from stages.core.refs import FeatureRef, ManifestRef
-from stages.core.store import FeatureStore, feature_key
+from stages.core.store import FeatureStore, feature_key, unreachable_reason
 from stages.features import base as feature_base
 from stages.features.base import registered_feature
 from stages.ingest.manifest import load_manifest
@@ -76,6 +76,13 @@ def _translated(fn: Callable) -> Callable:
             if exc.allow_retries:
                 raise Failure(exc.description, metadata=exc.metadata, allow_retries=False) from None
             raise
+        except Exception as exc:
+            reason = unreachable_reason(exc)
+            if reason is None:
+                raise
+            # The S3 endpoint went away mid-step: one line (and the step's retry, as it may come back).
+            raise Failure(f"cannot reach the S3 endpoint ({reason}): is the server up? check "
+                          "XMODAL_S3_ENDPOINT_URL") from None
 
     return wrapped
 
@@ -136,6 +143,7 @@ def _run_metadata(store: FeatureStore, run: feature_base.FeatureRun) -> dict:
         "throughput_clips_per_s": MetadataValue.float(round(run.clips_per_second, 2)),
         "seconds": MetadataValue.float(round(run.seconds, 3)),
         "quarantine": MetadataValue.md(quarantine_markdown(run.quarantined)),
+        "quarantined_by_reason": MetadataValue.json(dict(Counter(q.get("reason", "") for q in run.quarantined))),
         "shards_retired": len(run.retired),
     }
 

@@ -159,11 +159,19 @@ class ShardCheck:
         return f"{'retired' if self.retired else 'damaged':<8} {where}: {'; '.join(self.problems)}"
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    """botocore / aiohttp could not reach the endpoint (not a missing key or a refused request)."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
-                         "ServerDisconnectedError", "ConnectionClosedError", "ClientOSError", "ReadTimeoutError"})
+_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                      "ServerDisconnectedError", "ConnectionClosedError", "ClientOSError", "ReadTimeoutError"}
+
+
+def unreachable_reason(exc: BaseException) -> str | None:
+    """The name of the botocore / aiohttp error, anywhere in ``exc``'s chain, saying the server
+    could not be reached (not a missing key or a refused request); None otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if {cls.__name__ for cls in type(seen).__mro__} & _CONNECTION_ERRORS:
+            return type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class FeatureStore:
@@ -208,15 +216,13 @@ class FeatureStore:
 
     def unreachable(self, exc: BaseException) -> StoreError | None:
         """A one-line StoreError when ``exc`` means the store's server cannot be reached."""
-        seen: BaseException | None = exc
-        while seen is not None:
-            if _is_connection_error(seen):
-                endpoint = (self.storage_options.get("client_kwargs") or {}).get("endpoint_url") or \
-                    self.storage_options.get("endpoint_url") or "the default S3 endpoint"
-                return StoreError(f"cannot reach the feature store {self.url_root!r} at {endpoint}: "
-                                  f"{type(seen).__name__} (is the server up? check XMODAL_S3_ENDPOINT)")
-            seen = seen.__cause__ or seen.__context__
-        return None
+        reason = unreachable_reason(exc)
+        if reason is None:
+            return None
+        endpoint = (self.storage_options.get("client_kwargs") or {}).get("endpoint_url") or \
+            self.storage_options.get("endpoint_url") or "the default S3 endpoint"
+        return StoreError(f"cannot reach the feature store {self.url_root!r} at {endpoint}: {reason} "
+                          "(is the server up? check XMODAL_S3_ENDPOINT_URL)")
 
     # ---- paths -------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -630,7 +636,7 @@ class FeatureStore:
                 continue
             if top in referenced or any(top.startswith(r) for r in referenced if r.endswith(".")):
                 continue
-            newest[top] = max(newest.get(top, 0.0), _modified(info))
+            newest[top] = max(newest.get(top, 0.0), modified_time(info))
         removed = []
         cutoff = time.time() - grace_seconds
         for top, modified in sorted(newest.items()):
@@ -898,7 +904,7 @@ def _array_problem(data: np.ndarray, info: Mapping[str, Any]) -> str:
     return ""
 
 
-def _modified(info: Mapping[str, Any]) -> float:
+def modified_time(info: Mapping[str, Any]) -> float:
     """Modification time (epoch seconds) of a listed file, local or S3."""
     value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
     if isinstance(value, _dt.datetime):

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from stages.ingest.decode import ClipError, iter_chunks
 from stages.core.ids import check_name
 from stages.ingest.sources import Rejected, SourceListing
-from stages.core.store import FeatureStore, canonical_json
+from stages.core.store import FeatureStore, StoreError, canonical_json, modified_time
 
 MANIFEST_FOLDER = "clip_manifest"
 SPLIT_RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -324,12 +324,49 @@ def save_manifest(store: FeatureStore, manifest: ClipManifest) -> str:
 
 
 def load_manifest(store: FeatureStore, dataset: str, digest: str | None = None) -> ClipManifest | None:
-    """The latest (or a given) manifest of a dataset, or None when none was saved yet."""
+    """The latest (or a given) manifest of a dataset, or None when none was saved yet.
+
+    A version is checked against its name (the digest of its content). A garbled ``latest.json``
+    does not block the dataset: the newest version that reads and checks is taken instead (the
+    next save_manifest writes the pointer again). A garbled version is a StoreError naming it.
+    """
     folder = store.path(check_name(dataset, "dataset"), MANIFEST_FOLDER)
-    if digest is None:
-        latest = posixpath.join(folder, "latest.json")
-        if not store.exists(latest):
-            return None
-        digest = store.read_json(latest)["manifest"]
-    with store.fs.open(posixpath.join(folder, f"{check_name(digest, 'manifest digest')}.jsonl"), "rb") as handle:
-        return ClipManifest.from_jsonl(handle.read().decode("utf-8"))
+    if digest is not None:
+        return _read_version(store, folder, digest)
+    latest = posixpath.join(folder, "latest.json")
+    if not store.exists(latest):
+        return None
+    try:
+        pointer = store.read_json(latest)["manifest"]
+        check_name(pointer, "manifest digest")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return _newest_readable_version(store, folder, latest)
+    return _read_version(store, folder, pointer)
+
+
+def _read_version(store: FeatureStore, folder: str, digest: str) -> ClipManifest:
+    path = posixpath.join(folder, f"{check_name(digest, 'manifest digest')}.jsonl")
+    try:
+        with store.fs.open(path, "rb") as handle:
+            manifest = ClipManifest.from_jsonl(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"clip manifest {store.url(path)} is missing") from None
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise StoreError(f"clip manifest {store.url(path)} is damaged ({type(exc).__name__}): "
+                         "rebuild it with a refresh after removing it") from None
+    if manifest.digest() != digest:
+        raise StoreError(f"clip manifest {store.url(path)} does not match its digest: "
+                         "rebuild it with a refresh after removing it")
+    return manifest
+
+
+def _newest_readable_version(store: FeatureStore, folder: str, latest: str) -> ClipManifest:
+    versions = [(modified_time(info), path) for path, info in store.fs.find(folder, detail=True).items()
+                if path.endswith(".jsonl")]
+    for _, path in sorted(versions, reverse=True):
+        try:
+            return _read_version(store, folder, posixpath.basename(path)[: -len(".jsonl")])
+        except StoreError:
+            continue
+    raise StoreError(f"{store.url(latest)} is damaged and no clip manifest version in {store.url(folder)} "
+                     "reads: remove the folder and refresh to rebuild the ledger")

@@ -272,3 +272,21 @@ def test_save_and_load_round_trip_keeps_history(wavs, store):
     assert load_manifest(store, "wav") == second
     assert load_manifest(store, "wav", first_digest) == first  # older manifests stay readable
     assert load_manifest(store, "wav").to_jsonl() == second.to_jsonl()
+
+
+def test_a_damaged_ledger_pointer_falls_back_and_a_damaged_version_is_named(tmp_path):
+    from stages.core.store import FeatureStore, StoreError
+    from stages.ingest.manifest import Clip, ClipManifest, load_manifest, save_manifest
+
+    store = FeatureStore(str(tmp_path / "features"))
+    first = ClipManifest("ds", 4, [Clip(id="a", uri="/m/a.wav", content_hash="h1", shard_id="s000000")])
+    save_manifest(store, first)
+    second = ClipManifest("ds", 4, first.clips + [Clip(id="b", uri="/m/b.wav", content_hash="h2", shard_id="s000000")])
+    digest = save_manifest(store, second)
+    latest = tmp_path / "features" / "ds" / "clip_manifest" / "latest.json"
+    latest.write_bytes(b"\x00garbage")
+    assert load_manifest(store, "ds").digest() == digest  # the newest readable version
+    (tmp_path / "features" / "ds" / "clip_manifest" / f"{digest}.jsonl").write_text('{"manifest": {"dataset": "ds"')
+    with pytest.raises(StoreError, match=f"clip manifest .*{digest}.jsonl is damaged"):
+        load_manifest(store, "ds", digest)
+    assert load_manifest(store, "ds").digest() == first.digest()  # the damaged newest is skipped
