@@ -82,6 +82,9 @@ def test_a_killed_run_resumes_from_its_last_progress_save(tmp_path, monkeypatch)
     resumed = diffgap_train.fit_space(store, manifest, "clap", key, config)
     assert resumed.status == "resumed" and resumed.sidecar["resumed_from_step"] == 200 and resumed.sidecar["steps_run"] == 100
     assert resumed.sidecar["history"][-1]["step"] == 300
+    # Progress saves are removed once the model is committed: they used to pile up beside it.
+    assert store.fs.glob(f"{tmp_path}/toy/models/diffgap_clap/**/progress*") == []
+    assert store.fs.glob(f"{tmp_path}/toy/models/diffgap_clap/**/*.safetensors")  # while the model stays
 
 
 def test_evaluation_rows_choose_blend_on_val_and_report_controls(tmp_path):
