@@ -108,7 +108,9 @@ def test_bad_tower_config_fails_with_one_line(small_source, tmp_path):
         instance=DagsterInstance.ephemeral(), raise_on_error=False,
         run_config={"ops": {"frame_tower": {"config": {"size": 8}}}},
     )
-    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    message = failures[0].step_failure_data.error.message.strip()
-    assert "bad frame_tower config" in message and "size must be within 32..512" in message
-    assert "\n" not in message
+    # The run's config is checked when it starts (assets/run_config.py): no step ran.
+    assert not result.success and not [e for e in result.all_events if e.event_type_value == "STEP_START"]
+    (failure,) = [e for e in result.all_events if e.event_type_value == "RESOURCE_INIT_FAILURE"]
+    message = failure.event_specific_data.error.message.strip()
+    assert message.startswith("dagster._core.definitions.events.Failure: bad frame_tower config:")
+    assert "size must be within 32..512" in message and "\n" not in message
