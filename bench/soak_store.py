@@ -368,7 +368,9 @@ def phase_faults(work: Path, jsonl: str, reference: dict, moto_port: int, rounds
                 messages.add("TRACEBACK " + last[:160])
         # Whatever happened, what is committed verifies, and a clean re-run completes it.
         direct = FeatureStore(root, s3_options(moto_port))
-        corrupted += len(damaged(direct))
+        bad = damaged(direct)
+        corrupted += len(bad)
+        messages.update(f"DAMAGED {line[:200]}" for line in bad)
         refresh(root, s3_options(moto_port), jsonl)
         mismatched += fingerprint(direct) != reference
     faults = ", ".join(f"{n} {k}" for k, n in proxy.faults.items())

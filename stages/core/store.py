@@ -66,6 +66,7 @@ RETIRED_FOLDER = "_retired"
 VERIFIED_FOLDER = "_verified"
 # Uncommitted attempt files younger than this may belong to a writer that is still running.
 GARBAGE_GRACE_SECONDS = 3600.0
+WRITE_ATTEMPTS = 3  # an attempt that does not read back as written (S3 only) is written again
 
 
 class StoreError(XmodalError, RuntimeError):
@@ -392,9 +393,6 @@ class FeatureStore:
             # Committed shards are never rewritten: readers may be using them.
             return self.shard_manifest(dataset, feature, key, shard)
         self._makedirs(directory)
-        attempt = uuid.uuid4().hex[:12]
-        tar_name, zarr_name = f"{shard}.{attempt}.tar", f"{shard}.{attempt}.zarr"
-        tar_path, zarr_path = posixpath.join(directory, tar_name), posixpath.join(directory, zarr_name)
 
         # WebDataset tar, built in memory (shards are tens of MB) and written in one piece. A fixed
         # member mtime makes the same rows give the same tar bytes in every run.
@@ -410,6 +408,21 @@ class FeatureStore:
                     sample["json"] = dict(sample_meta[row])
                 writer.write(sample)
         tar_bytes = buffer.getvalue()
+        for attempt_number in range(WRITE_ATTEMPTS):
+            try:
+                return self._commit_attempt(dataset, feature, key, shard, manifest, clip_ids, arrays, tar_bytes)
+            except ShardCorruptError:
+                if attempt_number == WRITE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _commit_attempt(self, dataset, feature, key, shard, manifest, clip_ids, arrays, tar_bytes) -> dict:
+        """Write the data under a fresh attempt name, then commit it exclusively (see write_shard)."""
+        directory = self.key_dir(dataset, feature, key)
+        manifest_path = posixpath.join(directory, f"{shard}.json")
+        attempt = uuid.uuid4().hex[:12]
+        tar_name, zarr_name = f"{shard}.{attempt}.tar", f"{shard}.{attempt}.zarr"
+        tar_path, zarr_path = posixpath.join(directory, tar_name), posixpath.join(directory, zarr_name)
         try:
             self.fs.pipe_file(tar_path, tar_bytes)
             array_info = self._write_zarr(zarr_path, clip_ids, arrays)
@@ -425,7 +438,7 @@ class FeatureStore:
             feature_key=key,
             shard=shard,
             attempt=attempt,
-            rows=rows,
+            rows=len(clip_ids),
             clip_ids=list(clip_ids),
             arrays=array_info,
             files={
@@ -437,6 +450,12 @@ class FeatureStore:
         )
         document = json.dumps(committed, indent=1, sort_keys=True, default=_json_default).encode()
         try:
+            if not self.is_local:
+                # Read the attempt back before committing it: an upload cut mid-body can be stored
+                # short by a server that does not check lengths (seen with moto behind a faulty
+                # link); that attempt is discarded and written again.
+                self.read_shard_arrays(dataset, feature, key, shard, manifest=committed)
+                self.read_shard_tar(dataset, feature, key, shard, manifest=committed)
             won = self.create_exclusive(manifest_path, document)
         except BaseException:
             self._discard(tar_path, zarr_path)
