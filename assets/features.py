@@ -4,7 +4,7 @@ Each asset reads, calls a stage, writes, reports. Assets cover the whole dataset
 only the shards whose feature key is missing (see stages.features.run_feature).
 """
 
-
+from collections import Counter
 
 from dagster import (
     AssetCheckResult,
@@ -18,7 +18,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.factory import (check_feature, dataset_asset, dataset_check, feature_asset, preview_markdown,
-                            quarantine_markdown)
+                            quarantine_markdown, quarantine_summary)
 from assets.resources import ClipSourceResource, FeatureStoreResource
 from stages.core import refs
 from stages.core.preview import preview_png
@@ -71,12 +71,12 @@ def clip_manifest(
     manifest, delta = build_manifest(dataset, listing, previous, clip_source.shard_size, config.storage_options)
     digest = save_manifest(store, manifest)
     shards = tuple(manifest.by_shard())
-    splits: dict[str, int] = {}
-    for clip in manifest.clips:
-        splits[clip.split] = splits.get(clip.split, 0) + 1
+    splits = manifest.metadata.get("splits") or dict(Counter(clip.split for clip in manifest.clips))
+    listed = quarantine_summary(manifest.quarantined) or "0 rejected"
     context.log.info(
-        f"{len(manifest.clips)} clips in {len(shards)} shards; +{len(delta.added)} new, "
-        f"{len(delta.changed)} changed, {len(delta.removed)} removed, {len(manifest.quarantined)} quarantined"
+        f"{len(manifest.clips)} clips in {len(shards)} shards ({', '.join(f'{n} {s}' for s, n in sorted(splits.items()))}); "
+        f"+{len(delta.added)} new, {len(delta.changed)} changed, {len(delta.removed)} removed; at listing "
+        f"{listed.replace('quarantined', 'rejected')} (clips that fail to decode are counted by each feature)"
     )
     return Output(
         refs.ManifestRef(manifest.dataset, digest, len(manifest.clips), shards),
