@@ -50,6 +50,12 @@ class DatasetLeaseResource(ConfigurableResource):
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         run = context.dagster_run
+        if run is not None and context.instance is not None:
+            current = context.instance.get_run_by_id(run.run_id)
+            if current is not None and current.is_finished:
+                # `dagster job execute` sets resources up again after the run to read its results:
+                # the run's writes are over, so it must not take (and wait for) the lease again.
+                return
         problems = check_run_config(run.run_config if run is not None else None)
         if problems:  # before any step computes anything
             raise Failure("; ".join(problems))

@@ -73,7 +73,8 @@ def test_one_dataset_twice_at_once_ends_with_one_runs_result(tmp_path):
     second = _start(["job", "execute", "-j", "refresh_features"], env, tmp_path)
     logs = [_finish(first), _finish(second)]
     waited = [log for log in logs if "is busy: waiting for run" in log]
-    assert len(waited) == 1, "exactly one run waited for the other's lease"
+    lease_lines = [line[11:19] + line[-110:] for log in logs for line in log.splitlines() if "lease" in line or "is busy" in line or "STEP_START" in line]
+    assert len(waited) == 1, f"exactly one run waited for the other's lease: {lease_lines}"
     computed = [log for log in logs if "mel_spectrograms" in log and "2 new / 0 reused" in log]
     reused = [log for log in logs if "0 new / 2 reused" in log]
     assert len(computed) == 1 and len(reused) == 1 and reused[0] is waited[0]
