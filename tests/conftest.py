@@ -6,7 +6,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins = ["tests.fixtures.media", "tests.fixtures.s3", "tests.fixtures.postgres"]
+pytest_plugins = ["tests.fixtures.media", "tests.fixtures.corpus", "tests.fixtures.s3", "tests.fixtures.postgres"]
 
 
 @pytest.fixture(autouse=True)

@@ -18,14 +18,6 @@ from stages.core.store import FeatureStore, StoreError, feature_key
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> FeatureStore:
-    """An empty store on a local folder or in a fresh bucket of the loopback S3 server."""
-    if request.param == "local":
-        return FeatureStore(str(tmp_path / "features"))
-    bucket = request.getfixturevalue("s3_bucket")
-    return FeatureStore(bucket["root"], bucket["storage_options"])
-
 
 @pytest.fixture
 def local_store(tmp_path) -> FeatureStore:

@@ -17,13 +17,6 @@ from stages.core.store import FeatureStore, ShardCorruptError, StoreError
 from tests.stages.core.test_store import make_rows, write
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> FeatureStore:
-    if request.param == "local":
-        return FeatureStore(str(tmp_path / "features"))
-    bucket = request.getfixturevalue("s3_bucket")
-    return FeatureStore(bucket["root"], bucket["storage_options"])
-
 
 # ---- exclusive commits -------------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 every source kind, good media are never lost, and the run-level problems fail fast with one line."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -14,7 +13,6 @@ from stages.ingest.manifest import ClipManifest, assigned_split, build_manifest
 from stages.ingest.sources import SourceConfig, SourceError, read_source
 from tests.fixtures.corpus import (INGESTED, KINDS, LINKED_OUTSIDE, expected_ids, expected_outcomes, ingest_outcomes,
                                    source_config)
-from tests.fixtures.corpus import corpus  # noqa: F401 - the session fixture (conftest lists only media.py)
 
 
 @pytest.mark.parametrize("kind", KINDS)

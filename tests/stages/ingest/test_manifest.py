@@ -245,13 +245,6 @@ def test_shard_size_must_be_positive(wavs):
         build_manifest("wav", wavs.list(IDS), None, shard_size=0)
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> FeatureStore:
-    if request.param == "local":
-        return FeatureStore(str(tmp_path / "features"))
-    bucket = request.getfixturevalue("s3_bucket")
-    return FeatureStore(bucket["root"], bucket["storage_options"])
-
 
 def test_save_and_load_round_trip_keeps_history(wavs, store):
     assert load_manifest(store, "wav") is None
