@@ -136,6 +136,14 @@ def phase_kill(work: Path, jsonl: str, reference: dict, kills: int, clean_second
     reader = context.Process(target=_reader_loop, args=(base, {}, stop, counts, generation))
     reader.start()
     rng = random.Random(0)
+    # How long a writer process works once started (the same kind of process, on this loaded machine).
+    ready = context.Event()
+    calibration = context.Process(target=_refresh_process, args=(str(work / "kill-calibration"), {}, jsonl, None, ready))
+    calibration.start()
+    ready.wait(timeout=300)
+    started = time.time()
+    calibration.join()
+    clean_seconds = time.time() - started
     done_kills = reruns = completions = differing = damaged_total = 0
     while done_kills < kills and reruns < 4 * kills:
         ready = context.Event()
@@ -164,7 +172,8 @@ def phase_kill(work: Path, jsonl: str, reference: dict, kills: int, clean_second
     differing += fingerprint(store) != reference
     damaged_total += len(damaged(store))
     leftovers = sum(len(store.collect_garbage("demo", f, k, grace_seconds=0)) for _, f, k in store.stored_keys("demo"))
-    return [f"SIGKILLs {done_kills} at random points of a {clean_seconds:.1f} s refresh, {reruns + 1} runs, "
+    return [f"SIGKILLs {done_kills} at random points of a {clean_seconds:.1f} s refresh (a writer process's work, "
+            f"measured first), {reruns + 1} runs, "
             f"{completions} completed stores (the last run: {final['new']} new / {final['reused']} reused shards)",
             f"completed stores differing from a clean run: {differing}; damaged shards: {damaged_total}",
             f"reader during the writes: {counts[0]} verified shard reads, {counts[1]} errors",
