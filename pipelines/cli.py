@@ -200,7 +200,7 @@ def cmd_dataset_ls(args: argparse.Namespace) -> int:
     rows = []
     for name in registered_datasets(store):
         source = registered_source(store, name)
-        rows.append([name, source.kind, source.path or "-", source.media_dir or "-", source.default_split])
+        rows.append([name, source.kind, source.path or "-", source.media_dir or "-", source.default_split or "assigned"])
     print(_table(["dataset", "kind", "path", "media_dir", "default_split"], rows))
     return 0
 
@@ -417,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="source kind: one of %(choices)s")
     add.add_argument("--path", required=True, help="media folder, CSV or JSONL (local or s3://); the demo's output folder")
     add.add_argument("--media-dir", default="", help="CSV sources: where the media files live (default: next to the CSV)")
-    add.add_argument("--default-split", default="train", help="split of clips whose source names none (default: %(default)s)")
+    add.add_argument("--default-split", default="",
+                     help="split of clips whose source names none (default: assigned train/val/test 80/10/10 "
+                          "by group, stable under additions)")
     add.add_argument("--demo-clips", type=int, default=300, help="demo only: clips to generate (default: %(default)s)")
     add.set_defaults(handler=cmd_dataset_add)
     dls = dataset_commands.add_parser("ls", parents=[root], help="registered datasets with their kind and path")

@@ -134,7 +134,7 @@ def test_dataset_add_then_ls_and_the_dagster_partition(tmp_path, cli_env):
     assert lines[0].split() == ["dataset", "kind", "path", "media_dir", "default_split"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert rows["vgg"] == ["vgg", "vggsound", str(tmp_path / "vgg.csv"), str(media), "test"]
-    assert rows["local"] == ["local", "folder", str(media), "-", "train"]
+    assert rows["local"] == ["local", "folder", str(media), "-", "assigned"]  # no split given: grouped 80/10/10
 
     from dagster import DagsterInstance
 
