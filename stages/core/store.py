@@ -546,6 +546,10 @@ class FeatureStore:
         if unreachable is not None:
             return unreachable
         text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            # An I/O failure (a throttled or failing server, a full disk) says nothing about the
+            # shard: a StoreError, so verification does not retire a shard that may be fine.
+            return StoreError(f"shard {where}: cannot read {url}: {type(exc).__name__}: {text}")
         return ShardCorruptError(where, f"cannot read {url}: {type(exc).__name__}: {text}")
 
     def read_shard_tar(self, dataset: str, feature: str, key: str, shard: str,
