@@ -228,3 +228,15 @@ def test_an_unreachable_s3_endpoint_is_one_line(s3_server):
         store.check_writable()
     message = str(info.value)
     assert "\n" not in message and "cannot reach the feature store" in message and str(port) in message
+
+
+def test_quarantined_clips_of_a_snapshot_are_readable_with_their_reasons(tmp_path):
+    store = FeatureStore(str(tmp_path / "features"))
+    old_version, old_shard = _ledger(store, {"a": "h1", "b": "h2"})
+    write(store, old_shard, ["a"], make_rows(1, seed=1),
+          manifest={"params": {}, "quarantined": [{"id": "b", "reason": "no audio stream"}]})
+    assert store.quarantined("ds", "feat") == [{"id": "b", "reason": "no audio stream", "shard": old_shard}]
+    new_version, new_shard = _ledger(store, {"a": "h1", "b": "h3"})  # b's file was replaced
+    write(store, new_shard, ["a", "b"], make_rows(2, seed=2))
+    assert store.quarantined("ds", "feat") == []  # the current version's shard has b
+    assert store.quarantined("ds", "feat", manifest=old_version)[0]["reason"] == "no audio stream"
