@@ -338,9 +338,15 @@ class FeatureStore:
         """The committed manifest of one shard; a garbled one raises ShardCorruptError naming it."""
         path = self.shard_manifest_path(dataset, feature, key, shard)
         try:
-            manifest = self.read_json(path)
+            raw = self.fs.cat_file(path)
         except FileNotFoundError:
             raise StoreError(f"shard {dataset}/{feature}/{key}/{shard} is not committed ({self.url(path)} is missing)") from None
+        return self._parse_manifest(dataset, feature, key, shard, raw)
+
+    def _parse_manifest(self, dataset: str, feature: str, key: str, shard: str, raw: bytes) -> dict:
+        path = self.shard_manifest_path(dataset, feature, key, shard)
+        try:
+            manifest = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ShardCorruptError(f"{dataset}/{feature}/{key}/{shard}",
                                     f"manifest {self.url(path)} is not valid JSON ({exc})") from None
@@ -589,7 +595,7 @@ class FeatureStore:
             raw = None
             try:
                 raw = self.fs.cat_file(self.shard_manifest_path(dataset, feature, key, shard))
-                manifest = self.shard_manifest(dataset, feature, key, shard)
+                manifest = self._parse_manifest(dataset, feature, key, shard, raw)
                 stamp = self._stamp(dataset, feature, key, shard, manifest, listing)
                 if not full and stamp and stamp == self._verified_stamp(dataset, feature, key, shard):
                     check.skipped = True
