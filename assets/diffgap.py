@@ -11,10 +11,12 @@ from assets.factory import dataset_asset
 from assets.resources import FeatureStoreResource
 from stages.diffgap import evaluate as diffgap_eval
 from stages.diffgap import train as diffgap_train
+from stages.core.progress import Progress
+from stages.core.results import cached_result
 from stages.core.tables import rows_to_csv, rows_to_markdown
 from stages.core.refs import DiffgapRef, FeatureRef, ManifestRef
 from stages.ingest.manifest import load_manifest
-from stages.core.store import FeatureStore, feature_key
+from stages.core.store import FeatureStore
 from stages.embeddings.spaces import SkippedSpace
 
 DIFFGAP_OR_SKIPPED = or_skipped(DiffgapRef)
@@ -106,19 +108,17 @@ TABLE_COLUMNS = ["direction", "method", "blend_weight", "R@1", "R@5", "R@10", "m
 SUMMARY_COLUMNS = ["direction", "method", "R@1 mean", "R@1 std", "seeds"]
 
 
-def _write_csv(store: FeatureStore, dataset: str, name: str, key: str, rows: list[dict]) -> str:
+def _write_csv(store: FeatureStore, dataset: str, name: str, key: str, rows: list[dict], reused: bool) -> str:
+    """The rows as CSV under the result's key (a reused result's CSV is rewritten only when missing)."""
     path = posixpath.join(store.path(dataset, "evaluations", name), f"{key}.csv")
-    store.write_bytes(path, rows_to_csv(rows).encode())
+    if not (reused and store.exists(path)):
+        store.write_bytes(path, rows_to_csv(rows).encode())
     return store.url(path)
 
 
 def _present(refs) -> tuple[list[DiffgapRef], list[SkippedSpace]]:
     """The spaces this dataset has, and those it skipped (tabled as one row each)."""
     return [r for r in refs if not isinstance(r, SkippedSpace)], [r for r in refs if isinstance(r, SkippedSpace)]
-
-
-def _input_keys(refs) -> list[str]:
-    return [r.reason if isinstance(r, SkippedSpace) else r.key for r in refs]
 
 
 def _seed_summary(rows: list[dict]) -> list[dict]:
@@ -135,8 +135,14 @@ def _seed_summary(rows: list[dict]) -> list[dict]:
     ]
 
 
-@dataset_asset(group="diffgap", kinds=("pytorch",), description="Retrieval with DiffGAP (Tables III/IV): base encoder, ridge control and DiffGAP on the test split, over seeds.",
-       code_version="diffgap_evaluation-1")
+def _result_metadata(result) -> dict:
+    """What every cached result's materialization says: reused or computed, under which key."""
+    return {"reused": result.reused, "result_key": result.key, "result_url": MetadataValue.path(result.url),
+            **({"recomputed_because": result.recomputed_because} if result.recomputed_because else {})}
+
+
+@dataset_asset(group="diffgap", kinds=("pytorch",), description="Retrieval with DiffGAP (Tables III/IV): base encoder, ridge control and DiffGAP on the test split, over seeds. Cached by its inputs' keys and config.",
+       code_version=f"diffgap_evaluation-{diffgap_eval.EVALUATION_CODE_VERSION}")
 def diffgap_evaluation(
     context: AssetExecutionContext,
     config: DiffgapEvalConfig,
@@ -146,39 +152,48 @@ def diffgap_evaluation(
     feature_store: FeatureStoreResource,
 ) -> Output[list]:
     store = feature_store.writable_store()
-    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
-    rows = []
-    present, skipped = _present((diffgap_clap, diffgap_cavp))
-    for ref in present:
-        data = _splits_or_failure(store, manifest, ref)
-        main_model, sidecar = diffgap_train.load_model(store, manifest.dataset, ref.space, ref.key)
-        trained_with = diffgap_train.DiffgapTrainConfig(**sidecar["train_config"])
-        for seed in config.seeds:
-            if seed == trained_with.seed:
-                model = main_model
-            else:
-                seeded = diffgap_train.DiffgapTrainConfig(**{**trained_with.params(), "seed": seed})
-                model = diffgap_train.fit_space(store, manifest, ref.space, ref.embedding_key, seeded, log=context.log.info).model
-            rows += diffgap_eval.evaluate_space(ref.space, data, model, diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples, seed))
-    rows += [space.row(TABLE_COLUMNS) for space in skipped]
-    key = feature_key("diffgap_evaluation", config.model_dump(), "1", _input_keys((diffgap_clap, diffgap_cavp)))
-    csv_url = _write_csv(store, manifest.dataset, "diffgap_retrieval", key, rows)
+    spaces = (diffgap_clap, diffgap_cavp)
+    present, skipped = _present(spaces)
+    key, provenance = diffgap_eval.result_key("diffgap_evaluation", config.model_dump(), clip_manifest.digest, spaces)
+
+    def compute() -> list[dict]:
+        manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+        evaluation = diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples)
+        progress = Progress("diffgap_evaluation", len(present) * len(config.seeds), "fits", context.log.info).start()
+        rows = []
+        for ref in present:
+            rows += diffgap_eval.seed_rows(store, manifest, ref, _splits_or_failure(store, manifest, ref), evaluation,
+                                           config.seeds, log=context.log.info, progress=progress)
+        return rows + [space.row(TABLE_COLUMNS) for space in skipped]
+
+    result = cached_result(store, clip_manifest.dataset, "diffgap_evaluation", key, compute, provenance, context.log.info)
+    rows = result.value
+    csv_url = _write_csv(store, clip_manifest.dataset, "diffgap_retrieval", key, rows, result.reused)
     summary = _seed_summary(rows) + [space.row(SUMMARY_COLUMNS) for space in skipped]
     summary_md = rows_to_markdown(summary, SUMMARY_COLUMNS)
+    models = store.url(store.path(clip_manifest.dataset, "models"))
     context.log.info(
-        f"DiffGAP retrieval (test split, R@1 mean/std over seeds {config.seeds}):\n{summary_md}\n"
-        f"Results: {csv_url}\nCheckpoints: {store.url(store.path(manifest.dataset, 'models'))}"
+        f"DiffGAP retrieval (test split, R@1 mean/std over seeds {config.seeds}; {'reused' if result.reused else 'computed'}, "
+        f"key {key}):\n{summary_md}\nResults: {csv_url}\nCheckpoints: {models}"
     )
     return Output(rows, data_version=DataVersion(key), metadata={
         "summary": MetadataValue.md(summary_md),
         "table": MetadataValue.md(rows_to_markdown(rows, TABLE_COLUMNS)),
         "csv": MetadataValue.path(csv_url),
-        "checkpoints": MetadataValue.path(store.url(store.path(manifest.dataset, "models"))),
+        "checkpoints": MetadataValue.path(models),
+        **_result_metadata(result),
     })
 
 
-@dataset_asset(group="diffgap", kinds=("pytorch",), description="Ablations in the shape of Tables V (CDM/BST), VI (50/20/5 steps) and VII (BST interval), per space.",
-       code_version="diffgap_ablations-1")
+ABLATION_COLUMNS = {
+    "V": ["direction", "CDM", "BST", "R@1", "R@5", "R@10", "blend_weight"],
+    "VI": ["direction", "steps", "R@1", "R@5", "R@10", "blend_weight"],
+    "VII": ["direction", "bst_interval", "R@1", "R@5", "R@10", "final_loss", "blend_weight"],
+}
+
+
+@dataset_asset(group="diffgap", kinds=("pytorch",), description="Ablations in the shape of Tables V (CDM/BST), VI (50/20/5 steps) and VII (BST interval), per space. Cached by its inputs' keys and config.",
+       code_version=f"diffgap_ablations-{diffgap_eval.EVALUATION_CODE_VERSION}")
 def diffgap_ablations(
     context: AssetExecutionContext,
     config: DiffgapEvalConfig,
@@ -188,29 +203,39 @@ def diffgap_ablations(
     feature_store: FeatureStoreResource,
 ) -> Output[dict]:
     store = feature_store.writable_store()
-    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
-    tables: dict[str, list] = {"V": [], "VI": [], "VII": []}
     seed = config.seeds[0] if config.seeds else 0
-    evaluation = diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples, seed)
-    present, skipped = _present((diffgap_clap, diffgap_cavp))
-    for ref in present:
-        _splits_or_failure(store, manifest, ref)
-        _, sidecar = diffgap_train.load_model(store, manifest.dataset, ref.space, ref.key)
-        found = diffgap_eval.ablation_rows(store, manifest, ref.space, ref.embedding_key, diffgap_train.DiffgapTrainConfig(**sidecar["train_config"]),
-                                evaluation, log=context.log.debug)
+    spaces = (diffgap_clap, diffgap_cavp)
+    present, skipped = _present(spaces)
+    # Only the first seed is used: the other seeds are not part of the key.
+    settings = {**config.model_dump(), "seeds": [seed]}
+    key, provenance = diffgap_eval.result_key("diffgap_ablations", settings, clip_manifest.digest, spaces,
+                                              diffgap_eval.ablation_settings())
+
+    def compute() -> dict:
+        manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+        evaluation = diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples, seed)
+        progress = Progress("diffgap_ablations", diffgap_eval.ABLATIONS_PER_SPACE * len(present), "ablations",
+                            context.log.info).start(spaces=", ".join(r.space for r in present), seed=seed)
+        tables: dict[str, list] = {name: [] for name in ABLATION_COLUMNS}
+        for ref in present:
+            _splits_or_failure(store, manifest, ref)
+            _, sidecar = diffgap_train.load_model(store, manifest.dataset, ref.space, ref.key)
+            found = diffgap_eval.ablation_rows(store, manifest, ref.space, ref.embedding_key,
+                                               diffgap_train.DiffgapTrainConfig(**sidecar["train_config"]), evaluation,
+                                               log=context.log.info, progress=progress)
+            for name in tables:
+                tables[name] += found[name]
         for name in tables:
-            tables[name] += found[name]
-    key = feature_key("diffgap_ablations", config.model_dump(), "1", _input_keys((diffgap_clap, diffgap_cavp)))
-    columns = {
-        "V": ["direction", "CDM", "BST", "R@1", "R@5", "R@10", "blend_weight"],
-        "VI": ["direction", "steps", "R@1", "R@5", "R@10", "blend_weight"],
-        "VII": ["direction", "bst_interval", "R@1", "R@5", "R@10", "final_loss", "blend_weight"],
-    }
-    for name in tables:
-        tables[name] += [space.row(columns[name]) for space in skipped]
+            tables[name] += [space.row(ABLATION_COLUMNS[name]) for space in skipped]
+        return tables
+
+    result = cached_result(store, clip_manifest.dataset, "diffgap_ablations", key, compute, provenance, context.log.info)
+    tables = result.value
     metadata = {}
     for name, rows in tables.items():
-        metadata[f"table_{name}"] = MetadataValue.md(rows_to_markdown(rows, columns[name]))
-        metadata[f"table_{name}_csv"] = MetadataValue.path(_write_csv(store, manifest.dataset, f"diffgap_table_{name}", key, rows))
-    context.log.info(f"DiffGAP ablations written beside {metadata['table_V_csv'].value}")
-    return Output(tables, data_version=DataVersion(key), metadata=metadata)
+        metadata[f"table_{name}"] = MetadataValue.md(rows_to_markdown(rows, ABLATION_COLUMNS[name]))
+        metadata[f"table_{name}_csv"] = MetadataValue.path(_write_csv(store, clip_manifest.dataset, f"diffgap_table_{name}", key, rows,
+                                                                        result.reused))
+    context.log.info(f"DiffGAP ablations ({'reused' if result.reused else 'computed'}, key {key}) written beside "
+                     f"{metadata['table_V_csv'].value}")
+    return Output(tables, data_version=DataVersion(key), metadata={**metadata, **_result_metadata(result)})

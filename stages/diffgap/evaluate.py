@@ -5,7 +5,7 @@ Tables V-VII.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -13,10 +13,26 @@ import torch
 from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, sample
 from stages.ingest.manifest import ClipManifest
 from stages.core.parallel import torch_threads
+from stages.core.progress import Progress
+from stages.core.refs import DiffgapRef
 from stages.evaluation.retrieval import normalize, retrieval_metrics
-from stages.core.store import FeatureStore
-from stages.diffgap.train import (BLEND_WEIGHTS, SMALL_MODEL_THREADS, DiffgapTrainConfig, EmbeddingPairs, direction_names,
-                                  fit_space, load_pairs)
+from stages.core.store import FeatureStore, feature_key
+from stages.diffgap.train import (BLEND_WEIGHTS, DIFFGAP_CODE_VERSION, SMALL_MODEL_THREADS, DiffgapTrainConfig, EmbeddingPairs,
+                                  direction_names, fit_space, load_model, load_pairs)
+from stages.embeddings.spaces import SkippedSpace
+
+# Bump when the rows an evaluation computes change for the same inputs (cached results are keyed by it).
+EVALUATION_CODE_VERSION = "2"
+ABLATION_SAMPLING_STEPS = (50, 20, 5)  # Table VI
+ABLATION_INTERVALS = "interval // 5, interval, 2 x interval"  # Table VII (what ablation_intervals does)
+# Units of work per space in ablation_rows (for progress): per direction the no-BST fit, Table V and
+# each sampling-step count; then each BST interval.
+ABLATIONS_PER_SPACE = 2 * (2 + len(ABLATION_SAMPLING_STEPS)) + 3
+
+
+def ablation_intervals(interval: int) -> tuple[int, int, int]:
+    """Table VII: the paper's BST intervals 1000 / 5000 / 10000 scaled to this run's interval."""
+    return (max(1, interval // 5), interval, 2 * interval)
 
 
 # ---- generation and retrieval -------------------------------------------------------------------
@@ -146,19 +162,27 @@ def evaluate_space(space: str, data: SplitData, model: Denoiser, evaluation: Eva
 
 def ablation_rows(
     store: FeatureStore, manifest: ClipManifest, space: str, embedding_key: str, config: DiffgapTrainConfig,
-    evaluation: EvalConfig, log: Callable[[str], None] | None = None,
+    evaluation: EvalConfig, log: Callable[[str], None] | None = None, progress: Progress | None = None,
 ) -> dict[str, list[dict]]:
     """Tables V (CDM / BST), VI (sampling steps) and VII (BST interval) for one space.
 
     Extra models are fitted (and cached) like the main one. BST intervals are the paper's
-    1000 / 5000 / 10000 scaled to this run: interval / 5, interval, 2 x interval.
+    1000 / 5000 / 10000 scaled to this run: interval / 5, interval, 2 x interval. ``progress``
+    (one is made when None) counts ABLATIONS_PER_SPACE units and says which ablation, space and seed.
     """
+    progress = progress or Progress(f"diffgap ablations {space}", ABLATIONS_PER_SPACE, "ablations", log).start()
+
+    def done(ablation: str) -> None:
+        progress.advance(1, ablation=ablation, space=space, seed=evaluation.seed)
+
     data = split_pairs(load_pairs(store, manifest, space, embedding_key))
     main = fit_space(store, manifest, space, embedding_key, config, log)
+    names = direction_names(space)
     table_v, table_vi, table_vii = [], [], []
     for direction in (TO_AUDIO, FROM_AUDIO):
         one_way = fit_space(store, manifest, space, embedding_key,
                             DiffgapTrainConfig(**{**config.params(), "bst": False, "single_direction": direction}), log)
+        done(f"V fit CDM without BST {names[direction]}")
         common = dict(steps=evaluation.steps, sampler=evaluation.sampler, samples=evaluation.samples, seed=evaluation.seed)
         rows = evaluate_direction(space, direction, data, None, **common)[:1]  # base encoder
         rows[0]["method"] = "base (no CDM)"
@@ -167,12 +191,14 @@ def ablation_rows(
         for row, cdm, bst in zip(rows, (False, True, True), (False, False, True)):
             row.update(CDM=cdm, BST=bst)
         table_v += rows
-        for steps in (50, 20, 5):
+        done(f"V CDM/BST {names[direction]}")
+        for steps in ABLATION_SAMPLING_STEPS:
             row = evaluate_direction(space, direction, data, main.model, include_controls=False, label="CDM + BST",
                                      **{**common, "steps": steps})[0]
             table_vi.append(row)
+            done(f"VI {steps} steps {names[direction]}")
     interval = config.bst_interval
-    for scaled in (max(1, interval // 5), interval, 2 * interval):
+    for scaled in ablation_intervals(interval):
         fitted = main if scaled == interval else fit_space(
             store, manifest, space, embedding_key, DiffgapTrainConfig(**{**config.params(), "bst_interval": scaled}), log)
         for direction in (TO_AUDIO, FROM_AUDIO):
@@ -182,4 +208,55 @@ def ablation_rows(
             row["bst_interval"] = scaled
             row["final_loss"] = fitted.sidecar["history"][-1]["loss"] if fitted.sidecar["history"] else None
             table_vii.append(row)
+        done(f"VII BST interval {scaled}")
     return {"V": table_v, "VI": table_vi, "VII": table_vii}
+
+
+def seed_rows(
+    store: FeatureStore, manifest: ClipManifest, ref: DiffgapRef, data: SplitData, evaluation: EvalConfig,
+    seeds: Sequence[int], log: Callable[[str], None] | None = None, progress: Progress | None = None,
+) -> list[dict]:
+    """Tables III / IV rows of one space over ``seeds``: the checkpoint of ``ref`` for its own seed,
+    a model fitted (and cached) with the same config for every other seed."""
+    main_model, sidecar = load_model(store, manifest.dataset, ref.space, ref.key)
+    trained_with = DiffgapTrainConfig(**sidecar["train_config"])
+    progress = progress or Progress(f"diffgap evaluation {ref.space}", len(seeds), "seeds", log).start()
+    rows = []
+    for seed in seeds:
+        if seed == trained_with.seed:
+            model = main_model
+        else:
+            seeded = DiffgapTrainConfig(**{**trained_with.params(), "seed": seed})
+            model = fit_space(store, manifest, ref.space, ref.embedding_key, seeded, log=log).model
+        rows += evaluate_space(ref.space, data, model, EvalConfig(evaluation.steps, evaluation.sampler, evaluation.samples, seed))
+        progress.advance(1, space=ref.space, seed=seed)
+    return rows
+
+
+# ---- cached results: keyed by what they evaluate and how ----------------------------------------
+
+def result_key(name: str, config: Mapping[str, Any], manifest_digest: str, spaces: Sequence[DiffgapRef | SkippedSpace],
+               extra: Mapping[str, Any] | None = None) -> tuple[str, dict]:
+    """The key of an evaluation result and what it hashes (its provenance).
+
+    Inputs: the clip-manifest version whose splits are evaluated, each space's DiffGAP checkpoint
+    (hash of its config, embedding key and shards), lineage and embedding feature key, or the
+    reason a space was skipped. Params: the evaluation config, the ablation settings (``extra``)
+    and the DiffGAP training code version (extra models of other seeds / settings are fitted by it).
+    """
+    inputs = [f"manifest:{manifest_digest}"]
+    for ref in spaces:
+        if isinstance(ref, SkippedSpace):
+            inputs.append(f"{ref.space}:skipped:{ref.reason}")
+        else:
+            inputs += [f"{ref.space}:checkpoint:{ref.key}", f"{ref.space}:lineage:{ref.lineage}",
+                       f"{ref.space}:embeddings:{ref.embedding_key}"]
+    params = {"config": dict(config), **dict(extra or {}), "diffgap_code_version": DIFFGAP_CODE_VERSION}
+    key = feature_key(name, params, EVALUATION_CODE_VERSION, inputs)
+    return key, {"params": params, "code_version": EVALUATION_CODE_VERSION, "inputs": inputs}
+
+
+def ablation_settings() -> dict:
+    """What the ablation tables vary (part of their result key)."""
+    return {"sampling_steps": list(ABLATION_SAMPLING_STEPS), "bst_intervals": ABLATION_INTERVALS,
+            "tables": ["V", "VI", "VII"]}
