@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.devices import device_of, to_device, to_host
+
 # Direction ids: which modality is the target. A model per space learns both (BST).
 TO_AUDIO, FROM_AUDIO = 0, 1
 
@@ -113,11 +115,12 @@ def diffusion_loss(model: Denoiser, scheduler, target: torch.Tensor, condition: 
     """Eq. (2): || eps - eps_theta(z_n, n, F_c) ||^2 on z_0 = sqrt(d) * target."""
     d = target.shape[-1]
     z0 = math.sqrt(d) * target
-    noise = torch.randn(z0.shape, generator=generator, device=z0.device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator, device=z0.device)
+    # Drawn on the host from ``generator`` and then copied (models.devices): the same numbers on any device.
+    noise = to_device(torch.randn(z0.shape, generator=generator), z0.device)
+    timesteps = to_device(torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator), z0.device)
     noisy = scheduler.add_noise(z0, noise, timesteps)
     if condition_dropout > 0:
-        drop = torch.rand(len(z0), generator=generator, device=z0.device) < condition_dropout
+        drop = to_device(torch.rand(len(z0), generator=generator) < condition_dropout, z0.device)
         condition = torch.where(drop[:, None], model.null_condition.expand_as(condition), condition)
     return F.mse_loss(model(noisy, timesteps, condition, direction), noise)
 
@@ -134,19 +137,21 @@ def sample(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Target-modality embeddings for each condition: [B, k, d] unit vectors (k = samples_per_condition)."""
+    """Target-modality embeddings for each condition: [B, k, d] unit vectors (k = samples_per_condition),
+    on the host. Runs on the model's device; the noise is drawn on the host from ``generator``."""
     model.eval()
     config = model.config
+    device = device_of(model)
     d = config.embed_dim
     radius = math.sqrt(d)
     scheduler = make_sampler(config, sampler)
     scheduler.set_timesteps(steps)
-    batch = condition.repeat_interleave(samples_per_condition, dim=0)
-    directions = torch.full((len(batch),), direction, dtype=torch.long)
-    z = torch.randn((len(batch), d), generator=generator)
+    batch = to_device(condition, device).repeat_interleave(samples_per_condition, dim=0)
+    directions = torch.full((len(batch),), direction, dtype=torch.long, device=device)
+    z = to_device(torch.randn((len(batch), d), generator=generator), device)
     alphas = scheduler.alphas_cumprod
     for t in scheduler.timesteps:
-        timesteps = torch.full((len(batch),), int(t), dtype=torch.long)
+        timesteps = torch.full((len(batch),), int(t), dtype=torch.long, device=device)
         eps = model(z, timesteps, batch, directions)
         if guidance_scale != 1.0:
             unconditional = model(z, timesteps, model.null_condition.expand_as(batch), directions)
@@ -157,4 +162,4 @@ def sample(
             x0 = radius * F.normalize(x0, dim=-1)
             eps = (z - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt().clamp(min=1e-8)
         z = scheduler.step(eps, t, z, generator=generator).prev_sample if sampler == "ddpm" else scheduler.step(eps, t, z).prev_sample
-    return F.normalize(z, dim=-1).reshape(len(condition), samples_per_condition, d)
+    return to_host(F.normalize(z, dim=-1).reshape(len(condition), samples_per_condition, d))

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from models.devices import device_of, to_device, to_host
+
 SAMPLE_STEPS = (50, 20, 5)
 
 
@@ -146,10 +148,11 @@ def diffusion_loss(model: LatentGenerator, scheduler, z0: torch.Tensor, cond: to
     """MSE of the eps / v prediction at uniform timesteps; the condition is dropped (-> null) with
     probability ``condition_dropout`` (classifier-free guidance training)."""
     batch = z0.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
-    noise = torch.randn(z0.shape, generator=generator)
+    # Drawn on the host from ``generator`` and then copied (models.devices): the same numbers on any device.
+    t = to_device(torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator), z0.device)
+    noise = to_device(torch.randn(z0.shape, generator=generator), z0.device)
     zt = scheduler.add_noise(z0, noise, t)
-    drop = torch.rand(batch, generator=generator) < condition_dropout
+    drop = to_device(torch.rand(batch, generator=generator) < condition_dropout, z0.device)
     return torch.nn.functional.mse_loss(model(zt, t, cond, drop), diffusion_target(scheduler, z0, noise, t))
 
 
@@ -158,31 +161,33 @@ def sample_latents(
     model: LatentGenerator, cond: torch.Tensor, steps: int = 50, guidance_scale: float = 3.0, sampler: str = "ddim",
     generator: torch.Generator | None = None, batch: int = 64,
 ) -> torch.Tensor:
-    """Scaled latents [B, C, h, w] for conditions [B, cond_dim]; guidance_scale 1 = conditional only,
-    0 = unconditional."""
+    """Scaled latents [B, C, h, w] (on the host) for conditions [B, cond_dim]; guidance_scale 1 =
+    conditional only, 0 = unconditional. Runs on the model's device; the noise is drawn on the host
+    from ``generator``, so a batch samples the same latents on any device (up to float error)."""
     model.eval()
     config = model.config
+    device = device_of(model)
     cond = torch.as_tensor(cond, dtype=torch.float32)
     outs = []
     for start in range(0, len(cond), batch):
-        c = cond[start : start + batch]
+        c = to_device(cond[start : start + batch], device)
         n = len(c)
         scheduler = make_sample_scheduler(config, sampler)
         scheduler.set_timesteps(steps)
-        z = torch.randn((n, config.latent_channels, config.latent_size, config.latent_size), generator=generator)
+        z = to_device(torch.randn((n, config.latent_channels, config.latent_size, config.latent_size), generator=generator), device)
         z = z * scheduler.init_noise_sigma
         guided = guidance_scale != 1.0
         for t in scheduler.timesteps:
-            tt = torch.full((2 * n if guided else n,), int(t), dtype=torch.long)
+            tt = torch.full((2 * n if guided else n,), int(t), dtype=torch.long, device=device)
             if guided:
-                drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+                drop = torch.cat([torch.zeros(n, dtype=torch.bool, device=device), torch.ones(n, dtype=torch.bool, device=device)])
                 out_c, out_u = model(torch.cat([z, z]), tt, torch.cat([c, c]), drop).chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)  # eps and v are both linear in (z, x0): same mix
             else:
                 out = model(z, tt, c)
             kwargs = {"generator": generator} if sampler == "ddpm" else {"eta": 0.0}
             z = scheduler.step(out, t, z, **kwargs).prev_sample
-        outs.append(z)
+        outs.append(to_host(z))
     if not outs:
         return torch.zeros((0, config.latent_channels, config.latent_size, config.latent_size))
     return torch.cat(outs)

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.devices import to_device
+
 # diffusers' save_pretrained names (safe_serialization=True is its default).
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -193,9 +195,11 @@ def _one_line(exc: BaseException) -> str:
 
 # ---- images <-> tensors, encode, decode -----------------------------------------------------------
 
-def images_to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1], channels_last."""
-    x = torch.as_tensor(np.asarray(images), device=device)
+def images_to_tensor(images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 [N, H, W, 3] (an array, or a tensor on the host or the device) -> float32 [N, 3, H, W]
+    in [-1, 1], channels_last, on ``device``. Host images travel as uint8 (a quarter of the bytes)
+    through pinned memory, and are converted on the device."""
+    x = to_device(images if torch.is_tensor(images) else torch.as_tensor(np.asarray(images)), device)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got shape {tuple(x.shape)}")
     return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous(memory_format=torch.channels_last)
@@ -233,7 +237,7 @@ def decode(vae, latents: torch.Tensor | np.ndarray, batch_size: int = DEFAULT_BA
     z = torch.as_tensor(np.asarray(latents, np.float32) if isinstance(latents, np.ndarray) else latents).float()
     out = []
     for start in range(0, len(z), batch_size):
-        chunk = z[start : start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        chunk = to_device(z[start : start + batch_size], device).contiguous(memory_format=torch.channels_last)
         out.append(tensor_to_images(vae.decode(chunk).sample))
     if not out:
         raise ValueError("decode needs at least one latent")
@@ -248,17 +252,18 @@ def spectral_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (torch.log1p(fx) - torch.log1p(fy)).abs().mean()
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, spectral_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 reconstruction (of a posterior sample) + kl_weight * KL per latent element (+ spectral)."""
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, spectral_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L1 reconstruction (of a posterior sample) + kl_weight * KL per latent element (+ spectral).
+    The parts are detached 0-d tensors: ``float()`` them when needed (on CUDA that waits for the step)."""
     posterior = vae.encode(x).latent_dist
     z = posterior.sample()
     y = vae.decode(z).sample
     l1 = (y - x).abs().mean()
     kl = posterior.kl().mean() / z[0].numel()
     loss = l1 + kl_weight * kl
-    parts = {"l1": l1.detach().item(), "kl": kl.detach().item()}
+    parts = {"l1": l1.detach(), "kl": kl.detach()}
     if spectral_weight:
         spectral = spectral_l1(y, x)
         loss = loss + spectral_weight * spectral
-        parts["spectral"] = spectral.detach().item()
+        parts["spectral"] = spectral.detach()
     return loss, parts

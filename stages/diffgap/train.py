@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from models.devices import DeviceRows, check_device, to_device
 from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, DenoiserConfig, diffusion_loss, make_train_scheduler
 from stages.embeddings.spaces import get_space
 from stages.ingest.manifest import ClipManifest
@@ -20,6 +21,8 @@ from stages.core.parallel import torch_threads
 from stages.evaluation.retrieval import normalize
 from stages.core.checkpoints import load_module, restore_optimizer
 from stages.core.lineage import NewShards, Progress, Start, Trained, fit_with_lineage
+from stages.core.progress import LossWindow
+from stages.core.progress import Progress as ProgressLog
 from stages.core.store import FeatureStore, feature_key
 
 
@@ -133,16 +136,21 @@ def _train_diffgap(
     new_clip_ids: set[str] | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    label: str = "diffgap",
 ) -> DiffgapTrainResult:
     """Train (or warm-start) a denoiser on one space's training pairs.
 
     From scratch: ``config.steps`` steps on all clips. Warm start (``init_state`` and
     ``new_clip_ids``): ``config.update_steps`` steps whose batches mix new clips with replayed
     old ones (``replay_fraction``), so the model learns the new data without forgetting.
+    On ``device``, with rows and noise drawn on the host as on CPU (models.devices); ``log`` gets
+    progress lines named by ``label`` (steps, loss, ETA). The returned model is on the host.
     """
     if len(train) < 2:
         raise ValueError(f"need at least 2 training clips with embeddings, got {len(train)}")
     start = time.perf_counter()
+    check_device(device)
     progress = progress or Progress()
     # Initialisation from the config's seed, not the caller's global RNG: two fits of one config
     # end with identical weights (the caller's RNG is left as it was).
@@ -151,6 +159,7 @@ def _train_diffgap(
         model = Denoiser(config.denoiser_config(train.audio.shape[1]))
     if init_state is not None:
         model.load_state_dict(init_state)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     scheduler = make_train_scheduler(model.config)
     warm = init_state is not None and new_clip_ids is not None
@@ -167,39 +176,41 @@ def _train_diffgap(
         restore_optimizer(optimizer, optimizer_state, groups)
         first_step, history = step_done + 1, list(groups.get("history", []))
         if log:
-            log(f"resuming at step {first_step} of {total_steps}")
-    audio = torch.from_numpy(train.audio)
-    other = torch.from_numpy(train.other)
+            log(f"{label}: resuming at step {first_step} of {total_steps}")
+    pairs = DeviceRows({"audio": train.audio, "other": train.other}, device)
     rng = np.random.default_rng([config.seed, first_step])
     generator = torch.Generator().manual_seed(config.seed * 100003 + first_step)
     batch_size = min(config.batch_size, len(train))
+    steps = range(first_step, total_steps + 1)
+
+    def batches():
+        for _ in steps:
+            if warm and len(old_rows):
+                n_old = int(round(batch_size * config.replay_fraction))
+                yield torch.from_numpy(np.concatenate([rng.choice(new_rows, batch_size - n_old), rng.choice(old_rows, n_old)]))
+            else:
+                yield torch.from_numpy(rng.choice(new_rows, batch_size, replace=len(new_rows) < batch_size))
+
+    shown = ProgressLog(label, total_steps, "steps", log, done=first_step - 1).start()
+    losses = LossWindow("DiffGAP loss")
     model.train()
-    running = []
-    for step in range(first_step, total_steps + 1):
-        if warm and len(old_rows):
-            n_old = int(round(batch_size * config.replay_fraction))
-            rows = np.concatenate([rng.choice(new_rows, batch_size - n_old), rng.choice(old_rows, n_old)])
-        else:
-            rows = rng.choice(new_rows, batch_size, replace=len(new_rows) < batch_size)
+    for step, batch in zip(steps, pairs.prefetch(batches())):
         direction = config.direction_at(step)
-        rows_t = torch.from_numpy(rows)
-        condition, target = (other[rows_t], audio[rows_t]) if direction == TO_AUDIO else (audio[rows_t], other[rows_t])
-        loss = diffusion_loss(model, scheduler, target, condition, torch.full((len(rows),), direction),
-                              config.condition_dropout, generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"DiffGAP loss became {loss.item()} at step {step}; lower learning_rate")
+        condition, target = (batch["other"], batch["audio"]) if direction == TO_AUDIO else (batch["audio"], batch["other"])
+        directions = to_device(torch.full((len(target),), direction), target.device)
+        loss = diffusion_loss(model, scheduler, target, condition, directions, config.condition_dropout, generator)
+        losses.add(step, loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        running.append(loss.item())
         if step % 100 == 0 or step == total_steps:
-            history.append({"step": step, "loss": float(np.mean(running)), "direction": int(direction)})
-            running = []
+            history.append({"step": step, "loss": float(np.mean(losses.take())), "direction": int(direction)})
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            losses.check()  # never save a step past a non-finite loss
             progress.save(step, model, optimizer, history)
-            if log:
-                log(f"step {step}/{total_steps}: loss {history[-1]['loss']:.4f}")
-    model.eval()
+        if shown.due() or step == total_steps:
+            shown.advance(step - shown.done, loss=losses.check)
+    model.to("cpu").eval()  # the caller saves and samples on the host
     return DiffgapTrainResult(model, history, total_steps - first_step + 1, first_step - 1, time.perf_counter() - start)
 
 
@@ -227,8 +238,24 @@ class FitResult:
     model: Denoiser
 
 
-def load_model(store: FeatureStore, dataset: str, space: str, key: str) -> tuple[Denoiser, dict]:
-    return load_module(store, dataset, model_name(space), key, lambda s: Denoiser(DenoiserConfig(**s["denoiser_config"])))
+def load_model(store: FeatureStore, dataset: str, space: str, key: str, device: str = "cpu") -> tuple[Denoiser, dict]:
+    """A stored denoiser on ``device`` (sampling runs where the model is) and its sidecar."""
+    model, sidecar = load_module(store, dataset, model_name(space), key, lambda s: Denoiser(DenoiserConfig(**s["denoiser_config"])))
+    return model.to(check_device(device)), sidecar
+
+
+def fit_label(space: str, config: DiffgapTrainConfig) -> str:
+    """`diffgap clap seed 1`, plus what an ablation changed (`, no BST`, `, bst_interval 500`): which fit a
+    progress line is about."""
+    default = DiffgapTrainConfig()
+    label = f"diffgap {space} seed {config.seed}"
+    if not config.bst:
+        label += f", no BST ({direction_names(space)[config.single_direction]} only)"
+    elif config.bst_interval != default.bst_interval:
+        label += f", bst_interval {config.bst_interval}"
+    if config.direction_embedding != default.direction_embedding:
+        label += f", direction_embedding {config.direction_embedding}"
+    return label
 
 
 def fit_space(
@@ -238,8 +265,11 @@ def fit_space(
     embedding_key: str,
     config: DiffgapTrainConfig,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> FitResult:
-    """The DiffGAP model of one space for the manifest's current shards (stages.core.lineage).
+    """The DiffGAP model of one space for the manifest's current shards (stages.core.lineage),
+    trained on ``device`` and returned there (so sampling with it runs there too); ``log`` gets
+    progress lines (space, seed, steps, loss, ETA).
 
     Checkpoint key = hash(lineage, shards). Same shards: reuse. New shards and an earlier
     checkpoint of the same lineage (same config and embedding key): warm start on the new
@@ -264,7 +294,7 @@ def fit_space(
             result = DiffgapTrainResult(model, [], 0, 0, 0.0)
         else:
             result = train_diffgap(train_pairs, config, init_state=start.state, new_clip_ids=new_ids,
-                                   progress=start.progress, log=log)
+                                   progress=start.progress, log=log, device=device, label=fit_label(space, config))
         return Trained(result.model.state_dict(), result.model, result.steps_run, result.resumed_from, result.seconds, {
             "space": space,
             "embedding_key": embedding_key,
@@ -278,4 +308,4 @@ def fit_space(
 
     fitted = fit_with_lineage(store, manifest.dataset, name, key, shards, train, on_new_shards=NewShards.WARM_START,
                               lineage=lineage, load=lambda k: load_model(store, manifest.dataset, space, k))
-    return FitResult(fitted.key, fitted.sidecar, fitted.status, fitted.model)
+    return FitResult(fitted.key, fitted.sidecar, fitted.status, fitted.model.to(check_device(device)))

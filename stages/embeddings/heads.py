@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from models.contrastive import CavpHead, ClapHead, HeadConfig
+from models.devices import DeviceRows, check_device, seeded_devices
 from stages.core.checkpoints import load_module
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResult, register_feature, registered_feature
 from stages.ingest.manifest import ClipManifest
 from stages.core.lineage import Fitted, NewShards, Start, Trained, fit_with_lineage
+from stages.core.progress import LossWindow, Progress
 from stages.core.store import FeatureStore, feature_key
 
 
@@ -140,13 +142,13 @@ class TrainResult:
     seconds: float
 
 
-def train_head(*args, **kwargs) -> "TrainResult":
+def train_head(*args, device: str = "cpu", **kwargs) -> "TrainResult":
     """See _train_head; small heads train on one thread (see stages.core.parallel.torch_threads)."""
     from stages.core.parallel import torch_threads
 
     # Seeded from the config's seed (init and dropout) in a scope of its own: the caller's global RNG is left as it was.
-    with torch_threads(1), torch.random.fork_rng(devices=[]):
-        return _train_head(*args, **kwargs)
+    with torch_threads(1), torch.random.fork_rng(devices=seeded_devices(device)):
+        return _train_head(*args, device=device, **kwargs)
 
 
 def _train_head(
@@ -156,21 +158,30 @@ def _train_head(
     config: HeadTrainConfig,
     init_state: Mapping[str, torch.Tensor] | None = None,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
-    """AdamW on random mini-batches; keeps the weights with the lowest validation loss."""
+    """AdamW on random mini-batches; keeps the weights with the lowest validation loss.
+
+    On ``device`` (models.devices: batch rows drawn on the host as on CPU, the arrays copied once
+    when they fit). The loss is read back at evaluations and progress lines only, so a CUDA step
+    does not wait for the one before; a non-finite loss still fails naming its step.
+    """
     if len(train) < 2:
         raise ValueError(f"{kind}: need at least 2 training clips with both inputs, got {len(train)}")
     start = time.perf_counter()
+    check_device(device)
     torch.manual_seed(config.seed)
     generator = np.random.default_rng(config.seed)
     model = build_head(kind, input_dims(train), config.head_config())
     if init_state is not None:
         model.load_state_dict(init_state)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
-    tensors = {k: torch.from_numpy(v) for k, v in train.arrays.items()}
-    val_tensors = {k: torch.from_numpy(v) for k, v in val.arrays.items()} if len(val) >= 2 else None
+    rows = DeviceRows(train.arrays, device)
+    val_tensors = DeviceRows(val.arrays, device).arrays if len(val) >= 2 else None
     batch_size = min(config.batch_size, len(train))
+    progress = Progress(f"{kind.replace('_', ' ')} seed {config.seed}", config.steps, "steps", log).start()
 
     def val_loss() -> float:
         if val_tensors is None:
@@ -181,29 +192,34 @@ def _train_head(
         model.train()
         return loss
 
+    def batches():
+        for _ in range(config.steps):
+            yield torch.from_numpy(generator.choice(len(train), size=batch_size, replace=False))
+
     history, best = [], (float("inf"), 0, {k: v.clone() for k, v in model.state_dict().items()})
+    losses = LossWindow(f"{kind}: training loss")
+    current = float("nan")
     model.train()
-    for step in range(1, config.steps + 1):
-        rows = torch.from_numpy(generator.choice(len(train), size=batch_size, replace=False))
-        loss = _loss(model, kind, {k: v[rows] for k, v in tensors.items()}, config)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{kind}: training loss became {float(loss)} at step {step}; lower learning_rate")
+    for step, batch in enumerate(rows.prefetch(batches()), start=1):
+        loss = _loss(model, kind, batch, config)
+        losses.add(step, loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % config.eval_every == 0 or step == config.steps:
+            train_loss = losses.check()
             current = val_loss()
             with torch.no_grad():
                 temperature = float(1 / model.scale())
-            history.append({"step": step, "train_loss": loss.item(), "val_loss": current, "temperature": temperature})
-            score = current if np.isfinite(current) else float(loss)
+            history.append({"step": step, "train_loss": train_loss, "val_loss": current, "temperature": temperature})
+            score = current if np.isfinite(current) else train_loss
             if score < best[0]:
                 best = (score, step, {k: v.clone() for k, v in model.state_dict().items()})
-            if log:
-                log(f"{kind} step {step}: train {loss.item():.4f} val {current:.4f}")
+        if progress.due() or step == config.steps:
+            progress.advance(step - progress.done, loss=losses.check, **({"val": current} if np.isfinite(current) else {}))
     model.load_state_dict(best[2])
-    model.eval()
+    model.to("cpu").eval()  # the caller embeds and saves on the host
     return TrainResult(model, history, best[1], best[0], time.perf_counter() - start)
 
 
@@ -245,14 +261,15 @@ def head_key(kind: str, config: HeadTrainConfig, revision: str, tower_keys: Mapp
 
 
 def fit_head(store: FeatureStore, manifest: ClipManifest, kind: str, tower_keys: Mapping[str, str], config: HeadTrainConfig,
-             revision: str = "", log: Callable[[str], None] | None = None) -> Fitted:
-    """The trained projection heads of one space (stages.core.lineage, new shards: reuse)."""
+             revision: str = "", log: Callable[[str], None] | None = None, device: str = "cpu") -> Fitted:
+    """The trained projection heads of one space (stages.core.lineage, new shards: reuse), trained
+    on ``device``; ``log`` gets progress lines (steps, loss, ETA)."""
     key = head_key(kind, config, revision, tower_keys)
 
     def train(start: Start) -> Trained:
         data = paired_features(store, manifest, kind, dict(tower_keys))
         train_set, val_set = data.subset("train"), data.subset("val")
-        result = train_head(kind, train_set, val_set, config, log=log)
+        result = train_head(kind, train_set, val_set, config, log=log, device=device)
         return Trained(result.model.state_dict(), result.model, config.steps, 0, result.seconds, {
             "head_config": config.head_config().params(),
             "train_config": config.params(),

@@ -22,12 +22,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from models.devices import DeviceRows, check_device
 from models.generator import GeneratorConfig, LatentGenerator, diffusion_loss, make_train_scheduler
 
 from stages.embeddings.spaces import get_space
 from stages.ingest.manifest import ClipManifest
 from stages.core.parallel import torch_threads
 from stages.core.lineage import NewShards, Start, Trained, fit_with_lineage
+from stages.core.progress import LossWindow, Progress
 from stages.core.store import FeatureStore, feature_key
 
 
@@ -124,44 +126,49 @@ class GeneratorTrainResult:
     seconds: float
 
 
-def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Callable[[str], None] | None = None) -> GeneratorTrainResult:
-    """AdamW on random batches of (latent, audio embedding); eps-MSE with condition dropout."""
+def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Callable[[str], None] | None = None,
+                    device: str = "cpu", label: str = "audio generator") -> GeneratorTrainResult:
+    """AdamW on random batches of (latent, audio embedding); eps-MSE with condition dropout.
+
+    On ``device``, with rows, noise, timesteps and dropout drawn on the host as on CPU
+    (models.devices); ``log`` gets progress lines named by ``label``. The model is returned on the host.
+    """
     if len(train) < 2:
         raise ValueError(f"need at least 2 training clips with latents and embeddings, got {len(train)}")
+    check_device(device)
     # The weights are initialised from the config's seed in a scope of its own (the caller's global
     # RNG is left as it was); noise, timesteps and dropout come from a generator of the same seed.
     with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
         start = time.perf_counter()
         torch.manual_seed(config.seed)
         _, channels, size, _ = train.latents.shape
-        model = LatentGenerator(config.generator_config(train.audio.shape[1], channels, size))
+        model = LatentGenerator(config.generator_config(train.audio.shape[1], channels, size)).to(device)
         scheduler = make_train_scheduler(model.config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
         warmup = max(1, config.steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) * (
             0.5 * (1 + np.cos(np.pi * min(1.0, max(0, i + 1 - warmup) / max(1, config.steps - warmup))))) + 1e-3)
-        latents, cond = torch.from_numpy(train.latents), torch.from_numpy(train.audio)
+        data = DeviceRows({"latents": train.latents, "cond": train.audio}, device)
         rng = np.random.default_rng(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         batch = min(config.batch_size, len(train))
-        history, running = [], []
+        history = []
+        losses = LossWindow("generator loss")
+        progress = Progress(label, config.steps, "steps", log).start()
+        rows = (torch.from_numpy(rng.choice(len(train), batch, replace=False)) for _ in range(config.steps))
         model.train()
-        for step in range(1, config.steps + 1):
-            rows = torch.from_numpy(rng.choice(len(train), batch, replace=False))
-            loss = diffusion_loss(model, scheduler, latents[rows], cond[rows], config.condition_dropout, generator)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"generator loss became {loss.item()} at step {step}; lower learning_rate")
+        for step, chunk in enumerate(data.prefetch(rows), start=1):
+            loss = diffusion_loss(model, scheduler, chunk["latents"], chunk["cond"], config.condition_dropout, generator)
+            losses.add(step, loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            running.append(loss.item())
             if step % 50 == 0 or step == config.steps:
-                history.append({"step": step, "loss": round(float(np.mean(running)), 5)})
-                running = []
-                if log and (step % 500 == 0 or step == config.steps):
-                    log(f"audio generator step {step}/{config.steps}: loss {history[-1]['loss']:.4f}")
-        model.eval()
+                history.append({"step": step, "loss": round(float(np.mean(losses.take())), 5)})
+            if progress.due() or step == config.steps:
+                progress.advance(step - progress.done, loss=losses.check)
+        model.to("cpu").eval()  # the caller saves and measures on the host
         return GeneratorTrainResult(model, history, time.perf_counter() - start)
 
 
@@ -208,19 +215,21 @@ class GeneratorFit:
     model: LatentGenerator
 
 
-def load_generator(store: FeatureStore, dataset: str, space: str, key: str) -> tuple[LatentGenerator, dict]:
+def load_generator(store: FeatureStore, dataset: str, space: str, key: str, device: str = "cpu") -> tuple[LatentGenerator, dict]:
+    """A stored generator on ``device`` (sampling runs where the model is) and its sidecar."""
     from stages.core.checkpoints import load_module
 
-    return load_module(store, dataset, model_name(space), key,
-                       lambda s: LatentGenerator(GeneratorConfig(**s["generator_config"])))
+    model, sidecar = load_module(store, dataset, model_name(space), key,
+                                 lambda s: LatentGenerator(GeneratorConfig(**s["generator_config"])))
+    return model.to(check_device(device)), sidecar
 
 
 def fit_generator(
     store: FeatureStore, manifest: ClipManifest, space: str, latent_key: str, embedding_key: str,
-    config: GeneratorTrainConfig, log: Callable[[str], None] | None = None,
+    config: GeneratorTrainConfig, log: Callable[[str], None] | None = None, device: str = "cpu",
 ) -> GeneratorFit:
-    """Train the generator of one space on the train split, or reuse the checkpoint of the same
-    key = hash(config, latent key, embedding key, shards)."""
+    """Train the generator of one space on the train split (on ``device``; ``log`` gets progress
+    lines), or reuse the checkpoint of the same key = hash(config, latent key, embedding key, shards)."""
     from stages.features.latents import latent_vaes
 
     name = model_name(space)
@@ -230,7 +239,7 @@ def fit_generator(
     def train(start: Start) -> Trained:
         pairs = load_latent_pairs(store, manifest, space, latent_key, embedding_key)
         train_pairs = pairs.subset("train")
-        result = train_generator(train_pairs, config, log)
+        result = train_generator(train_pairs, config, log, device, label=f"audio generator {space} seed {config.seed}")
         held_out = pairs.subset("val") if len(pairs.subset("val")) >= 2 else train_pairs
         with torch_threads(config.threads):
             sensitivity = condition_sensitivity(result.model, held_out)

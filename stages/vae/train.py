@@ -46,7 +46,9 @@ from models.vae import (
     vae_from_config,
     vae_loss,
 )
+from models.devices import DeviceRows, check_device
 from stages.core.checkpoints import load_checkpoint, save_checkpoint
+from stages.core.progress import LossWindow, Progress
 from stages.features.mel import AUDIO_IMAGE_FEATURE, MEL_FEATURE
 from stages.features.frames import VIDEO_FRAMES_FEATURE
 from stages.ingest.manifest import ClipManifest
@@ -203,18 +205,22 @@ def train_vae(
     device: str = "cpu",
     init_state: Mapping[str, torch.Tensor] | None = None,
     log: Callable[[str], None] | None = None,
+    label: str = "vae",
 ) -> VaeTrainResult:
     """AdamW (one-cycle schedule) on random batches; keeps the weights with the lowest validation L1.
 
     ``train`` / ``val`` are uint8 [N, H, W, 3]. An empty validation set scores a fixed subset of
     the training images instead (``val_source`` says so). Initialisation and the posterior samples
     come from the config's seed in a scope of their own (the caller's global RNG is left as it was).
+    On ``device`` (models.devices); ``log`` gets progress lines named by ``label`` (steps, loss,
+    validation L1, ETA).
     """
+    check_device(device)
     with seeded_rng(config.seed, device):
-        return _train_vae(train, val, config, device, init_state, log)
+        return _train_vae(train, val, config, device, init_state, log, label)
 
 
-def _train_vae(train, val, config, device, init_state, log) -> VaeTrainResult:
+def _train_vae(train, val, config, device, init_state, log, label="vae") -> VaeTrainResult:
     if len(train) < 1:
         raise ValueError("need at least 1 training image")
     start = time.perf_counter()
@@ -237,24 +243,29 @@ def _train_vae(train, val, config, device, init_state, log) -> VaeTrainResult:
         )
     vae.train()
     batch = min(config.batch_size, len(train))
-    for step in range(1, config.steps + 1):
-        rows = np.sort(rng.choice(len(train), size=batch, replace=False))
-        loss, parts = vae_loss(vae, images_to_tensor(train[rows], device), config.kl_weight, config.spectral_weight)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"VAE training loss became {float(loss)} at step {step}; lower learning_rate")
+    # uint8 images on the device when they fit, else pinned on the host (models.devices)
+    images = DeviceRows({"images": train}, device)
+    rows = (np.sort(rng.choice(len(train), size=batch, replace=False)) for _ in range(config.steps))
+    losses = LossWindow("VAE training loss")
+    progress = Progress(label, config.steps, "steps", log).start()
+    current = best[0]
+    for step, chunk in enumerate(images.prefetch(rows), start=1):
+        loss, parts = vae_loss(vae, images_to_tensor(chunk["images"], device), config.kl_weight, config.spectral_weight)
+        losses.add(step, loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % config.eval_every == 0 or step == config.steps:
+            losses.check()
             current = reconstruction_l1(vae, scored)
             vae.train()
-            history.append({"step": step, "train_l1": round(parts["l1"], 5), "train_kl": round(parts["kl"], 4),
+            history.append({"step": step, "train_l1": round(float(parts["l1"]), 5), "train_kl": round(float(parts["kl"]), 4),
                             "val_l1": round(current, 5)})
             if current < best[0]:
                 best = (current, step, {k: v.detach().clone() for k, v in vae.state_dict().items()})
-            if log:
-                log(f"VAE step {step}/{config.steps}: train L1 {parts['l1']:.4f} KL {parts['kl']:.3f}; {val_source} L1 {current:.4f}")
+        if progress.due() or step == config.steps:
+            progress.advance(step - progress.done, loss=losses.check, **{f"{val_source} L1": current})
     vae.load_state_dict(best[2])
     vae.eval()
     return VaeTrainResult(vae, history, best[1], best[0], time.perf_counter() - start, val_source)
@@ -490,7 +501,7 @@ def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pr
         vae = load_pretrained_vae(pretrained_dir).to(device)
         history, best_step, val_source = [], 0, ("val" if len(val) else "train")
     else:
-        result = train_vae(train.images, val.images, config, device=device, log=log)
+        result = train_vae(train.images, val.images, config, device=device, log=log, label=f"{name} seed {config.seed}")
         vae, history, best_step, val_source = result.model, result.history, result.best_step, result.val_source
     train_seconds = time.perf_counter() - start
     scaling = compute_scaling_factor(vae, train.images, seed=config.seed)
