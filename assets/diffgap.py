@@ -8,7 +8,7 @@ from pydantic import Field
 
 from assets.contrastive import EMBEDDINGS_OR_SKIPPED, or_skipped, skipped_output
 from assets.factory import dataset_asset
-from assets.resources import FeatureStoreResource
+from assets.resources import DeviceResource, FeatureStoreResource
 from stages.diffgap import evaluate as diffgap_eval
 from stages.diffgap import train as diffgap_train
 from stages.core.progress import Progress
@@ -42,13 +42,14 @@ class DiffgapConfig(Config):
 
 
 def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, embeddings: FeatureRef,
-         feature_store: FeatureStoreResource) -> Output:
+         feature_store: FeatureStoreResource, device: DeviceResource) -> Output:
     if isinstance(embeddings, SkippedSpace):
         return skipped_output(embeddings)
     store = feature_store.writable_store()
     manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
     try:
-        fitted = diffgap_train.fit_space(store, manifest, space, embeddings.key, config.train_config(), log=context.log.info)
+        fitted = diffgap_train.fit_space(store, manifest, space, embeddings.key, config.train_config(), log=context.log.info,
+                                         device=device.device())
     except (ValueError, FloatingPointError) as exc:
         raise Failure(f"DiffGAP ({space}) training failed: {exc}") from None
     sidecar = fitted.sidecar
@@ -79,15 +80,15 @@ def _fit(context, space: str, config: DiffgapConfig, manifest_ref: ManifestRef, 
 @dataset_asset(group="diffgap", kinds=("pytorch",), description="DiffGAP in CLAP space: one denoiser learning text->audio and audio->text (BST).",
        code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}", dagster_type=DIFFGAP_OR_SKIPPED)
 def diffgap_clap(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
-                 clap_embeddings: EMBEDDINGS_OR_SKIPPED, feature_store: FeatureStoreResource) -> Output:
-    return _fit(context, "clap", config, clip_manifest, clap_embeddings, feature_store)
+                 clap_embeddings: EMBEDDINGS_OR_SKIPPED, feature_store: FeatureStoreResource, device: DeviceResource) -> Output:
+    return _fit(context, "clap", config, clip_manifest, clap_embeddings, feature_store, device)
 
 
 @dataset_asset(group="diffgap", kinds=("pytorch",), description="DiffGAP in CAVP space: one denoiser learning video->audio and audio->video (BST).",
        code_version=f"diffgap-{diffgap_train.DIFFGAP_CODE_VERSION}", dagster_type=DIFFGAP_OR_SKIPPED)
 def diffgap_cavp(context: AssetExecutionContext, config: DiffgapConfig, clip_manifest: ManifestRef,
-                 cavp_embeddings: EMBEDDINGS_OR_SKIPPED, feature_store: FeatureStoreResource) -> Output:
-    return _fit(context, "cavp", config, clip_manifest, cavp_embeddings, feature_store)
+                 cavp_embeddings: EMBEDDINGS_OR_SKIPPED, feature_store: FeatureStoreResource, device: DeviceResource) -> Output:
+    return _fit(context, "cavp", config, clip_manifest, cavp_embeddings, feature_store, device)
 
 
 class DiffgapEvalConfig(Config):
