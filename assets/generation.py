@@ -64,6 +64,7 @@ def audio_generator(
     clap_embeddings: FeatureRef,
     cavp_embeddings: FeatureRef,
     feature_store: FeatureStoreResource,
+    device: DeviceResource,
 ) -> Output[GeneratorRef]:
     _space_check(config.spaces)
     store = feature_store.writable_store()
@@ -76,7 +77,8 @@ def audio_generator(
     keys, metadata = {}, {}
     for space in config.spaces:
         try:
-            fit = generation_train.fit_generator(store, manifest, space, vae_latents.key, embeddings[space].key, train_config, log=context.log.info)
+            fit = generation_train.fit_generator(store, manifest, space, vae_latents.key, embeddings[space].key, train_config, log=context.log.info,
+                                                 device=device.device())
         except (ValueError, FloatingPointError) as exc:
             raise Failure(f"audio generator ({space}) training failed: {exc}") from None
         keys[space] = fit.key
@@ -116,13 +118,13 @@ class GeneratedAudioConfig(SamplingConfig):
     prompts: list[str] = Field(default=["a dog barks"], description="Free-text prompts for text-to-audio (text tower + CLAP head).")
 
 
-def _models(store, ref: GeneratorRef, diffgaps: dict):
+def _models(store, ref: GeneratorRef, diffgaps: dict, device: str = "cpu"):
     from stages.diffgap.train import load_model
 
     out = {}
     for space, key in ref.keys.items():
-        model, sidecar = generation_train.load_generator(store, ref.dataset, space, key)
-        diffgap = load_model(store, ref.dataset, space, diffgaps[space].key)[0] if space in diffgaps else None
+        model, sidecar = generation_train.load_generator(store, ref.dataset, space, key, device)
+        diffgap = load_model(store, ref.dataset, space, diffgaps[space].key, device)[0] if space in diffgaps else None
         out[space] = (model, sidecar, diffgap)
     return out
 
@@ -147,7 +149,7 @@ def generated_audio(
     sample = config.sample_config()
     key = feature_key("generated_audio", config.model_dump(), "1", sorted(audio_generator.keys.values()) + [diffgap_clap.key, diffgap_cavp.key])
     folder = generation_eval.output_folder(store, manifest.dataset, key)
-    models = _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp})
+    models = _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp}, device.device())
     index = manifest.index()
     unknown = [c for c in config.clip_ids if c not in index]
     if unknown:
@@ -216,7 +218,7 @@ def generation_evaluation(
                               alignment=AlignmentConfig(steps=config.alignment_steps, seed=config.seed),
                               alignment_split=config.alignment_split)
     rows = []
-    for space, (model, sidecar, diffgap) in _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp}).items():
+    for space, (model, sidecar, diffgap) in _models(store, audio_generator, {"clap": diffgap_clap, "cavp": diffgap_cavp}, device.device()).items():
         try:
             found, _ = generation_eval.evaluate_space(store, manifest, space, model, sidecar, diffgap, sample, evaluation, device.device(), context.log.info)
         except ValueError as exc:

@@ -24,7 +24,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.factory import SHARD_RETRY, dataset_asset, dataset_check, feature_asset
-from assets.factory import check_feature, compute_feature, data_version, preview_markdown
+from assets.factory import check_feature, compute_feature, data_version, new_shards, preview_markdown
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
 from models.vae import PretrainedVaeError
 from stages.features import frames as FR
@@ -82,9 +82,9 @@ class LatentConfig(Config):
 
 # ---- video_frames ---------------------------------------------------------------------------------
 
-def _frames_report(context, store, ref: FeatureRef, metadata: dict, inputs: dict, params) -> None:
+def _frames_report(context, store, ref: FeatureRef, metadata: dict, inputs: dict, params, written) -> None:
     metadata.update(fps=params.fps, frames_per_clip=params.n_frames, size=params.size)
-    for shard in ref.shards:
+    for shard in written:
         preview = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=[shard])
         if len(preview):
             metadata["preview"] = preview_markdown(FR.frames_preview_png(preview.arrays["frames"][:PREVIEW_CLIPS]))
@@ -107,7 +107,7 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
         raise Failure(f"bad {name} config: {exc}") from None
     try:
         fit = vae_train.fit_vae(store, manifest, name, modality, source.key, train_config, config.pretrained_dir,
-                        device=device.device(), log=context.log.debug)
+                        device=device.device(), log=context.log.info)
     except PretrainedVaeError as exc:
         raise Failure(f"{name}: {exc}. Fix: the {name} config's pretrained_dir.") from None
     except (ValueError, FloatingPointError) as exc:
@@ -217,19 +217,19 @@ def vae_latents(
         {m: {"name": v.name, "key": v.key, "scaling_factor": v.scaling_factor} for m, v in vaes.items()},
         {m: ref.key for m, ref in inputs.items()},
     )
-    run, ref, metadata = compute_feature(
+    run, ref, metadata, written = compute_feature(
         context, store, audio_images.dataset, audio_images.manifest_digest, registered_feature(latents.LATENT_FEATURE),
         latents.LatentParams.key(job_params), job_params, compute, device.device(), tuple(latents.LatentParams.input_keys(job_params)),
     )
     metadata["dtype"] = params.dtype
     metadata["vae_keys"] = MetadataValue.json({m: job_params["vaes"][m]["key"] for m in params.modalities})
-    if run.clips_ok:
-        for modality, summary in latents.latent_summary(store, ref.dataset, ref.key, ref.shards).items():
+    if run.clips_ok and written:  # summaries and previews of what this run wrote
+        for modality, summary in latents.latent_summary(store, ref.dataset, ref.key, written).items():
             metadata[f"{modality}_shape"] = MetadataValue.json(summary["shape"])
             metadata[f"{modality}_std"] = MetadataValue.float(round(summary["std"], 4))
             metadata[f"{modality}_mean"] = MetadataValue.float(round(summary["mean"], 4))
             metadata[f"{modality}_scaling_factor"] = MetadataValue.float(round(summary["scaling_factor"], 6))
-        png = latents.latent_preview_png(store, ref.dataset, ref.key, ref.shards, PREVIEW_CLIPS, device.device())
+        png = latents.latent_preview_png(store, ref.dataset, ref.key, written, PREVIEW_CLIPS, device.device())
         if png:
             metadata["preview"] = preview_markdown(png)
     return Output(ref, data_version=data_version(run), metadata=metadata)
@@ -275,10 +275,10 @@ def frame_vae_beats_baselines(frame_vae: VaeRef, feature_store: FeatureStoreReso
 def vae_latents_valid(vae_latents: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     first = store.shard_manifest(vae_latents.dataset, vae_latents.feature, vae_latents.key, vae_latents.shards[0])
-    results = []
+    results, fresh = [], new_shards(store, vae_latents)
     for modality in first["params"]["modalities"]:
         shape = _row_shape(store, vae_latents, modality)
-        results.append(check_feature(store, vae_latents, modality, shape))
+        results.append(check_feature(store, vae_latents, modality, shape, fresh))
     failed = [r for r in results if not r.passed]
     return failed[0] if failed else results[0]
 
