@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
-from scipy.signal import lfilter
 
 # Bump when the generated content changes: a stored dataset with another version is rebuilt.
 GENERATOR_VERSION = 2
@@ -116,6 +114,8 @@ def write_mp4(path, frames: np.ndarray | None, fps: int, audio: np.ndarray | Non
               sample_rate: int) -> None:
     """Write an mp4: frames uint8 [T,H,W,3] as H.264 yuv420p (None = no video stream),
     audio float32 mono [N] in [-1, 1] as AAC (None = no audio stream)."""
+    import av  # here, not at the top: a run whose demo is complete never encodes (nor imports PyAV)
+
     if frames is None and audio is None:
         raise ValueError("write_mp4 needs frames or audio")
     if frames is not None:
@@ -458,6 +458,8 @@ def _event_sound(kind: str, f: float, pitch_u: float, sr: int, rng: np.random.Ge
 
 
 def _render_audio(spec: DemoSpec, p: dict, clean: bool) -> np.ndarray:
+    from scipy.signal import lfilter
+
     cdef = _CLASS_DEFS[p["cls"]]
     sr = spec.sample_rate
     n = round(p["n_frames"] / spec.fps * sr)
