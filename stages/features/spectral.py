@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 # STFT over sub-batches of this many clips: measured faster than one STFT over a whole shard.
 STFT_SUB_BATCH = 8
@@ -86,6 +85,8 @@ class MelSpectrogram:
     """Batched log-mel on CPU or CUDA: ``MelSpectrogram("hifigan22k")(audio[B, L]) -> [B, n_mels, T]``."""
 
     def __init__(self, preset: str | MelPreset = DEFAULT_PRESET, device: str = "cpu"):
+        import torch  # here, not at the top: the presets are read without torch (e.g. by a Dagster load)
+
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.device = torch.device(device)
         self.window = torch.hann_window(self.preset.window, device=self.device)
@@ -94,15 +95,19 @@ class MelSpectrogram:
         self.used_bins = int(np.nonzero(basis.any(axis=0))[0].max()) + 1
         self.basis = torch.from_numpy(np.ascontiguousarray(basis[:, : self.used_bins])).to(self.device)
 
-    @torch.no_grad()
     def __call__(self, audio: np.ndarray | torch.Tensor) -> np.ndarray:
-        batch = torch.as_tensor(audio, dtype=torch.float32)
-        if batch.ndim == 1:
-            batch = batch[None]
-        out = [self._log_mel(batch[i : i + STFT_SUB_BATCH].to(self.device)) for i in range(0, len(batch), STFT_SUB_BATCH)]
-        return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.preset.n_mels, 0), np.float32)
+        import torch
+
+        with torch.no_grad():
+            batch = torch.as_tensor(audio, dtype=torch.float32)
+            if batch.ndim == 1:
+                batch = batch[None]
+            out = [self._log_mel(batch[i : i + STFT_SUB_BATCH].to(self.device)) for i in range(0, len(batch), STFT_SUB_BATCH)]
+            return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.preset.n_mels, 0), np.float32)
 
     def _log_mel(self, audio: torch.Tensor) -> torch.Tensor:
+        import torch
+
         p = self.preset
         spec = torch.stft(
             audio,
@@ -123,6 +128,8 @@ class MelSpectrogram:
 
 def compress(mel: torch.Tensor, preset: MelPreset) -> torch.Tensor:
     """Linear mel -> the preset's log scale."""
+    import torch
+
     clamped = mel.clamp(min=preset.floor)
     if preset.compression == "ln":
         return torch.log(clamped)
