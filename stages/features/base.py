@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from stages.ingest.manifest import ClipManifest, load_manifest
 from stages.core.parallel import Executor, InProcessExecutor
+from stages.core.progress import Progress
 from stages.core.store import FeatureStore, StoreError
 
 
@@ -332,11 +333,14 @@ def run_feature(
     input_keys: tuple[str, ...] = (),
     device: str = "cpu",
     worker_threads: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> FeatureRun:
     """Compute the missing shards of one feature key in parallel, then update the catalog.
 
     Shards already committed are verified first (a full read only for those whose files changed
     since they last verified); a damaged one is retired and computed again with the missing ones.
+    ``log`` gets progress lines as shards complete (`feature: shards done/total (pct), rate, ETA`,
+    stages.core.progress), as they come back from the executor (``results_as_completed``).
     """
     start = time.perf_counter()
     shard_names = sorted(manifest.by_shard())
@@ -344,7 +348,15 @@ def run_feature(
     retired = [f"{c.shard}: {'; '.join(c.problems)}" for c in checks if c.retired]
     store.collect_garbage(manifest.dataset, feature, key)
     jobs, reused = shard_jobs(store, manifest, feature, key, params, code_version, input_keys, device, worker_threads)
-    results: list[ShardResult] = executor.map(compute, jobs)
+    results: list[ShardResult] = []
+    if jobs:
+        clips = sum(len(job.clips) for job in jobs)
+        progress = Progress(feature, len(jobs), "shards", log).start(clips=clips, reused=len(reused), key=key)
+        for result in results_as_completed(executor, compute, jobs):
+            results.append(result)
+            progress.advance(1, clips=sum(r.rows + len(r.quarantined) for r in results))
+        order = {job.shard: row for row, job in enumerate(jobs)}
+        results.sort(key=lambda r: order[r.shard])  # the order of the jobs, whatever the order of completion
     for shard in reused:
         committed = store.shard_manifest(manifest.dataset, feature, key, shard)
         results.append(ShardResult(shard, committed["rows"], committed.get("quarantined", []), 0.0, False))
@@ -369,6 +381,18 @@ def run_feature(
         shards=shards,
         retired=retired,
     )
+
+
+def results_as_completed(executor: Executor, fn: Callable[[ShardJob], ShardResult], jobs: list[ShardJob]) -> Iterator[ShardResult]:
+    """The results of ``fn`` over ``jobs`` as each one completes (any order), for progress: through
+    the executor's ``map_unordered`` where it has one, one by one in this process, else all at once
+    when ``map`` returns."""
+    unordered = getattr(executor, "map_unordered", None)
+    if unordered is not None:
+        return iter(unordered(fn, jobs))
+    if isinstance(executor, InProcessExecutor):
+        return (fn(job) for job in jobs)
+    return iter(executor.map(fn, jobs))
 
 
 def recompute_key(store: FeatureStore, dataset: str, feature: str, key: str, executor: Executor | None = None) -> FeatureRun:
