@@ -167,7 +167,7 @@ def compute_feature(
     manifest = load_manifest(store, dataset, manifest_digest)
     run = feature_base.run_feature(store, manifest, feature.name, key, params, feature.code_version, feature.compute_shard,
                                    _LazyExecutor(compute), input_keys=input_keys, device=device,
-                                   worker_threads=compute.worker_threads)
+                                   worker_threads=compute.worker_threads, log=context.log.info)
     for line in run.retired:
         context.log.warning(f"{feature.name} {run.key}: shard {line}; retired and computed again")
     context.log.info(f"{feature.name} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards"
@@ -189,6 +189,10 @@ class _LazyExecutor:
     def map(self, fn, items):
         items = list(items)
         return self.compute.executor().map(fn, items) if items else []
+
+    def map_unordered(self, fn, items):  # results as shards complete, for progress lines
+        items = list(items)
+        return feature_base.results_as_completed(self.compute.executor(), fn, items) if items else iter(())
 
 
 
