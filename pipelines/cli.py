@@ -308,14 +308,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stages.features.base import all_features
 
     _check_names(dataset=args.dataset)
-    from pipelines.definitions import RESOURCES, defs
+    from assets.resources import ClipSourceResource, resolved_env_settings
+    from pipelines.definitions import defs
 
     jobs = sorted(job.name for job in defs.jobs if not job.name.startswith("__"))
     if args.job not in jobs:
         raise ConfigError(f"unknown job {args.job!r}: choose one of {', '.join(jobs)}")
     assets = {key.path[-1] for key in defs.get_job_def(args.job).asset_layer.executable_asset_keys}
     features = [f.name for f in all_features().values() if f.name in assets]
-    clip_source = RESOURCES["clip_source"]
+    clip_source = ClipSourceResource(**resolved_env_settings("clip_source"))  # as the jobs see it, values resolved
     store = open_store(args.root)
     dataset = args.dataset or clip_source.dataset
     listing, why = (None, "source not listed (--no-listing)") if args.no_listing else _plan_listing(store, clip_source, dataset)
