@@ -5,6 +5,7 @@ Tower features (stages.features.towers) are read from the store, so training nev
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -20,7 +21,7 @@ from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResul
 from stages.ingest.manifest import ClipManifest
 from stages.core.lineage import Fitted, NewShards, Start, Trained, fit_with_lineage
 from stages.core.progress import LossWindow, Progress
-from stages.core.store import FeatureStore, feature_key
+from stages.core.store import FeatureStore, canonical_json, feature_key
 
 
 
@@ -241,8 +242,8 @@ def embed(model, kind: str, data: Mapping[str, np.ndarray]) -> dict[str, np.ndar
 
 
 @lru_cache(maxsize=4)
-def _cached_head(store_root: str, storage_items: tuple, dataset: str, kind: str, key: str):
-    store = FeatureStore(store_root, dict(storage_items))
+def _cached_head(store_root: str, storage_json: str, dataset: str, kind: str, key: str):
+    store = FeatureStore(store_root, json.loads(storage_json))
     model, _ = load_module(store, dataset, kind, key,
                            lambda s: build_head(kind, s["input_dims"], HeadConfig(**s["head_config"])))
     return model
@@ -250,7 +251,8 @@ def _cached_head(store_root: str, storage_items: tuple, dataset: str, kind: str,
 
 def load_head(store: FeatureStore, dataset: str, kind: str, key: str):
     """A trained head from its checkpoint (cached per process: workers embed many shards)."""
-    return _cached_head(store.url_root, tuple(sorted(store.storage_options.items())), dataset, kind, key)
+    # JSON, not a tuple of items: S3 options hold dicts (client_kwargs, config_kwargs), which do not hash.
+    return _cached_head(store.url_root, canonical_json(store.storage_options), dataset, kind, key)
 
 
 def head_key(kind: str, config: HeadTrainConfig, revision: str, tower_keys: Mapping[str, str]) -> str:
