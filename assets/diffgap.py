@@ -160,7 +160,7 @@ def diffgap_evaluation(
     def compute() -> list[dict]:
         manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
         evaluation = diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples)
-        progress = Progress("diffgap_evaluation", len(present) * len(config.seeds), "fits", context.log.info).start()
+        progress = Progress("diffgap_evaluation", len(present) * len(config.seeds), "seeds", context.log.info).start()
         rows = []
         for ref in present:
             rows += diffgap_eval.seed_rows(store, manifest, ref, _splits_or_failure(store, manifest, ref), evaluation,

@@ -34,7 +34,7 @@ RATE_SAMPLE_SHARDS = 16
 # frame decode 248 clips/s (ARCHITECTURE.md). Bytes: array sizes of the default settings, twice
 # (every row is in the tar and in the zarr). The rest are rough orders of magnitude.
 DEFAULT_RATES: dict[str, tuple[float, float]] = {
-    "mel_spectrograms": (1 / 192, 2 * 80 * 173 * 2),
+    "mel_spectrograms": (1 / 192, 2 * 80 * 345 * 2),
     "audio_images": (1 / 500, 2 * 64 * 64 * 3),
     "audio_tower": (1 / 9.4, 2 * (512 * 4 + 4 * 512 * 2 + 69 * 4)),
     "frame_tower": (1 / 7.6, 2 * (1280 * 4 + 4 * 1280 * 2)),
