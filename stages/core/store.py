@@ -980,19 +980,30 @@ def catalog_table(entries: Sequence[Mapping[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m stages.store ROOT [--dataset D] [--feature F]`: the catalog as a table (the same
-    as `xmodal store ls`, for readers without the console script)."""
+    """`python -m stages.store [ROOT] [--dataset D] [--feature F]`: the catalog as a table (the same
+    as `xmodal store ls`, for readers without the console script). The root and S3 options come from
+    the environment as for the jobs (stages.core.settings.open_store); an unreachable endpoint, a
+    missing bucket or missing credentials print one line and exit 2."""
     import argparse
+    import sys
 
-    from stages.core.settings import storage_options_for
+    from stages.core.settings import check_bucket, open_store, s3_problem
 
     parser = argparse.ArgumentParser(description="List what a feature store holds.")
-    parser.add_argument("root", help="local path or s3://bucket/prefix")
+    parser.add_argument("root", nargs="?", help="local path or s3://bucket/prefix (default: $XMODAL_STORE_ROOT)")
     parser.add_argument("--dataset")
     parser.add_argument("--feature")
     args = parser.parse_args(argv)
-    store = FeatureStore(args.root, storage_options_for(args.root))
-    print(catalog_table(store.catalog(dataset=args.dataset, feature=args.feature)))
+    try:
+        store = open_store(args.root)
+        check_bucket(store)
+        print(catalog_table(store.catalog(dataset=args.dataset, feature=args.feature)))
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, StoreError) else s3_problem(exc)
+        if message is None:
+            raise
+        print(f"stages.store: {' '.join(message.split())}", file=sys.stderr)
+        return 2
     return 0
 
 
