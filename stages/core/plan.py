@@ -60,7 +60,10 @@ class SourceChanges:
     """What the source's listing holds beyond the clip manifest (as clip_manifest would see it)."""
 
     new: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)  # size/mtime, caption, label or span differ
+    changed: list[str] = field(default_factory=list)  # caption, label, span or media URI differ: their shard changes
+    # Same clip, but the file's size/mtime differ (or the source gives none): clip_manifest hashes it
+    # again, and its shard changes only if the bytes did (which a plan cannot know without reading them).
+    restat: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     new_shards: list[int] = field(default_factory=list)  # clips per new shard
     dirty_shards: set[str] = field(default_factory=set)  # current shards a changed / removed clip is in
@@ -119,18 +122,24 @@ class RunPlan:
             source = "source not listed"
         else:
             source = (f"source: +{len(self.changes.new)} new clips in {len(self.changes.new_shards)} new shards, "
-                      f"{len(self.changes.changed)} changed, {len(self.changes.removed)} removed")
+                      f"{len(self.changes.changed)} changed, {len(self.changes.restat)} to re-hash, "
+                      f"{len(self.changes.removed)} removed")
         head = (f"dataset {self.dataset!r}: clip manifest {self.manifest or '(none yet)'}, {self.clips} clips; {source}. "
                 "Seconds are one worker's (divide by the workers that run in parallel).")
-        return "\n".join([head, line(headers), *(line(r) for r in cells), *self.notes])
+        notes = list(self.notes)
+        if self.changes is not None and self.changes.restat:
+            notes.append(f"{len(self.changes.restat)} clips' files differ in size/mtime: clip_manifest hashes them again "
+                         "(reading every byte), and their shards are computed again only if the bytes changed (not counted)")
+        return "\n".join([head, line(headers), *(line(r) for r in cells), *notes])
 
 
 def source_changes(manifest, listing, shard_size: int | None = None) -> SourceChanges:
     """How a source's listing differs from the clip manifest, without reading any media.
 
-    Mirrors build_manifest: a listed clip whose size/mtime (``stat``), caption, label or span differ
-    is changed (it may hash the same; the plan counts it as changed); new clips fill new shards
-    of ``shard_size`` (the manifest's by default); a removed clip changes the shard it was in.
+    Mirrors build_manifest: a listed clip whose caption, label, span or URI differ is changed (its
+    shard is computed again); one whose file's size/mtime differ is only re-hashed (``restat``: its
+    shard changes if the bytes did); new clips fill new shards of ``shard_size`` (the manifest's by
+    default); a removed clip changes the shard it was in.
     """
     old = {c.id: c for c in manifest.clips} if manifest is not None else {}
     shard_of = {c.id: name for name, clips in manifest.by_shard().items() for c in clips} if manifest is not None else {}
@@ -142,10 +151,11 @@ def source_changes(manifest, listing, shard_size: int | None = None) -> SourceCh
         before = old.get(clip.id)
         if before is None:
             changes.new.append(clip.id)
-        elif (before.uri != clip.uri or not clip.stat or before.stat != clip.stat or before.caption != clip.caption
-              or before.label != clip.label or tuple(before.captions) != tuple(clip.captions)
-              or (before.start, before.end) != (float(clip.start), float(clip.end))):
+        elif (before.uri != clip.uri or before.caption != clip.caption or before.label != clip.label
+              or tuple(before.captions) != tuple(clip.captions) or (before.start, before.end) != (float(clip.start), float(clip.end))):
             changes.changed.append(clip.id)
+        elif not clip.stat or before.stat != clip.stat:
+            changes.restat.append(clip.id)
     changes.removed = sorted(set(old) - seen)
     changes.dirty_shards = {shard_of[c] for c in changes.changed + changes.removed}
     size = shard_size or (manifest.shard_size if manifest is not None else 64)

@@ -4,6 +4,7 @@ it none, after the source grows only the new clips; it reads listings and manife
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -73,11 +74,15 @@ def test_plan_counts_what_a_run_computes_before_after_and_when_clips_arrive(sour
     assert "mel_spectrograms" in after.table() and "measured" in after.table()
 
     # 8 clips arrive and one caption is edited: a new shard of 8, and the edited clip's shard again.
+    # A touched file is only hashed again by clip_manifest (same bytes: same shard).
     rows[3]["caption"] = "an edited caption"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    touched = next(c for c in _listing(jsonl).clips if c.id == rows[20]["id"])
+    os.utime(touched.uri, (1_000_000_000, 1_000_000_000))
     written = _files(store)
     grown = plan_run(store, "demo", FEATURES, listing=_listing(jsonl))
     assert len(grown.changes.new) == 8 and grown.changes.changed == [rows[3]["id"]] and grown.changes.new_shards == [8]
+    assert grown.changes.restat == [touched.id] and "1 to re-hash" in grown.table()
     planned = by_feature(grown)[MEL_FEATURE]
     assert (planned.shards_total, planned.shards_cached, planned.shards_to_compute, planned.clips_to_compute) == (3, 1, 2, 24)
     assert planned.seconds == pytest.approx(24 * planned.rate.seconds_per_clip) and grown.clips == 40
