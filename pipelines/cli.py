@@ -62,12 +62,14 @@ def _space_names() -> Iterable[str]:
 
 
 def open_store(root: str | None):
-    """The feature store at ``root`` (default root and S3 options exactly as the jobs build them)."""
-    from stages.core.settings import default_store_root, storage_options_for
-    from stages.core.store import FeatureStore
+    """The feature store at ``root`` (default root and S3 options exactly as the jobs build them);
+    on S3, its endpoint and bucket are checked first (one line naming the fix)."""
+    from stages.core.settings import check_bucket
+    from stages.core.settings import open_store as open_configured_store
 
-    root = root or default_store_root()
-    return FeatureStore(root, storage_options_for(root))
+    store = open_configured_store(root)
+    check_bucket(store)
+    return store
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], right: Sequence[str] = ()) -> str:
@@ -548,9 +550,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except Exception as exc:
-        if not _is_expected(exc):
-            raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        if _is_expected(exc):
+            message = " ".join(str(exc).split()) or type(exc).__name__
+        else:  # an S3 endpoint or credentials problem mid-command is one line too
+            from stages.core.settings import s3_problem
+
+            message = s3_problem(exc)
+            if message is None:
+                raise
         print(f"xmodal: {message}", file=sys.stderr)
         return 2
 
