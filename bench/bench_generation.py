@@ -46,9 +46,9 @@ def main() -> int:
     decoder = None
     if args.store:
         from stages.core.checkpoints import list_checkpoints
-        from stages.core.store import FeatureStore
+        from stages.core.settings import open_store  # s3:// stores with the jobs' endpoint and retries
 
-        store = FeatureStore(args.store)
+        store = open_store(args.store)
         found = list_checkpoints(store, args.dataset, generation_train.model_name("clap"))
         if not found:
             raise SystemExit(f"no audio_generator_clap checkpoint in {args.store}: run without --store or materialize it")

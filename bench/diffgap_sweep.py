@@ -17,7 +17,7 @@ from stages.diffgap import train as diffgap_train
 from stages.core.checkpoints import list_checkpoints
 from stages.ingest.manifest import load_manifest
 from stages.core.parallel import torch_threads
-from stages.core.store import FeatureStore
+from stages.core.settings import open_store  # s3:// stores with the jobs' endpoint and retries
 
 
 def main() -> int:
@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--dataset", default="demo")
     parser.add_argument("--long-steps", type=int, default=9000, help="a longer training run to compare with")
     args = parser.parse_args()
-    store = FeatureStore(args.store)
+    store = open_store(args.store)
     manifest = load_manifest(store, args.dataset)
     print("| space | direction | variant | val R@1 (blend) | val R@1 (generated only) | test R@1 (blend) | w |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -46,10 +46,10 @@ def main() -> int:
     from stages.ingest.manifest import load_manifest
     from stages.core.parallel import torch_threads
     from stages.features.spectral import MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
-    from stages.core.store import FeatureStore
+    from stages.core.settings import open_store  # s3:// stores with the jobs' endpoint and retries
     from bench.generation_tables import label_probe
 
-    store = FeatureStore(args.store)
+    store = open_store(args.store)
     manifest = load_manifest(store, args.dataset)
     found = list_checkpoints(store, args.dataset, generation_train.model_name("clap"))
     if manifest is None or not found:

@@ -77,9 +77,9 @@ def main() -> int:
 
     from stages.core.checkpoints import list_checkpoints
     from stages.ingest.manifest import load_manifest
-    from stages.core.store import FeatureStore
+    from stages.core.settings import open_store  # s3:// stores with the jobs' endpoint and retries
 
-    store = FeatureStore(args.store)
+    store = open_store(args.store)
     manifest = load_manifest(store, args.dataset)
     if manifest is None:
         raise SystemExit(f"no clip manifest for dataset {args.dataset!r} in {args.store}")
