@@ -160,11 +160,13 @@ def quarantine_summary(quarantined: list[dict]) -> str:
 def compute_feature(
     context, store: FeatureStore, dataset: str, manifest_digest: str, feature: feature_base.ShardFeature, key: str,
     params: dict, compute: ComputeResource, device: str = "cpu", input_keys: tuple[str, ...] = (),
-) -> tuple[feature_base.FeatureRun, refs.FeatureRef, dict]:
+) -> tuple[feature_base.FeatureRun, refs.FeatureRef, dict, tuple[str, ...]]:
     """What every per-shard feature asset does: compute the key's missing shards of the manifest
-    (lazily starting the cluster), log new/reused, and return the run, its ref and the standard
-    metadata, to which the asset adds its own."""
+    (lazily starting the cluster), log new/reused, and return the run, its ref, the standard
+    metadata (to which the asset adds its own) and the shards this run wrote (what previews show:
+    reused shards were shown when they were new)."""
     manifest = load_manifest(store, dataset, manifest_digest)
+    before = set(store.committed_shards(dataset, feature.name, key))
     run = feature_base.run_feature(store, manifest, feature.name, key, params, feature.code_version, feature.compute_shard,
                                    _LazyExecutor(compute), input_keys=input_keys, device=device,
                                    worker_threads=compute.worker_threads, log=context.log.info)
@@ -173,7 +175,9 @@ def compute_feature(
     context.log.info(f"{feature.name} {run.key}: {run.shards_new} new / {run.shards_reused} reused shards"
                      + (f"; {quarantine_summary(run.quarantined)}" if run.quarantined else ""))
     ref = refs.FeatureRef(dataset, feature.name, run.key, manifest_digest, tuple(run.shards))
-    return run, ref, _run_metadata(store, run)
+    retired = {line.split(":", 1)[0] for line in run.retired}
+    written = tuple(s for s in run.shards if s not in before or s in retired)
+    return run, ref, _run_metadata(store, run), written
 
 
 def data_version(run: feature_base.FeatureRun) -> DataVersion:
@@ -196,15 +200,29 @@ class _LazyExecutor:
 
 
 
-def check_feature(store: FeatureStore, ref: refs.FeatureRef, name: str, expected_shape) -> AssetCheckResult:
-    """Every shard verifies against its manifest (checksums), shapes, finiteness, and rows +
+def new_shards(store: FeatureStore, ref: refs.FeatureRef) -> tuple[list[str], list[str]]:
+    """(shards new since they last verified, problems) of a feature ref, verifying the new ones.
+
+    A shard that ``run_feature`` reused was verified there (its ``_verified`` stamp matches its
+    files), so a check looks only at what this materialization wrote, or at a shard whose files
+    changed since: no-op work does not grow with the dataset. Verifying stamps what it checked.
+    """
+    checks = store.verify_shards(ref.dataset, ref.feature, ref.key, ref.shards)
+    problems = [f"{c.shard}: {'; '.join(c.problems)}" for c in checks if not c.ok]
+    problems += [f"{s}: not committed" for s in sorted(set(ref.shards) - {c.shard for c in checks})]
+    return [c.shard for c in checks if c.ok and not c.skipped], problems
+
+
+def check_feature(store: FeatureStore, ref: refs.FeatureRef, name: str, expected_shape,
+                  fresh: tuple[list[str], list[str]] | None = None) -> AssetCheckResult:
+    """Every shard verifies against its manifest (checksums); the new ones (``new_shards``, or
+    ``fresh`` when the caller already has them) also for shapes, finiteness, and rows +
     quarantined == clips of the manifest, shard by shard."""
     manifest = load_manifest(store, ref.dataset, ref.manifest_digest)
     by_shard = manifest.by_shard()
-    problems, rows, quarantined = [], 0, 0
-    damaged = [c for c in store.verify_shards(ref.dataset, ref.feature, ref.key, ref.shards) if not c.ok]
-    problems += [f"{c.shard}: {'; '.join(c.problems)}" for c in damaged]
-    for shard in sorted(set(ref.shards) - {c.shard for c in damaged}):
+    checked, problems = fresh if fresh is not None else new_shards(store, ref)
+    problems, rows, quarantined = list(problems), 0, 0
+    for shard in checked:
         committed = store.shard_manifest(ref.dataset, ref.feature, ref.key, shard)
         table = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=[shard], names=[name])
         rows += len(table)
@@ -221,10 +239,12 @@ def check_feature(store: FeatureStore, ref: refs.FeatureRef, name: str, expected
     return AssetCheckResult(
         passed=not problems,
         severity=AssetCheckSeverity.ERROR,
-        description="; ".join(problems[:10]) or "checksums, shapes, finiteness and row counts match the clip manifest",
-        metadata={"rows": rows, "quarantined": quarantined, "clips_in_manifest": len(manifest.clips), "problems": len(problems)},
+        description="; ".join(problems[:10]) or (
+            f"{len(checked)} new shards: checksums, shapes, finiteness and row counts match the clip manifest; "
+            f"{len(ref.shards) - len(checked)} reused shards verified unchanged"),
+        metadata={"rows": rows, "quarantined": quarantined, "clips_in_manifest": len(manifest.clips),
+                  "shards_checked": len(checked), "shards_reused": len(ref.shards) - len(checked), "problems": len(problems)},
     )
-
 
 
 def feature_asset(feature_name: str, *, config_type: type | None, params: Callable[[Any, dict], Any],
@@ -233,8 +253,9 @@ def feature_asset(feature_name: str, *, config_type: type | None, params: Callab
 
     ``params(config, inputs)`` builds the feature's params object (with ``.params()`` and
     ``.key(*input_keys)``) from the run config and the input feature refs; ``report(context,
-    store, ref, metadata, inputs, params)`` adds the feature's own metadata (previews). The asset computes the
-    missing shards through ``compute_feature`` and returns a FeatureRef.
+    store, ref, metadata, inputs, params, written)`` adds the feature's own metadata (previews of
+    ``written``, the shards this run wrote). The asset computes the missing shards through
+    ``compute_feature`` and returns a FeatureRef.
     """
     feature = registered_feature(feature_name)
     inputs = tuple(feature.inputs)
@@ -246,14 +267,14 @@ def feature_asset(feature_name: str, *, config_type: type | None, params: Callab
         store = feature_store.writable_store()
         built = params(config, refs)
         input_keys = tuple(refs[name].key for name in inputs)
-        run, ref, metadata = compute_feature(
+        run, ref, metadata, written = compute_feature(
             context, store, clip_manifest.dataset, clip_manifest.digest, feature, built.key(*input_keys), built.params(),
             compute, device.device() if device else "cpu", input_keys=input_keys,
         )
         for name in inputs:
             metadata[f"{name}_key"] = refs[name].key
         if report is not None:
-            report(context, store, ref, metadata, refs, built)
+            report(context, store, ref, metadata, refs, built, written)
         return Output(ref, data_version=data_version(run), metadata=metadata)
 
     if config_type is None:

@@ -75,7 +75,8 @@ def clip_manifest(
     listed = quarantine_summary(manifest.quarantined) or "0 rejected"
     context.log.info(
         f"{len(manifest.clips)} clips in {len(shards)} shards ({', '.join(f'{n} {s}' for s, n in sorted(splits.items()))}); "
-        f"+{len(delta.added)} new, {len(delta.changed)} changed, {len(delta.removed)} removed; at listing "
+        f"+{len(delta.added)} new, {len(delta.changed)} changed, {len(delta.removed)} removed"
+        + (f", {len(delta.moved)} moved from the short last shard into the new ones" if delta.moved else "") + "; at listing "
         f"{listed.replace('quarantined', 'rejected')} (clips that fail to decode are counted by each feature)"
     )
     return Output(
@@ -91,6 +92,7 @@ def clip_manifest(
             "clips_added": len(delta.added),
             "clips_changed": len(delta.changed),
             "clips_removed": len(delta.removed),
+            "clips_moved": len(delta.moved),
             "clips_quarantined": len(manifest.quarantined),
             "splits": MetadataValue.json(splits),
             "quarantine": MetadataValue.md(quarantine_markdown(manifest.quarantined)),
@@ -102,9 +104,12 @@ def _mel_params(config: MelConfig, inputs: dict) -> mel.MelParams:
     return mel.MelParams(**config.model_dump())
 
 
-def _mel_report(context, store: FeatureStore, ref: refs.FeatureRef, metadata: dict, inputs: dict, params) -> None:
-    preview = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=ref.shards[:1])
+def _mel_report(context, store: FeatureStore, ref: refs.FeatureRef, metadata: dict, inputs: dict, params,
+                written: tuple[str, ...]) -> None:
     metadata["preset"] = params.preset
+    if not written:  # nothing new: the preview is in the materialization that wrote the shards
+        return
+    preview = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=written[:1])
     if len(preview):
         metadata["preview"] = preview_markdown(preview_png(mels=preview.arrays["mel"][:PREVIEW_CLIPS]))
 
@@ -116,12 +121,15 @@ def _image_params(config: AudioImageConfig, inputs: dict) -> mel.AudioImageParam
     return mel.AudioImageParams(size=config.size)
 
 
-def _image_report(context, store: FeatureStore, ref: refs.FeatureRef, metadata: dict, inputs: dict, params) -> None:
+def _image_report(context, store: FeatureStore, ref: refs.FeatureRef, metadata: dict, inputs: dict, params,
+                  written: tuple[str, ...]) -> None:
     context.log.info(f"Features of {ref.dataset!r} are in {store.url_root} (catalog: xmodal store ls --root {store.url_root})")
     mel_key = inputs[mel.MEL_FEATURE].key
     metadata["mel_feature_key"] = mel_key
-    mels = store.read_arrays(ref.dataset, mel.MEL_FEATURE, mel_key, shards=ref.shards[:1])
-    images = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=ref.shards[:1])
+    if not written:
+        return
+    mels = store.read_arrays(ref.dataset, mel.MEL_FEATURE, mel_key, shards=written[:1])
+    images = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=written[:1])
     if len(images):
         metadata["preview"] = preview_markdown(
             preview_png(mels=mels.arrays["mel"][:PREVIEW_CLIPS], images=images.arrays["image"][:PREVIEW_CLIPS])

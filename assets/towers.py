@@ -17,7 +17,7 @@ from pydantic import Field
 
 from assets.factory import dataset_check, feature_asset
 from assets.features import ClipLengthConfig
-from assets.factory import check_feature
+from assets.factory import check_feature, new_shards
 from assets.resources import FeatureStoreResource
 from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower
 from stages.core import refs
@@ -43,7 +43,7 @@ class FrameTowerConfig(Config):
     crop: str = Field(default=ClipLength.crop, description="Which `seconds` of a longer clip: 'start' or 'centre' (as the audio's).")
 
 
-def _tower_report(context, store, ref: refs.FeatureRef, metadata: dict, inputs: dict, params) -> None:
+def _tower_report(context, store, ref: refs.FeatureRef, metadata: dict, inputs: dict, params, written) -> None:
     tower = params.params()["tower"]
     metadata["tower"] = f"{tower['package']} {tower['package_version']}"
     metadata["tower_settings"] = MetadataValue.json(tower)
@@ -68,14 +68,16 @@ def _check_tower(
     unit_norm: bool,
     manifest_texts: dict[str, str] | None = None,
 ) -> AssetCheckResult:
-    """_check_feature on the first array (row counts, shape, finite), then the other arrays' shapes
+    """check_feature on the first array (row counts, shape, finite), then the other arrays' shapes
     and finiteness, per-row norms of ``norm_array`` (unit, or at least non-zero) and, for text,
-    that every stored row was embedded from the clip's current caption."""
+    that every stored row was embedded from the clip's current caption; of the new shards only
+    (see assets.factory.new_shards)."""
     names = list(shapes)
-    base = check_feature(store, ref, names[0], shapes[names[0]])
+    fresh = new_shards(store, ref)
+    base = check_feature(store, ref, names[0], shapes[names[0]], fresh)
     problems = [] if base.passed else [base.description]
     norm_min, norm_max = np.inf, 0.0
-    for shard in ref.shards:
+    for shard in fresh[0]:
         table = store.read_arrays(ref.dataset, ref.feature, ref.key, shards=[shard], names=names[1:] + [norm_array])
         if not len(table):
             continue
