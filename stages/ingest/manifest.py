@@ -1,11 +1,26 @@
 """The clip manifest: every clip's id, media URI, content hash, caption/label, split and shard.
 
-Shard assignment is an append-only ledger kept in the store: a clip keeps its shard for life,
-new clips (sorted by id) fill new shards after the last one, so adding clips never reshuffles
-existing shards. A shard's store name is ``<shard_id>-<fingerprint>`` where the fingerprint
+Shard assignment is an append-only ledger kept in the store: a clip keeps its shard, new clips
+(sorted by id) fill new shards after the last one, so adding clips never reshuffles full
+shards. One exception keeps small appends from fragmenting the store: when clips are added and
+the last shard holds fewer than half of ``shard_size`` clips, its clips join the new ones in the
+new shards (fresh shard ids; the short shard leaves the new manifest version, while its committed
+features stay in the store for readers of older versions: nothing committed is rewritten). So
+an append recomputes fewer than ``shard_size / 2`` clips it already had, and every shard but the
+last is at least half full. A source that did not change keeps every shard as it was.
+A shard's store name is ``<shard_id>-<fingerprint>`` where the fingerprint
 hashes its clip ids and content hashes (and a clip's span and extra captions when it has them):
 a changed or removed file gives that one shard a new name (recomputed beside the old one), and
 every other shard keeps its cached features.
+
+Content hashes are reused from the previous version when a clip's ``stat`` token is unchanged
+(stages.ingest.sources: size, mtime in ns, inode and ctime locally; size and ETag or
+LastModified on object stores). What that trusts: a file whose bytes changed has a new size,
+mtime, inode or ctime (local) or a new ETag (S3). Rewriting a file in place and setting its
+mtime back also moves its ctime, which nothing but the kernel sets. Not caught: a same-size
+rewrite in place within the file system's timestamp granularity of the listing that hashed it
+(a few ms on ext4/xfs). New or changed files are hashed in threads (blake2b and file reads
+release the GIL).
 
 Splits: a clip keeps the split its source names; one without gets a split from the hash of its
 group (``SPLIT_RATIOS``, 80/10/10): stable when clips are added, and grouped, so segments of one
@@ -121,6 +136,7 @@ class ManifestDelta:
     added: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)  # kept clips of a short last shard, moved into the new shards
 
 
 @dataclass
@@ -198,7 +214,8 @@ def build_manifest(
     storage_options: dict | None = None,
     hash_threads: int = 8,
 ) -> tuple[ClipManifest, ManifestDelta]:
-    """Hash new or changed media, keep old shard assignments, append new clips into new shards."""
+    """Hash new or changed media, keep old shard assignments, append new clips into new shards
+    (with the clips of a short last shard: see the module docstring)."""
     check_name(dataset, "dataset")
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
@@ -254,13 +271,33 @@ def build_manifest(
     delta.removed = sorted(set(old) - present)
 
     next_index = 1 + max((int(c.shard_id[1:]) for c in (previous.clips if previous else [])), default=-1)
-    clips = list(kept)
+    added = {clip_id for clip_id, _ in new}
+    if new:
+        new += [(c.id, _fields_of(c)) for c in short_last_shard(kept, shard_size)]
+    moved = {clip_id for clip_id, _ in new} - added
+    clips = [c for c in kept if c.id not in moved]
     for position, (clip_id, fields) in enumerate(sorted(new)):
         clips.append(Clip(id=clip_id, shard_id=shard_id_of(next_index + position // shard_size), **fields))
-        delta.added.append(clip_id)
+        (delta.moved if clip_id in moved else delta.added).append(clip_id)
     clips.sort(key=lambda c: (c.shard_id, c.id))
     given = sum(1 for c, _ in hashed if c.split)
     return ClipManifest(dataset, shard_size, clips, quarantined, manifest_metadata(clips, given)), delta
+
+
+def short_last_shard(clips: list[Clip], shard_size: int) -> list[Clip]:
+    """The clips of the last shard when it holds fewer than half of ``shard_size``, else none."""
+    if not clips:
+        return []
+    last = max(clips, key=lambda c: int(c.shard_id[1:])).shard_id
+    members = [c for c in clips if c.shard_id == last]
+    return members if 2 * len(members) < shard_size else []
+
+
+def _fields_of(clip: Clip) -> dict:
+    fields = asdict(clip)
+    del fields["id"], fields["shard_id"]
+    fields["captions"] = tuple(fields["captions"])
+    return fields
 
 
 def split_groups(members: list[tuple[str, str]]) -> list[str]:

@@ -51,7 +51,7 @@ class SourceClip:
     caption: str = ""
     label: str = ""
     split: str = ""  # "" = the source names none
-    # fsspec size + mtime/etag: when unchanged, the previous content hash is reused.
+    # When unchanged, the previous content hash is reused (see local_stat_token / _stat_token); "" = always hash.
     stat: str = ""
     captions: tuple[str, ...] = ()  # every caption, when the source gives more than one
     group: str = ""  # split group (a YouTube id); "" = the media's content hash
@@ -95,8 +95,16 @@ def _fs(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str
 
 
 def _stat_token(info: dict) -> str:
+    """An object store's size + ETag (content-derived on S3), else its modification time."""
     marker = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or ""
     return f"{info.get('size', '')}:{marker}"
+
+
+def local_stat_token(st: os.stat_result) -> str:
+    """Size, mtime and ctime in ns and inode of a local file: any write moves mtime and ctime
+    (ctime cannot be set back by ``touch`` or ``utime``), a replacement (rsync, ``mv``) gives a
+    new inode. A chmod or a new hard link moves ctime too: such a file is hashed again (safe)."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def _is_remote(fs: fsspec.AbstractFileSystem) -> bool:
@@ -190,8 +198,7 @@ def scan_media(url: str, storage_options: dict | None = None, confine: bool = Fa
             if why:
                 scan.skipped[why] += 1
                 continue
-            st = os.stat(target)
-            scan.media[relative] = (path, f"{st.st_size}:{st.st_mtime}")
+            scan.media[relative] = (path, local_stat_token(os.stat(target)))
     return scan
 
 
@@ -473,8 +480,7 @@ def _stat_of(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str] | None
     if not _is_remote(fs):
         if not os.path.isfile(path):  # follows symlinks
             return None
-        st = os.stat(path)
-        return path, f"{st.st_size}:{st.st_mtime}"
+        return path, local_stat_token(os.stat(path))
     try:
         info = fs.info(path)
     except (FileNotFoundError, OSError, ValueError):

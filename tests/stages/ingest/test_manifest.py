@@ -148,10 +148,13 @@ def test_removed_clip_goes_to_delta_removed(wavs):
     assert after["s000002"] != before["s000002"]
     assert [c.id for c in new.by_shard()[after["s000002"]]] == ["c008"]
 
-    # The clip comes back later: it is new again and goes to a new shard, the others stay put.
+    # The clip comes back later: it is new again and goes to a new shard, with c008 (alone in the
+    # short last shard, which leaves this version); the full shards stay put.
     back, delta = build_manifest("wav", wavs.list(IDS), new, shard_size=4)
-    assert delta.added == ["c009"] and shard_of(back)["c009"] == "s000003"
-    assert names_by_shard_id(back)["s000002"] == after["s000002"]
+    assert delta.added == ["c009"] and delta.moved == ["c008"]
+    assert shard_of(back)["c009"] == shard_of(back)["c008"] == "s000003"
+    assert "s000002" not in names_by_shard_id(back)
+    assert {k: names_by_shard_id(back)[k] for k in ("s000000", "s000001")} == {k: after[k] for k in ("s000000", "s000001")}
 
 
 def test_duplicates_and_unreadable_clips_are_quarantined_with_a_reason(wavs):
