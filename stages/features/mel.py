@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stages.ingest.decode import AudioSpec, ClipLength, load_audio
+from stages.ingest.decode import AudioSpec, ClipLength, DecodeAhead, DecodedAhead, load_audio
 from stages.features.spectral import STFT_SUB_BATCH, MelSpectrogram, get_preset, mel_to_audio_image
 from stages.core.store import feature_key
 from stages.core.errors import ConfigError
@@ -78,6 +78,8 @@ class MelSpectrograms(ShardFeature):
     name, code_version, params_type = MEL_FEATURE, MEL_CODE_VERSION, MelParams
     kinds = ("numpy", "zarr")
     description = "Log-mel spectrograms of every clip, per shard, from a named preset (hifigan22k by default)."
+    # Clips decoded ahead on a thread while the STFT runs on earlier ones (not part of the key).
+    decode_ahead: DecodeAhead = DecodeAhead()
 
     def extract(self, job: ShardJob, store) -> ShardOutput:
         """Decode every clip of the shard (bad ones quarantined), batched log-mel."""
@@ -86,15 +88,15 @@ class MelSpectrograms(ShardFeature):
         preset = get_preset(params.preset)
         extractor = MelSpectrogram(preset, job.device)
         ok_ids, hashes, quarantined, mel_parts, pending = [], [], [], [], []
-        # Decoding runs one clip ahead on a thread while this one runs the STFT.
         decode = lambda uri, span: load_audio(uri, spec, job.storage_options, span)  # noqa: E731
-        for clip_id, digest, decoded in iter_decoded(job, decode, quarantined, prefetch=True):
-            ok_ids.append(clip_id)
-            hashes.append(digest)
-            pending.append(decoded)
-            if len(pending) == STFT_SUB_BATCH:
-                mel_parts.append(extractor(np.stack(pending)).astype(params.dtype))
-                pending = []
+        with DecodedAhead.of_shard(decode, job, self.decode_ahead) as decode_next:
+            for clip_id, digest, decoded in iter_decoded(job, decode_next, quarantined):
+                ok_ids.append(clip_id)
+                hashes.append(digest)
+                pending.append(decoded)
+                if len(pending) == STFT_SUB_BATCH:
+                    mel_parts.append(extractor(np.stack(pending)).astype(params.dtype))
+                    pending = []
         if pending:
             mel_parts.append(extractor(np.stack(pending)).astype(params.dtype))
         if mel_parts:

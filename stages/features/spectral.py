@@ -151,8 +151,10 @@ def mel_to_audio_image(mels: np.ndarray, preset: MelPreset, size: int) -> np.nda
     gray = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)[:, ::-1, :]
     images = np.empty((len(gray), size, size, 3), np.uint8)
     for i, plane in enumerate(gray):
-        picture = Image.fromarray(np.ascontiguousarray(plane), mode="L").convert("RGB")
-        images[i] = np.asarray(picture.resize((size, size), Image.Resampling.BICUBIC))
+        # Grey -> RGB copies the plane into three equal bands and PIL resizes each band alone, so
+        # resizing the grey plane once and copying it gives the same bytes at a third of the cost.
+        picture = Image.fromarray(np.ascontiguousarray(plane), mode="L")
+        images[i] = np.asarray(picture.resize((size, size), Image.Resampling.BICUBIC))[:, :, None]
     return images
 
 

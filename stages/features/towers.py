@@ -25,9 +25,9 @@ import numpy as np
 
 from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, get_tower
 from stages.core.errors import ConfigError, EnvironmentMismatchError
-from stages.features.base import (ShardFeature, ShardJob, ShardOutput, content_hash_meta, decode_clips, register_feature,
+from stages.features.base import (ShardFeature, ShardJob, ShardOutput, content_hash_meta, iter_decoded, register_feature,
                                   registered_feature)
-from stages.ingest.decode import CROPS, AudioSpec, ClipLength, FrameSpec, load_audio, load_frames
+from stages.ingest.decode import CROPS, AudioSpec, ClipLength, DecodeAhead, DecodedAhead, FrameSpec, load_audio, load_frames
 from stages.core.store import feature_key
 
 AUDIO_TOWER_FEATURE = "audio_tower"
@@ -40,7 +40,34 @@ TEXT_TOWER_CODE_VERSION = "1"
 
 NO_TEXT_REASON = "no caption or label"
 _DTYPES = ("float16", "float32")
-_EMBED_CLIPS = 32  # clips embedded at once: bounds memory for large shards
+_EMBED_CLIPS = 32  # clips embedded at once on CPU: bounds memory for large shards
+# Clips decoded ahead (threads per DecodeAhead's rule) while the tower embeds the group before:
+# one group, so the decoder never waits for the tower within a group.
+TOWER_DECODE_AHEAD = DecodeAhead(depth=_EMBED_CLIPS)
+
+
+def embed_groups(job: ShardJob, decode, embed, clip_bytes: int, ahead: DecodeAhead) -> tuple[list[str], list[str], list[dict]]:
+    """Decode a shard's clips ahead (bad ones quarantined) and ``embed(start, decoded)`` them in
+    groups of clips, in clip order, while the next group decodes: (ok ids, hashes, quarantine).
+
+    A group is _EMBED_CLIPS clips on CPU; on CUDA as many as fit (up to 8x; the tower splits them
+    into device batches itself), so each device call has enough work to hide the copies.
+    """
+    from models.devices import fitting_batch
+
+    group = fitting_batch(job.device, _EMBED_CLIPS, clip_bytes * 4, limit=8)
+    ok_ids, hashes, quarantined, pending = [], [], [], []
+    with DecodedAhead.of_shard(decode, job, ahead) as decode_next:
+        for clip_id, digest, decoded in iter_decoded(job, decode_next, quarantined):
+            ok_ids.append(clip_id)
+            hashes.append(digest)
+            pending.append(decoded)
+            if len(pending) == group:
+                embed(len(ok_ids) - len(pending), pending)
+                pending = []
+        if pending:
+            embed(len(ok_ids) - len(pending), pending)
+    return ok_ids, hashes, quarantined
 
 
 def _check_dtype(dtype: str) -> None:
@@ -160,23 +187,32 @@ class AudioTowerFeatures(ShardFeature):
     group, kinds = "towers", ("pytorch",)
     description = "aisfx audio embeddings per clip: pooled [512], per second [S, 512] and 69 'ucsMixed' class logits."
 
+    decode_ahead: DecodeAhead = TOWER_DECODE_AHEAD  # a setting of the stage, not part of the key
+
     def extract(self, job: ShardJob, store) -> ShardOutput:
-        """Decode at 44.1 kHz (same length / silence rules as the mels), aisfx embeddings."""
+        """Decode at 44.1 kHz (same length / silence rules as the mels) ahead of aisfx, which embeds
+        the clips in groups."""
         params = AudioTowerParams.from_params(job.params)
         spec = params.audio_spec()
-        ok_ids, hashes, audio, quarantined = decode_clips(job, lambda uri, span: load_audio(uri, spec, job.storage_options, span))
-        n_sec, dim = params.n_seconds, AudioTower.dim
-        pooled = np.zeros((len(audio), dim), np.float32)
-        per_second = np.zeros((len(audio), n_sec, dim), params.per_second_dtype)
-        logits = np.zeros((len(audio), AudioTower.n_classes), np.float32)
-        if audio:
-            tower = _tower_for(job, AudioTower)
-            for lo in range(0, len(audio), _EMBED_CLIPS):
-                out = tower.embed(np.stack(audio[lo : lo + _EMBED_CLIPS]), seconds=params.seconds)
-                hi = lo + len(out["pooled"])
-                pooled[lo:hi], per_second[lo:hi], logits[lo:hi] = out["pooled"], out["per_second"], out["logits"]
-        return ShardOutput(ok_ids, {"pooled": pooled, "per_second": per_second, "logits": logits}, quarantined,
-                           sample_meta=content_hash_meta(hashes))
+        n_sec, dim, n = params.n_seconds, AudioTower.dim, len(job.clips)
+        pooled = np.zeros((n, dim), np.float32)  # rows of every clip; the quarantined ones are cut below
+        per_second = np.zeros((n, n_sec, dim), params.per_second_dtype)
+        logits = np.zeros((n, AudioTower.n_classes), np.float32)
+        tower = []  # loaded at the first clip that decodes: a shard of bad clips never loads it
+
+        def embed(start: int, audio: list) -> None:
+            if not tower:
+                tower.append(_tower_for(job, AudioTower))
+            out = tower[0].embed(np.stack(audio), seconds=params.seconds)
+            stop = start + len(audio)
+            pooled[start:stop], per_second[start:stop], logits[start:stop] = out["pooled"], out["per_second"], out["logits"]
+
+        ok_ids, hashes, quarantined = embed_groups(
+            job, lambda uri, span: load_audio(uri, spec, job.storage_options, span), embed, spec.n_samples * 4,
+            self.decode_ahead)
+        rows = len(ok_ids)
+        return ShardOutput(ok_ids, {"pooled": pooled[:rows], "per_second": per_second[:rows], "logits": logits[:rows]},
+                           quarantined, sample_meta=content_hash_meta(hashes))
 
 
 @register_feature
@@ -185,25 +221,34 @@ class FrameTowerFeatures(ShardFeature):
     group, kinds = "towers", ("pytorch",)
     description = "EfficientNet-lite0 (ImageNet) frame embeddings per clip: pooled [1280] and per second [S, 1280]."
 
+    decode_ahead: DecodeAhead = TOWER_DECODE_AHEAD  # a setting of the stage, not part of the key
+
     def extract(self, job: ShardJob, store) -> ShardOutput:
-        """Frames at ``fps`` (decord), EfficientNet-lite0 per frame, averaged per second and per clip."""
+        """Frames at ``fps`` (decord) decoded ahead of EfficientNet-lite0, which embeds every frame
+        in groups of clips; averaged per second and per clip."""
         params = FrameTowerParams.from_params(job.params)
         spec = params.frame_spec()
-        ok_ids, hashes, clips, quarantined = decode_clips(job, lambda uri, span: load_frames(uri, spec, job.storage_options, span))
-        n_sec, dim, n_frames = params.n_seconds, FrameTower.dim, spec.n_frames
+        n_sec, dim, n_frames, n = params.n_seconds, FrameTower.dim, spec.n_frames, len(job.clips)
         second = params.second_of_frame()
-        pooled = np.zeros((len(clips), dim), np.float32)
-        per_second = np.zeros((len(clips), n_sec, dim), params.per_second_dtype)
-        if clips:
-            tower = _tower_for(job, FrameTower, size=params.size)
-            for lo in range(0, len(clips), _EMBED_CLIPS):
-                frames = np.stack(clips[lo : lo + _EMBED_CLIPS])  # [n, T, size, size, 3]
-                n = len(frames)
-                emb = tower.embed(frames.reshape(n * n_frames, *frames.shape[2:])).reshape(n, n_frames, dim)
-                pooled[lo : lo + n] = emb.mean(axis=1)
-                for s in range(n_sec):
-                    per_second[lo : lo + n, s] = emb[:, second == s].mean(axis=1)
-        return ShardOutput(ok_ids, {"pooled": pooled, "per_second": per_second}, quarantined,
+        pooled = np.zeros((n, dim), np.float32)
+        per_second = np.zeros((n, n_sec, dim), params.per_second_dtype)
+        tower = []
+
+        def embed(start: int, clips: list) -> None:
+            if not tower:
+                tower.append(_tower_for(job, FrameTower, size=params.size))
+            frames = np.stack(clips)  # [n, T, size, size, 3]
+            count = len(frames)
+            emb = tower[0].embed(frames.reshape(count * n_frames, *frames.shape[2:])).reshape(count, n_frames, dim)
+            pooled[start : start + count] = emb.mean(axis=1)
+            for s in range(n_sec):
+                per_second[start : start + count, s] = emb[:, second == s].mean(axis=1)
+
+        ok_ids, hashes, quarantined = embed_groups(
+            job, lambda uri, span: load_frames(uri, spec, job.storage_options, span), embed,
+            n_frames * spec.size * spec.size * 3, self.decode_ahead)
+        rows = len(ok_ids)
+        return ShardOutput(ok_ids, {"pooled": pooled[:rows], "per_second": per_second[:rows]}, quarantined,
                            sample_meta=content_hash_meta(hashes))
 
 

@@ -506,3 +506,112 @@ def _one_line(exc: BaseException) -> str:
     text = _DECORD_PREFIX.sub("", " ".join(text.split()))
     text = _OBJECT_REPR.sub("<file>", text) or type(exc).__name__
     return text[:240]  # with its prefix ("not a readable media file: ...") a reason stays < 300 chars
+
+
+# ---- decoding ahead of the computation ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecodeAhead:
+    """How a shard's clips are decoded ahead of the work on them (a setting of each decoding stage).
+
+    ``threads`` decode clips on their own threads while the caller computes on earlier ones (PyAV,
+    soundfile, soxr and decord release the GIL while they decode); ``depth`` bounds how many
+    decoded clips may wait, so memory stays at ``depth`` clips whatever the shard size. Results
+    come back in clip order, each clip's ClipError with it, so ordering and quarantine are those
+    of decoding inline. ``threads=-1`` (the default) is one thread in an ordinary process and none
+    on a Dask worker: a cluster already runs one single-threaded worker per core, and a decode
+    thread per worker would put two busy threads on every core.
+    """
+
+    threads: int = -1
+    depth: int = 16
+
+    def __post_init__(self) -> None:
+        if self.threads < -1 or self.depth < 1:
+            raise ConfigError(f"decode ahead needs threads >= -1 and depth >= 1, got {self.threads} and {self.depth}")
+
+    def resolved_threads(self) -> int:
+        if self.threads >= 0:
+            return self.threads
+        return 0 if _on_dask_worker() else 1
+
+
+def _on_dask_worker() -> bool:
+    import sys
+
+    if "distributed" not in sys.modules:  # never imported: this cannot be a worker
+        return False
+    try:
+        sys.modules["distributed"].get_worker()
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
+class DecodedAhead:
+    """A decode function for clips in a known order, whose results are computed ``ahead`` of time.
+
+    ``requests`` are the (uri, span) of every clip, in the order the caller will ask for them;
+    calling the object with the next (uri, span) returns that clip's decoded value or raises its
+    ClipError, exactly like ``decode(uri, span)``. Use it as a context manager: leaving stops the
+    threads (decodes not yet started are cancelled)::
+
+        with DecodedAhead(decode, requests, DecodeAhead()) as decode_next:
+            for clip_id, digest, value in iter_decoded(job, decode_next, quarantined): ...
+    """
+
+    def __init__(self, decode, requests, ahead: DecodeAhead | None = None):
+        self.decode = decode
+        self.requests = list(requests)
+        self.ahead = ahead or DecodeAhead()
+        self.threads = self.ahead.resolved_threads()
+        self._next = 0  # next request to hand out
+        self._submitted = 0
+        self._pending: list = []  # futures of requests _next, _next + 1, ...
+        self._pool = None
+
+    @classmethod
+    def of_shard(cls, decode, job, ahead: DecodeAhead | None = None) -> "DecodedAhead":
+        """For a shard job (``job.clips`` of (id, uri, hash), ``job.span(row)``), in clip order."""
+        return cls(decode, [(clip[1], job.span(row)) for row, clip in enumerate(job.clips)], ahead)
+
+    def __enter__(self) -> "DecodedAhead":
+        if self.threads > 0 and self.requests:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode-ahead")
+            self._fill()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            for future in self._pending:
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool, self._pending = None, []
+
+    def _attempt(self, row: int):
+        try:
+            return self.decode(*self.requests[row])
+        except ClipError as exc:  # a value like any other: raised again in order, by __call__
+            return exc
+
+    def _fill(self) -> None:
+        while self._submitted < len(self.requests) and len(self._pending) < self.ahead.depth:
+            self._pending.append(self._pool.submit(self._attempt, self._submitted))
+            self._submitted += 1
+
+    def __call__(self, uri: str, span=None):
+        row = self._next
+        if row >= len(self.requests) or self.requests[row][0] != uri:
+            raise ValueError(f"decode ahead: clip {row} asked for {uri!r}, expected "
+                             f"{self.requests[row][0] if row < len(self.requests) else 'no more clips'!r}")
+        self._next += 1
+        if self._pool is None:
+            result = self._attempt(row)
+        else:
+            result = self._pending.pop(0).result()  # anything but a ClipError (a bug) is raised here
+            self._fill()
+        if isinstance(result, ClipError):
+            raise result
+        return result
