@@ -130,12 +130,14 @@ COMPUTE_MODES = ("in_process", "local_cluster", "scheduler")
 
 
 class ComputeResource(ConfigurableResource):
-    """Where shard jobs run: in this process, a fresh Dask LocalCluster, or an existing Dask cluster."""
+    """Where shard jobs run: in this process, a LocalCluster started for the run (default), or an
+    existing Dask cluster whose workers stay warm between runs (README "Scale")."""
 
     mode: str = Field(default="local_cluster", description="in_process | local_cluster | scheduler")
     n_workers: int = Field(default=2, description="Worker processes of the LocalCluster.")
     scheduler_address: str = Field(default="", description="Address of an existing Dask scheduler (mode=scheduler).")
     _executor: Executor | None = PrivateAttr(default=None)
+    _log: object = PrivateAttr(default=None)
 
     def setup_for_execution(self, context) -> None:
         """Check the settings when the run starts; the cluster itself starts on first use."""
@@ -145,9 +147,10 @@ class ComputeResource(ConfigurableResource):
             raise Failure("compute mode 'scheduler' needs scheduler_address (e.g. tcp://10.0.0.5:8786; XMODAL_DASK_SCHEDULER)")
         if self.mode == "local_cluster" and self.n_workers < 1:
             raise Failure(f"compute n_workers must be at least 1, got {self.n_workers} (XMODAL_WORKERS)")
+        self._log = getattr(context, "log", None)
 
     def executor(self) -> Executor:
-        """Started on first use, so a run with nothing to compute never starts a cluster."""
+        """Started on first use, so a run with nothing to compute never starts or joins a cluster."""
         if self._executor is None:
             if self.mode == "in_process":
                 self._executor = InProcessExecutor()
@@ -156,9 +159,14 @@ class ComputeResource(ConfigurableResource):
             elif self.mode == "scheduler":
                 if not self.scheduler_address:
                     raise Failure("compute mode 'scheduler' needs scheduler_address (e.g. tcp://10.0.0.5:8786)")
-                self._executor = DaskExecutor(scheduler_address=self.scheduler_address)
+                try:
+                    self._executor = DaskExecutor(scheduler_address=self.scheduler_address)
+                except ConfigError as exc:
+                    raise Failure(str(exc)) from None
             else:
                 raise Failure(f"compute mode {self.mode!r} is unknown: in_process, local_cluster or scheduler")
+            if isinstance(self._executor, DaskExecutor) and self._log is not None:
+                self._log.info(self._executor.describe())
         return self._executor
 
     @property

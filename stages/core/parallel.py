@@ -1,13 +1,36 @@
-"""Where shard tasks run: in this process (tests, debugging) or on a Dask cluster.
+"""Where shard tasks run: in this process (the single-machine default) or on a Dask cluster.
 
 Workers write their shard to the store and return only a small summary: shipping whole mels
 back to the client measured slower than one thread.
+
+On an existing cluster (``dask scheduler`` and ``dask worker``s started separately, see the README's
+"Scale") workers stay warm between runs: a worker process keeps its imports and the towers it
+loaded (``models.towers.get_tower`` caches one per process), so only its first task pays for them.
+Each task is logged on its worker (feature, shard, clips, seconds); a task that raises is retried
+(``TASK_RETRIES``) and one lost with its worker is run again elsewhere by the scheduler (Dask's
+``distributed.scheduler.allowed-failures``). Both are safe because a shard's commit is exclusive:
+a second attempt of a shard that did commit discards its own files.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Protocol
+
+from stages.core.errors import ConfigError
+
+# Re-runs of a task that raised (e.g. a throttled or failing store). A bug fails the same way each
+# time: at most two extra attempts of one shard before the run fails with its traceback.
+TASK_RETRIES = 2
+SCHEDULER_TIMEOUT_S = 10  # connecting to an existing scheduler, and waiting for its first worker
+
+# A child of Dask's worker logger: on a worker its records go where Dask's own do (the worker's
+# stderr and the log the dashboard and Client.get_worker_logs() show), at Dask's configured level.
+worker_log = logging.getLogger("distributed.worker.xmodal")
 
 
 class Executor(Protocol):
@@ -24,33 +47,139 @@ class InProcessExecutor:
         pass
 
 
+def describe_task(item: Any) -> str:
+    """What a task works on, for logs: "mel_spectrograms shard s000001-ab12 (64 clips)" for a shard
+    job (any record with feature / shard / clips), its type name otherwise."""
+    feature, shard, clips = (getattr(item, name, None) for name in ("feature", "shard", "clips"))
+    if feature is None and shard is None:
+        return type(item).__name__
+    return f"{feature} shard {shard}" + (f" ({len(clips)} clips)" if clips is not None else "")
+
+
+class LoggedTask:
+    """A task function wrapped to log, on the worker that runs it, what it did and how long it took."""
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+
+    def __call__(self, item):
+        what = describe_task(item)
+        worker_log.info("task started: %s (pid %d)", what, os.getpid())
+        start = time.perf_counter()
+        try:
+            result = self.fn(item)
+        except BaseException as exc:
+            worker_log.warning("task failed after %.2f s: %s: %s: %s", time.perf_counter() - start, what,
+                               type(exc).__name__, exc)
+            raise
+        worker_log.info("task done: %s in %.2f s (pid %d)", what, time.perf_counter() - start, os.getpid())
+        return result
+
+
+def _task_key(item: Any) -> str:
+    """Dask key of one task: its feature name first, so the dashboard groups tasks by feature."""
+    return f"{getattr(item, 'feature', None) or 'task'}-{uuid.uuid4().hex}"
+
+
 class DaskExecutor:
     """Runs tasks on a Dask cluster: a fresh LocalCluster, or an existing scheduler address."""
 
-    def __init__(self, scheduler_address: str | None = None, n_workers: int = 2, threads_per_worker: int = 1):
+    def __init__(self, scheduler_address: str | None = None, n_workers: int = 2, threads_per_worker: int = 1,
+                 retries: int = TASK_RETRIES, dashboard_address: str = ":0", timeout: float = SCHEDULER_TIMEOUT_S):
         from distributed import Client, LocalCluster
 
+        self.retries, self.timeout = retries, timeout
         if scheduler_address:
             self.cluster = None
-            self.client = Client(scheduler_address)
+            try:
+                self.client = Client(scheduler_address, timeout=timeout)
+            except (OSError, TimeoutError) as exc:
+                raise ConfigError(
+                    f"no Dask scheduler answers at {scheduler_address} ({type(exc).__name__}): start one there "
+                    f"(`dask scheduler`, then `dask worker {scheduler_address} --nthreads 1`) or fix XMODAL_DASK_SCHEDULER"
+                ) from None
         else:
             # Processes, one thread each: decoding and STFT hold the GIL for parts of their work.
             self.cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True, dashboard_address=":0"
+                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                dashboard_address=dashboard_address,
             )
             self.client = Client(self.cluster)
+
+    @property
+    def dashboard_link(self) -> str:
+        return self.client.dashboard_link
+
+    def describe(self) -> str:
+        """One line for the run log: where the tasks go, how many workers, the dashboard."""
+        workers = self.client.scheduler_info().get("workers", {})
+        threads = sum(w.get("nthreads", 0) for w in workers.values())
+        where = self.client.scheduler.address if self.cluster is None else "a LocalCluster"
+        return f"Dask: {where}, {len(workers)} workers / {threads} threads, dashboard {self.dashboard_link}"
 
     def map(self, fn, items):
         items = list(items)
         if not items:
             return []
-        futures = self.client.map(fn, items, pure=False)
-        return self.client.gather(futures)
+        futures = self._submit(fn, items)
+        try:
+            return self.client.gather(futures)
+        except BaseException:
+            self.client.cancel(futures)  # a failed run leaves no task queued on a shared cluster
+            raise
+
+    def map_unordered(self, fn, items):
+        """Each task's result as soon as it completes (any order): progress lines while a run goes on."""
+        from distributed import as_completed
+
+        items = list(items)
+        if not items:
+            return
+        futures = self._submit(fn, items)
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:  # including a consumer that stops early (GeneratorExit)
+            self.client.cancel(futures)
+            raise
+
+    def _submit(self, fn, items: list) -> list:
+        self._wait_for_workers()
+        return self.client.map(LoggedTask(fn), items, key=[_task_key(item) for item in items],
+                               pure=False, retries=self.retries)
+
+    def _wait_for_workers(self) -> None:
+        try:
+            self.client.wait_for_workers(1, timeout=self.timeout)
+        except TimeoutError:
+            raise ConfigError(
+                f"the Dask scheduler at {self.client.scheduler.address} has no workers after {self.timeout:.0f} s: "
+                f"start some (`dask worker {self.client.scheduler.address} --nthreads 1`)"
+            ) from None
 
     def close(self) -> None:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+# What shard tasks import lazily on first use, beyond the feature modules (librosa alone ~3-6 s:
+# numba, scipy): imported by a preloaded worker at start instead of inside its first task.
+WORKER_WARM_IMPORTS = ("librosa.filters", "av", "soxr", "zarr", "webdataset")
+
+
+def dask_setup(worker) -> None:
+    """Warm a worker before its first task: ``dask worker ADDRESS --nthreads 1 --preload stages.core.parallel``
+    imports every registered feature and the libraries tasks use when the worker starts."""
+    import importlib
+
+    from stages.features.base import all_features  # stages.core stays free of feature imports otherwise
+
+    start = time.perf_counter()
+    all_features()
+    for module in WORKER_WARM_IMPORTS:
+        importlib.import_module(module)
+    worker_log.info("xmodal feature code imported in %.1f s (pid %d)", time.perf_counter() - start, os.getpid())
 
 
 @contextmanager
