@@ -11,9 +11,7 @@ from assets.factory import check_feature, compute_feature, data_version, new_sha
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource, PretrainedClapResource
 from stages.core import tables
 from stages.embeddings import heads
-from stages.embeddings import retrieval as head_retrieval
 from stages.embeddings.spaces import SkippedSpace, space_of_head
-from stages.evaluation.duplicates import find_duplicates
 from stages.core.refs import FeatureRef, HeadRef, ManifestRef
 from stages.features.base import registered_feature
 from stages.ingest.manifest import load_manifest
@@ -134,6 +132,8 @@ def cavp_head(
 def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature_store, compute) -> Output:
     if isinstance(head, SkippedSpace):
         return skipped_output(head)
+    from stages.embeddings import retrieval as head_retrieval  # torch: imported when a step runs
+
     store = feature_store.writable_store()
     feature = head_retrieval.EMBEDDING_FEATURE[kind]
     if head.pretrained_dir:
@@ -188,6 +188,9 @@ def retrieval_evaluation(
     cavp_embeddings: EMBEDDINGS_OR_SKIPPED,
     feature_store: FeatureStoreResource,
 ) -> Output[list]:
+    from stages.embeddings import retrieval as head_retrieval
+    from stages.evaluation.duplicates import find_duplicates
+
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     spaces, skipped = {}, []

@@ -16,10 +16,8 @@ from assets.factory import dataset_asset
 from assets.factory import preview_markdown
 from assets.resources import DeviceResource, FeatureStoreResource
 from stages.core import tables
-from stages.generation import evaluate as generation_eval
 from stages.generation import sample as generation_sample
 from stages.generation import train as generation_train
-from stages.evaluation.alignment import AlignmentConfig
 from stages.core.refs import DiffgapRef, FeatureRef, GeneratorRef, ManifestRef
 from stages.embeddings.spaces import SPACES, get_space
 from stages.ingest.manifest import load_manifest
@@ -143,6 +141,7 @@ def generated_audio(
     device: DeviceResource,
 ) -> Output[dict]:
     from stages.core.preview import preview_png
+    from stages.generation import evaluate as generation_eval  # torch: imported when a step runs
 
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
@@ -210,6 +209,9 @@ def generation_evaluation(
     feature_store: FeatureStoreResource,
     device: DeviceResource,
 ) -> Output[list]:
+    from stages.evaluation.alignment import AlignmentConfig
+    from stages.generation import evaluate as generation_eval
+
     store = feature_store.writable_store()
     manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
     sample = config.sample_config()

@@ -26,7 +26,6 @@ from pydantic import Field
 from assets.factory import SHARD_RETRY, dataset_asset, dataset_check, feature_asset
 from assets.factory import check_feature, compute_feature, data_version, new_shards, preview_markdown
 from assets.resources import ComputeResource, DeviceResource, FeatureStoreResource
-from models.vae import PretrainedVaeError
 from stages.features import frames as FR
 from stages.features import latents
 from stages.vae import train as vae_train
@@ -99,6 +98,8 @@ video_frames = feature_asset(FR.VIDEO_FRAMES_FEATURE, config_type=VideoFramesCon
 
 def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: FeatureRef, digest: str,
          feature_store: FeatureStoreResource, device: DeviceResource) -> Output:
+    from models.vae import PretrainedVaeError  # torch: imported when a step runs
+
     store = feature_store.writable_store()
     manifest = load_manifest(store, source.dataset, digest)
     try:
