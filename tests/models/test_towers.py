@@ -294,3 +294,17 @@ def test_unwritable_weights_cache_is_one_line(tmp_path):
     with pytest.raises(TowerWeightsError) as info:
         AudioTower(cache_dir=blocker / "weights")
     assert "XMODAL_WEIGHTS_DIR" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_folded_networks_give_the_packaged_networks_numbers(audio_tower, frame_tower, probe_set, tower_weights_dir):  # noqa: F811
+    # BatchNorm folded into the convolutions changes only float rounding: far below what float16
+    # storage of per_second rounds away, so stored features keep their key.
+    frames = probe_set["frames"][:6].reshape(-1, *probe_set["frames"].shape[2:])
+    packaged = FrameTower(fused=False).embed(frames)
+    folded = frame_tower.embed(frames)
+    assert frame_tower.fused and np.abs(folded - packaged).max() <= 2e-5 * np.abs(packaged).max()
+    audio = probe_set["audio"][:6]
+    reference = AudioTower(cache_dir=tower_weights_dir, fused=False).embed(audio, seconds=2.0)
+    ours = audio_tower.embed(audio, seconds=2.0)
+    for name in ("pooled", "per_second", "logits"):
+        assert np.abs(ours[name] - reference[name]).max() <= 1e-5 * np.abs(reference[name]).max(), name

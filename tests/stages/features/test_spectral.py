@@ -117,3 +117,23 @@ def test_audio_image_uses_the_fixed_range():
     high = np.full((1, preset.n_mels, 100), preset.image_high + 5, np.float32)
     assert mel_to_audio_image(low, preset, 32).max() == 0
     assert mel_to_audio_image(high, preset, 32).min() == 255
+
+
+def _audio_image_through_rgb(mels: np.ndarray, preset, size: int) -> np.ndarray:
+    """The audio image as it was first written (grey -> RGB, then a resize of all three bands)."""
+    from PIL import Image
+
+    scaled = (np.asarray(mels, np.float32) - preset.image_low) / (preset.image_high - preset.image_low)
+    gray = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)[:, ::-1, :]
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(g), mode="L").convert("RGB")
+                                .resize((size, size), Image.Resampling.BICUBIC)) for g in gray])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_audio_image_bytes_are_those_of_the_rgb_resize(name):
+    # The grey plane is resized once and copied to three bands: the stored bytes must not change.
+    preset = get_preset(name)
+    rng = np.random.default_rng(1)
+    mels = rng.uniform(preset.image_low - 1, preset.image_high + 1, (3, preset.n_mels, 251)).astype(np.float32)
+    for size in (32, 64, 257):
+        assert np.array_equal(mel_to_audio_image(mels, preset, size), _audio_image_through_rgb(mels, preset, size))
