@@ -15,7 +15,7 @@ sampling batches (``fitting_batch``) grow on a device with room.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -152,30 +152,6 @@ def _after(stream, batch: dict[str, torch.Tensor], event) -> dict[str, torch.Ten
     return batch
 
 
-def in_batches(fn: Callable[[int, int], torch.Tensor], count: int, batch: int, device: str | torch.device) -> list:
-    """``fn(start, stop)`` over ``count`` items in batches; on CUDA a batch that runs out of memory
-    is retried at half the size (down to 1), so a too-large guess costs time, not the run."""
-    out, start = [], 0
-    while start < count:
-        stop = min(count, start + batch)
-        try:
-            out.append(fn(start, stop))
-        except torch.cuda.OutOfMemoryError:
-            if not is_cuda(device) or batch == 1:
-                raise
-            torch.cuda.empty_cache()
-            batch = max(1, batch // 2)
-            continue
-        start = stop
-    return out
-
-
-def synchronize(device: str | torch.device) -> None:
-    """Wait for the device's queued work (for timing); nothing on CPU."""
-    if is_cuda(device):
-        torch.cuda.synchronize(torch.device(device))
-
-
 def describe(device: str | torch.device) -> str:
     """`cpu (2 threads)` or `cuda:0 (NVIDIA H200, 139.8 GiB)`: for logs and reports."""
     where = torch.device(device)
@@ -186,5 +162,5 @@ def describe(device: str | torch.device) -> str:
     return f"cuda:{index} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
 
 
-__all__: Sequence[str] = ("DeviceRows", "check_device", "describe", "device_of", "fitting_batch", "free_bytes", "in_batches",
-                          "is_cuda", "seeded_devices", "synchronize", "to_device", "to_host")
+__all__: Sequence[str] = ("DeviceRows", "check_device", "describe", "device_of", "fitting_batch", "free_bytes", "is_cuda",
+                          "seeded_devices", "to_device", "to_host")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.devices import to_device
+from models.devices import fitting_batch, to_device
 
 # diffusers' save_pretrained names (safe_serialization=True is its default).
 CONFIG_FILE = "config.json"
@@ -35,7 +35,10 @@ WEIGHTS_INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 PICKLE_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 # Images per encoder/decoder call: on CPU batch 16 measured fastest (encode 463 images/s vs 379 at
 # 64, decode 212 vs 140; bench/bench_vae.py), larger batches fall out of cache.
-DEFAULT_BATCH = 16
+DEFAULT_BATCH = 16  # images per encode / decode call on CPU; a GPU takes more (models.devices.fitting_batch)
+# Rough peak activation bytes per image pixel while encoding or decoding: float32, up to 64 channels,
+# a few layers alive at once. Only sizes GPU batches; CPU batches stay DEFAULT_BATCH.
+ACTIVATION_BYTES_PER_PIXEL = 4 * 64 * 4
 
 
 class PretrainedVaeError(ValueError):
@@ -219,6 +222,7 @@ def encode(vae, images: np.ndarray, batch_size: int = DEFAULT_BATCH, sample: boo
     """Unscaled latents of uint8 images: posterior means (default) or one seeded sample each."""
     vae.eval()
     device = _device_of(vae)
+    batch_size = fitting_batch(device, batch_size, ACTIVATION_BYTES_PER_PIXEL * int(np.prod(images.shape[1:3])))
     generator = torch.Generator(device=device).manual_seed(seed) if sample else None
     out = []
     for start in range(0, len(images), batch_size):
@@ -235,6 +239,8 @@ def decode(vae, latents: torch.Tensor | np.ndarray, batch_size: int = DEFAULT_BA
     vae.eval()
     device = _device_of(vae)
     z = torch.as_tensor(np.asarray(latents, np.float32) if isinstance(latents, np.ndarray) else latents).float()
+    upscale = 2 ** (len(vae.config.block_out_channels) - 1)  # latent side -> image side
+    batch_size = fitting_batch(device, batch_size, ACTIVATION_BYTES_PER_PIXEL * int(np.prod(z.shape[2:])) * upscale**2)
     out = []
     for start in range(0, len(z), batch_size):
         chunk = to_device(z[start : start + batch_size], device).contiguous(memory_format=torch.channels_last)

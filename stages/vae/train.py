@@ -46,7 +46,7 @@ from models.vae import (
     vae_from_config,
     vae_loss,
 )
-from models.devices import DeviceRows, check_device
+from models.devices import DeviceRows, check_device, seeded_devices
 from stages.core.checkpoints import load_checkpoint, save_checkpoint
 from stages.core.progress import LossWindow, Progress
 from stages.features.mel import AUDIO_IMAGE_FEATURE, MEL_FEATURE
@@ -191,9 +191,7 @@ def reconstruction_l1(vae, images: np.ndarray, batch_size: int = DEFAULT_BATCH) 
 def seeded_rng(seed: int, device: str = "cpu") -> Iterator[None]:
     """torch's global RNG seeded with ``seed`` inside the block and the caller's state restored after
     (CPU, and the CUDA device trained on): a fit depends on its config's seed, not on the caller."""
-    where = torch.device(device)
-    devices = [where.index if where.index is not None else torch.cuda.current_device()] if where.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=seeded_devices(device)):
         torch.manual_seed(seed)
         yield
 
