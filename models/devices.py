@@ -15,6 +15,7 @@ sampling batches (``fitting_batch``) grow on a device with room.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -101,7 +102,7 @@ class DeviceRows:
 
     def __init__(self, arrays: Mapping[str, torch.Tensor | np.ndarray], device: str | torch.device = "cpu"):
         self.device = check_device(device)
-        tensors = {k: v if torch.is_tensor(v) else torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+        tensors = {k: v if torch.is_tensor(v) else _host_tensor(v) for k, v in arrays.items()}
         self.resident = True
         if self.device.type == "cuda":
             total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -142,6 +143,17 @@ class DeviceRows:
             pending = (ready, event)
         if pending is not None:
             yield _after(current, *pending)
+
+
+def _host_tensor(array) -> torch.Tensor:
+    """A tensor sharing the array's memory. Arrays read from the store may be read-only: the rows are
+    only ever read, so torch's warning about writing to them does not apply."""
+    array = np.asarray(array)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def _after(stream, batch: dict[str, torch.Tensor], event) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from models.contrastive import CavpHead, ClapHead, HeadConfig
-from models.devices import DeviceRows, check_device, seeded_devices
+from models.devices import DeviceRows, check_device, seeded_devices, to_device
 from stages.core.checkpoints import load_module
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResult, register_feature, registered_feature
 from stages.ingest.manifest import ClipManifest
@@ -180,7 +180,7 @@ def _train_head(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
     rows = DeviceRows(train.arrays, device)
-    val_tensors = DeviceRows(val.arrays, device).arrays if len(val) >= 2 else None
+    val_tensors = {k: to_device(torch.from_numpy(v), device) for k, v in val.arrays.items()} if len(val) >= 2 else None
     batch_size = min(config.batch_size, len(train))
     progress = Progress(f"{kind.replace('_', ' ')} seed {config.seed}", config.steps, "steps", log).start()
 
