@@ -343,6 +343,24 @@ class FeatureStore:
             raise StoreError(f"shard {dataset}/{feature}/{key}/{shard} is not committed ({self.url(path)} is missing)") from None
         return self._parse_manifest(dataset, feature, key, shard, raw)
 
+    def shard_manifests(self, dataset: str, feature: str, key: str, shards: Sequence[str]) -> dict[str, dict]:
+        """Shard -> committed manifest for many shards of one key, fetched in one batch (concurrent
+        requests on S3: a reader over thousands of shards does not wait for each in turn)."""
+        paths = {shard: self.shard_manifest_path(dataset, feature, key, shard) for shard in shards}
+        if not paths:
+            return {}
+        try:
+            raw = self.fs.cat(list(paths.values()))
+        except FileNotFoundError:
+            missing = next(s for s, p in paths.items() if not self.fs.exists(p))
+            raise StoreError(f"shard {dataset}/{feature}/{key}/{missing} is not committed "
+                             f"({self.url(paths[missing])} is missing)") from None
+        if len(paths) == 1:  # fsspec returns the bytes themselves for a single path
+            raw = {next(iter(paths.values())): raw} if isinstance(raw, bytes) else raw
+        by_path = {self.fs._strip_protocol(p): data for p, data in raw.items()}
+        return {shard: self._parse_manifest(dataset, feature, key, shard, by_path[self.fs._strip_protocol(path)])
+                for shard, path in paths.items()}
+
     def _parse_manifest(self, dataset: str, feature: str, key: str, shard: str, raw: bytes) -> dict:
         path = self.shard_manifest_path(dataset, feature, key, shard)
         try:
@@ -849,8 +867,8 @@ class FeatureStore:
         """The clips of a snapshot (see read_arrays) that this feature quarantined, each
         ``{"id", "reason", "shard"}``; the clip manifest's own rejections are in its header."""
         key, shard_list, _ = self._read_plan(dataset, feature, key, None, manifest)
-        return [dict(q, shard=shard) for shard in shard_list
-                for q in self.shard_manifest(dataset, feature, key, shard).get("quarantined", [])]
+        manifests = self.shard_manifests(dataset, feature, key, shard_list)
+        return [dict(q, shard=shard) for shard in shard_list for q in manifests[shard].get("quarantined", [])]
 
     def stored_keys(self, dataset: str | None = None, feature: str | None = None) -> list[tuple[str, str, str]]:
         """(dataset, feature, key) of every key folder in the store, catalogued or not."""
