@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -31,23 +32,29 @@ from tests.fixtures.clip_store import build_clip_store  # noqa: E402
 FEATURES = ["mel_spectrograms", "clap_embeddings"]
 
 
-def epoch(clips: ClipDataset, workers: int, batch_size: int, number: int) -> tuple[float, bool]:
-    """(seconds, each clip exactly once) of one whole epoch through clips.loader()."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader joins its workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def epoch(clips: ClipDataset, workers: int, batch_size: int, number: int) -> tuple[float, float, bool]:
+    """(seconds, CPU seconds, each clip exactly once) of one whole epoch through clips.loader()."""
     clips.set_epoch(number)
     clips._cache.clear()  # no shard decoded by an earlier epoch in this process: every epoch reads the store
     loader = clips.loader(batch_size=batch_size, num_workers=workers,
                           multiprocessing_context="fork" if workers else None)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     ids = [c for batch in loader for c in batch["clip_id"]]
-    seconds = time.perf_counter() - start
-    return seconds, len(ids) == len(set(ids)) == len(clips.clip_ids) and set(ids) == set(clips.clip_ids)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return seconds, cpu, len(ids) == len(set(ids)) == len(clips.clip_ids) and set(ids) == set(clips.clip_ids)
 
 
-def bulk(store: FeatureStore) -> float:
-    start = time.perf_counter()
+def bulk(store: FeatureStore) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), cpu_seconds()
     for feature in FEATURES:
         store.read_arrays("demo", feature)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def main() -> int:
@@ -69,12 +76,16 @@ def main() -> int:
           f"batch {args.batch_size}, {args.repeats} interleaved repeats")
 
     times: dict[str, list[float]] = {"bulk": [], "workers 0": [], "workers 2": []}
+    cpus: dict[str, list[float]] = {name: [] for name in times}
     once = {"workers 0": True, "workers 2": True}
     for repeat in range(args.repeats):
-        times["bulk"].append(bulk(store))
+        seconds, cpu = bulk(store)
+        times["bulk"].append(seconds)
+        cpus["bulk"].append(cpu)
         for workers in ((0, 2) if repeat % 2 == 0 else (2, 0)):  # alternate which goes first
-            seconds, ok = epoch(clips, workers, args.batch_size, repeat * 2 + workers)
+            seconds, cpu, ok = epoch(clips, workers, args.batch_size, repeat * 2 + workers)
             times[f"workers {workers}"].append(seconds)
+            cpus[f"workers {workers}"].append(cpu)
             once[f"workers {workers}"] &= ok
 
     rng = np.random.default_rng(0)
@@ -89,19 +100,23 @@ def main() -> int:
 
     base = statistics.median(times["workers 0"])
     print()
-    print("| reader | median s / epoch | samples/s | vs workers 0 | each clip once per epoch |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| reader | median s / epoch | samples/s | vs workers 0 | CPU s / epoch (all processes) | each clip once per epoch |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, values in times.items():
         median = statistics.median(values)
         check = "yes" if once.get(name, True) else "NO"
         print(f"| {name if name != 'bulk' else 'bulk read_arrays (floor)'} | {median:.3f} | {n / median:.0f} | "
-              f"{base / median:.2f}x | {check if name != 'bulk' else 'n/a'} |")
+              f"{base / median:.2f}x | {statistics.median(cpus[name]):.2f} | {check if name != 'bulk' else 'n/a'} |")
     print()
     print("| random access by clip id (default cache) | ms per clip |")
     print("| --- | --- |")
     for name, ms in access.items():
         print(f"| {len(lookup_ids)} clips, {name} | {ms:.2f} |")
-    print(f"\nload average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    load = os.getloadavg()
+    print(f"\nload average at end: {' '.join(f'{x:.1f}' for x in load)}")
+    if load[0] > (os.cpu_count() or 1):
+        print("WARNING: more runnable processes than CPUs: the wall-clock ratios are unreliable "
+              "(go by the CPU column, or run again on a quiet machine)")
     return 0 if all(once.values()) else 1
 
 
