@@ -302,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 against float32
     torch.backends.cudnn.allow_tf32 = False
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"check_cuda: torch {torch.__version__}, {describe(args.device)} against {describe('cpu')}; {args.steps} steps per fit", flush=True)
     started = time.perf_counter()
     rng, size = np.random.default_rng(0), TINY if args.tiny else Sizes()

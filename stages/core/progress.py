@@ -3,6 +3,8 @@
 Stages take a ``log: Callable[[str], None]`` (assets pass ``context.log.info``, which reaches the
 Dagster event log and the terminal); a ``Progress`` turns many small advances into one line every
 ``interval`` seconds, plus the first and the last, so a 3000-step fit logs a dozen lines, not 3000.
+Training loops keep their losses in a ``LossWindow``: read back from the device in batches, checked
+for NaN / Inf with the step they came from.
 """
 
 from __future__ import annotations
