@@ -244,13 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"### Towers before / after: clips/s per core, {n} clips, groups of {group} clips, "
               f"{torch.get_num_threads()} torch thread(s), median of {args.repeats} interleaved repeats")
         print()
-        print("| tower | work per clip | before clips/s | after clips/s | after / before (wall) | best-of wall | CPU-time ratio |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| tower | work per clip | before clips/s | after clips/s | after / before (wall) | best-of wall | "
+              "before clips per CPU-s | after clips per CPU-s | CPU-time ratio |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         what = {"audio": "4 s at 44.1 kHz, 4 blocks", "frames": f"{per_clip} frames {DEFAULT_FRAME_SIZE}px"}
         for name in ("audio", "frames"):
             b, a = f"{name} before", f"{name} after"
             print(f"| {name} | {what[name]} | {rate(b):.2f} | {rate(a):.2f} | {rate(a) / rate(b):.2f}x | "
-                  f"{timings[b].best / timings[a].best:.2f}x | {cpu_rate(a) / cpu_rate(b):.2f}x |")
+                  f"{timings[b].best / timings[a].best:.2f}x | {cpu_rate(b):.2f} | {cpu_rate(a):.2f} | "
+                  f"{cpu_rate(a) / cpu_rate(b):.2f}x |")
+        text = f"text batch {group}"
+        print(f"| text | 1 caption | (unchanged) | {rate(text):.1f} | | | | {cpu_rate(text):.1f} | |")
         print()
         frames_n = n * per_clip
         print("### Frame tower against decoding the same frames (frames/s, one core)")
