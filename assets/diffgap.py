@@ -151,6 +151,7 @@ def diffgap_evaluation(
     diffgap_clap: DIFFGAP_OR_SKIPPED,
     diffgap_cavp: DIFFGAP_OR_SKIPPED,
     feature_store: FeatureStoreResource,
+    device: DeviceResource,
 ) -> Output[list]:
     store = feature_store.writable_store()
     spaces = (diffgap_clap, diffgap_cavp)
@@ -164,7 +165,7 @@ def diffgap_evaluation(
         rows = []
         for ref in present:
             rows += diffgap_eval.seed_rows(store, manifest, ref, _splits_or_failure(store, manifest, ref), evaluation,
-                                           config.seeds, log=context.log.info, progress=progress)
+                                           config.seeds, log=context.log.info, progress=progress, device=device.device())
         return rows + [space.row(TABLE_COLUMNS) for space in skipped]
 
     result = cached_result(store, clip_manifest.dataset, "diffgap_evaluation", key, compute, provenance, context.log.info)
@@ -202,6 +203,7 @@ def diffgap_ablations(
     diffgap_clap: DIFFGAP_OR_SKIPPED,
     diffgap_cavp: DIFFGAP_OR_SKIPPED,
     feature_store: FeatureStoreResource,
+    device: DeviceResource,
 ) -> Output[dict]:
     store = feature_store.writable_store()
     seed = config.seeds[0] if config.seeds else 0
@@ -223,7 +225,7 @@ def diffgap_ablations(
             _, sidecar = diffgap_train.load_model(store, manifest.dataset, ref.space, ref.key)
             found = diffgap_eval.ablation_rows(store, manifest, ref.space, ref.embedding_key,
                                                diffgap_train.DiffgapTrainConfig(**sidecar["train_config"]), evaluation,
-                                               log=context.log.info, progress=progress)
+                                               log=context.log.info, progress=progress, device=device.device())
             for name in tables:
                 tables[name] += found[name]
         for name in tables:

@@ -163,6 +163,7 @@ def evaluate_space(space: str, data: SplitData, model: Denoiser, evaluation: Eva
 def ablation_rows(
     store: FeatureStore, manifest: ClipManifest, space: str, embedding_key: str, config: DiffgapTrainConfig,
     evaluation: EvalConfig, log: Callable[[str], None] | None = None, progress: Progress | None = None,
+    device: str = "cpu",
 ) -> dict[str, list[dict]]:
     """Tables V (CDM / BST), VI (sampling steps) and VII (BST interval) for one space.
 
@@ -176,12 +177,12 @@ def ablation_rows(
         progress.advance(1, ablation=ablation, space=space, seed=evaluation.seed)
 
     data = split_pairs(load_pairs(store, manifest, space, embedding_key))
-    main = fit_space(store, manifest, space, embedding_key, config, log)
+    main = fit_space(store, manifest, space, embedding_key, config, log, device)
     names = direction_names(space)
     table_v, table_vi, table_vii = [], [], []
     for direction in (TO_AUDIO, FROM_AUDIO):
         one_way = fit_space(store, manifest, space, embedding_key,
-                            DiffgapTrainConfig(**{**config.params(), "bst": False, "single_direction": direction}), log)
+                            DiffgapTrainConfig(**{**config.params(), "bst": False, "single_direction": direction}), log, device)
         done(f"V fit CDM without BST {names[direction]}")
         common = dict(steps=evaluation.steps, sampler=evaluation.sampler, samples=evaluation.samples, seed=evaluation.seed)
         rows = evaluate_direction(space, direction, data, None, **common)[:1]  # base encoder
@@ -200,7 +201,7 @@ def ablation_rows(
     interval = config.bst_interval
     for scaled in ablation_intervals(interval):
         fitted = main if scaled == interval else fit_space(
-            store, manifest, space, embedding_key, DiffgapTrainConfig(**{**config.params(), "bst_interval": scaled}), log)
+            store, manifest, space, embedding_key, DiffgapTrainConfig(**{**config.params(), "bst_interval": scaled}), log, device)
         for direction in (TO_AUDIO, FROM_AUDIO):
             row = evaluate_direction(space, direction, data, fitted.model, include_controls=False, label="CDM + BST",
                                      steps=evaluation.steps, sampler=evaluation.sampler, samples=evaluation.samples,
@@ -215,10 +216,11 @@ def ablation_rows(
 def seed_rows(
     store: FeatureStore, manifest: ClipManifest, ref: DiffgapRef, data: SplitData, evaluation: EvalConfig,
     seeds: Sequence[int], log: Callable[[str], None] | None = None, progress: Progress | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
     """Tables III / IV rows of one space over ``seeds``: the checkpoint of ``ref`` for its own seed,
     a model fitted (and cached) with the same config for every other seed."""
-    main_model, sidecar = load_model(store, manifest.dataset, ref.space, ref.key)
+    main_model, sidecar = load_model(store, manifest.dataset, ref.space, ref.key, device)
     trained_with = DiffgapTrainConfig(**sidecar["train_config"])
     progress = progress or Progress(f"diffgap evaluation {ref.space}", len(seeds), "seeds", log).start()
     rows = []
@@ -227,7 +229,7 @@ def seed_rows(
             model = main_model
         else:
             seeded = DiffgapTrainConfig(**{**trained_with.params(), "seed": seed})
-            model = fit_space(store, manifest, ref.space, ref.embedding_key, seeded, log=log).model
+            model = fit_space(store, manifest, ref.space, ref.embedding_key, seeded, log=log, device=device).model
         rows += evaluate_space(ref.space, data, model, EvalConfig(evaluation.steps, evaluation.sampler, evaluation.samples, seed))
         progress.advance(1, space=ref.space, seed=seed)
     return rows
