@@ -304,6 +304,7 @@ def fit_space(
             "clips_new": len(new_ids) if new_ids is not None else len(train_pairs),
             "history": result.history,
             "gap": gap_statistics(train_pairs),
+            "device": str(device),  # where it trained (provenance; not in the key)
         })
 
     fitted = fit_with_lineage(store, manifest.dataset, name, key, shards, train, on_new_shards=NewShards.WARM_START,

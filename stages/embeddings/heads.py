@@ -283,6 +283,7 @@ def fit_head(store: FeatureStore, manifest: ClipManifest, kind: str, tower_keys:
             "history": result.history,
             "best_step": result.best_step,
             "best_val_loss": result.best_val_loss,
+            "device": str(device),  # where it trained (provenance; not in the key)
         })
 
     return fit_with_lineage(store, manifest.dataset, kind, key, sorted(manifest.by_shard()), train,

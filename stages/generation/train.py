@@ -260,6 +260,7 @@ def fit_generator(
             "clips_train": len(train_pairs),
             "history": result.history,
             "condition_sensitivity": {"split": held_out.splits[0], **sensitivity},
+            "device": str(device),  # where it trained (provenance; not in the key)
         })
 
     # New shards train a new generator (its key hashes them); stages.core.lineage does reuse and the sidecar.

@@ -540,6 +540,7 @@ def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pr
         latent_shape=list(encode(vae, train.images[:1]).shape[1:]),
         train_seconds=round(train_seconds, 2),
         train_threads=torch.get_num_threads(),
+        device=str(device),  # where it trained (provenance; not in the key)
     )
     if log:
         log(f"{name} {key}: {metrics_line(sidecar)}")
