@@ -95,7 +95,10 @@ class ClipDataset(IterableDataset):
         if shuffle_window < 1:
             raise ValueError(f"shuffle_window must be at least 1, not {shuffle_window}")
         self.shuffle, self.seed, self.shuffle_window, self.verify = bool(shuffle), int(seed), int(shuffle_window), verify
+        if world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self._rank, self._world = rank, world_size
+        self._pass_node: tuple[int, int] | None = None  # the main process's node, for spawned workers
         self.epoch = 0
         self._segments: list[dict] = []  # what was consumed of this epoch, pass by pass (see state_dict)
         self._loader_segment: dict | None = None  # set while loader() drives a pass
@@ -180,9 +183,12 @@ class ClipDataset(IterableDataset):
 
     # ---- nodes, epochs, order -------------------------------------------------------------
     def node(self) -> tuple[int, int]:
-        """(rank, world size) this dataset reads for: the given ones, else torch.distributed's."""
+        """(rank, world size) this dataset reads for: the given ones, else torch.distributed's (when
+        it was initialised before the dataset was made, or by the time a pass starts)."""
         if self._world is not None:
             return self._rank, self._world
+        if self._pass_node is not None and get_worker_info() is not None:
+            return self._pass_node  # a spawned worker has no process group of its own
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
@@ -359,6 +365,7 @@ class ClipLoader(DataLoader):
                    "drop_last": bool(self.drop_last), "batches": 0}
         dataset._segments.append(segment)
         dataset._loader_segment = segment
+        dataset._pass_node = dataset.node()
         try:
             for batch in super().__iter__():
                 segment["batches"] += 1
