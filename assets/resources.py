@@ -130,10 +130,12 @@ COMPUTE_MODES = ("in_process", "local_cluster", "scheduler")
 
 
 class ComputeResource(ConfigurableResource):
-    """Where shard jobs run: in this process, a LocalCluster started for the run (default), or an
+    """Where shard jobs run: in this process (default), a LocalCluster started for the run, or an
     existing Dask cluster whose workers stay warm between runs (README "Scale")."""
 
-    mode: str = Field(default="local_cluster", description="in_process | local_cluster | scheduler")
+    # in_process by default: faster on this machine than a LocalCluster started per run, whose two
+    # fresh interpreters import torch and load towers every run (bench/bench_compute.py, BENCHMARKS.md).
+    mode: str = Field(default="in_process", description="in_process | local_cluster | scheduler")
     n_workers: int = Field(default=2, description="Worker processes of the LocalCluster.")
     scheduler_address: str = Field(default="", description="Address of an existing Dask scheduler (mode=scheduler).")
     _executor: Executor | None = PrivateAttr(default=None)
