@@ -34,6 +34,9 @@ Usable without Dagster::
     store = FeatureStore("/data/features")
     table = store.read_arrays("demo", "mel_spectrograms")      # current clip manifest, its only key
     table.clip_ids, table.arrays["mel"], table.manifest, table.feature_key
+
+For training, stages.core.clip_dataset.ClipDataset (``from stages.store import ClipDataset``) builds
+on these reads: several features joined by clip id, with captions, labels and splits, per sample.
 """
 
 from __future__ import annotations
@@ -838,7 +841,8 @@ class FeatureStore:
         comes once per epoch however many workers and nodes read. Each tar is read whole and
         checked against its manifest before a sample is yielded. The pipeline's ``feature_key``,
         ``manifest`` and ``shards`` say what it reads. Works in forked and spawned workers, local
-        and on S3 (each worker opens its own filesystem).
+        and on S3 (each worker opens its own filesystem). Samples carry the tar's members only;
+        ClipDataset yields captions, labels, splits and several features per clip.
         """
         import webdataset as wds
         from webdataset import tariterators
