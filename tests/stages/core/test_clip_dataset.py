@@ -95,10 +95,12 @@ def test_each_clip_once_per_epoch_split_by_node_and_worker_with_a_seeded_order(l
 def _distributed_reader(root, rank, init_file, out):
     import torch.distributed as dist
 
+    clips = ClipDataset(FeatureStore(root), "demo", FEATURES)  # made before the process group exists
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        clips = ClipDataset(FeatureStore(root), "demo", FEATURES)
-        out.put((rank, clips.node(), [s["clip_id"] for s in clips]))
+        # A spawned worker has no process group: it reads the node the pass started with.
+        loader = clips.loader(batch_size=4, num_workers=1, multiprocessing_context="spawn")
+        out.put((rank, clips.node(), _ids(loader)))
     finally:
         dist.destroy_process_group()
 
