@@ -96,3 +96,20 @@ def test_repeated_one_clip_appends_leave_at_most_the_last_shard_under_half_full(
         sizes = [len(clips) for clips in manifest.by_shard().values()]
         assert all(2 * size >= 8 for size in sizes[:-1]), sizes
     assert sum(sizes) == 16 and len(sizes) <= 2 * 16 // 8  # shards at least half full, not one per append (13)
+
+
+def test_a_version_damaged_after_it_was_read_in_this_process_is_read_and_refused(wavs, tmp_path):
+    from stages.core.store import StoreError
+
+    store = FeatureStore(str(tmp_path / "store"))
+    manifest, _ = build_manifest("wav", wavs.list(IDS), None, shard_size=4)
+    digest = save_manifest(store, manifest)
+    assert load_manifest(store, "wav", digest).to_jsonl() == manifest.to_jsonl()  # read once: kept in this process
+    loaded = load_manifest(store, "wav", digest)
+    loaded.clips.clear()  # a caller's copy: what the next reader gets is not changed by it
+    assert len(load_manifest(store, "wav", digest).clips) == len(IDS)
+    version = tmp_path / "store" / "wav" / "clip_manifest" / f"{digest}.jsonl"
+    text = version.read_text()
+    version.write_text(text.replace("caption of c001", "caption of c00X"))  # same size, new bytes and mtime
+    with pytest.raises(StoreError, match="does not match its digest"):
+        load_manifest(store, "wav", digest)
