@@ -171,6 +171,8 @@ def test_direct_iteration_in_the_main_process_counts_its_own_position(local):
     resumed.load_state_dict(state)
     assert sorted(seen + [s["clip_id"] for s in resumed]) == sorted(clips.clip_ids)
     assert sorted(s["clip_id"] for s in pickle.loads(pickle.dumps(resumed))) == sorted(clips.clip_ids)
+    stored_order = ClipDataset(store, "demo", FEATURES, shuffle=False)
+    assert [s["clip_id"] for s in stored_order] == stored_order.clip_ids == sorted(stored_order.clip_ids)
 
 
 def test_random_access_reads_only_the_clips_shard_and_verifies_it(tmp_path):
