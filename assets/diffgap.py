@@ -156,10 +156,10 @@ def diffgap_evaluation(
     store = feature_store.writable_store()
     spaces = (diffgap_clap, diffgap_cavp)
     present, skipped = _present(spaces)
-    key, provenance = diffgap_eval.result_key("diffgap_evaluation", config.model_dump(), clip_manifest.digest, spaces)
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    key, provenance = diffgap_eval.result_key("diffgap_evaluation", config.model_dump(), manifest, spaces)
 
     def compute() -> list[dict]:
-        manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
         evaluation = diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples)
         progress = Progress("diffgap_evaluation", len(present) * len(config.seeds), "seeds", context.log.info).start()
         rows = []
@@ -211,11 +211,11 @@ def diffgap_ablations(
     present, skipped = _present(spaces)
     # Only the first seed is used: the other seeds are not part of the key.
     settings = {**config.model_dump(), "seeds": [seed]}
-    key, provenance = diffgap_eval.result_key("diffgap_ablations", settings, clip_manifest.digest, spaces,
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    key, provenance = diffgap_eval.result_key("diffgap_ablations", settings, manifest, spaces,
                                               diffgap_eval.ablation_settings())
 
     def compute() -> dict:
-        manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
         evaluation = diffgap_eval.EvalConfig(config.steps, config.sampler, config.samples, seed)
         progress = Progress("diffgap_ablations", diffgap_eval.ABLATIONS_PER_SPACE * len(present), "ablations",
                             context.log.info).start(spaces=", ".join(r.space for r in present), seed=seed)

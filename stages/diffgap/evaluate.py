@@ -237,16 +237,18 @@ def seed_rows(
 
 # ---- cached results: keyed by what they evaluate and how ----------------------------------------
 
-def result_key(name: str, config: Mapping[str, Any], manifest_digest: str, spaces: Sequence[DiffgapRef | SkippedSpace],
+def result_key(name: str, config: Mapping[str, Any], manifest: ClipManifest, spaces: Sequence[DiffgapRef | SkippedSpace],
                extra: Mapping[str, Any] | None = None) -> tuple[str, dict]:
     """The key of an evaluation result and what it hashes (its provenance).
 
-    Inputs: the clip-manifest version whose splits are evaluated, each space's DiffGAP checkpoint
-    (hash of its config, embedding key and shards), lineage and embedding feature key, or the
-    reason a space was skipped. Params: the evaluation config, the ablation settings (``extra``)
-    and the DiffGAP training code version (extra models of other seeds / settings are fitted by it).
+    Inputs: the splits of the clip manifest (which clip is train / val / test: what the tables
+    evaluate on; not the whole manifest version, which also changes when only file times do), each
+    space's DiffGAP checkpoint (hash of its config, embedding key and shards), lineage and embedding
+    feature key, or the reason a space was skipped. Params: the evaluation config, the ablation
+    settings (``extra``) and the DiffGAP training code version (models of other seeds / settings
+    are fitted by it).
     """
-    inputs = [f"manifest:{manifest_digest}"]
+    inputs = [f"splits:{splits_digest(manifest)}"]
     for ref in spaces:
         if isinstance(ref, SkippedSpace):
             inputs.append(f"{ref.space}:skipped:{ref.reason}")
@@ -255,7 +257,12 @@ def result_key(name: str, config: Mapping[str, Any], manifest_digest: str, space
                        f"{ref.space}:embeddings:{ref.embedding_key}"]
     params = {"config": dict(config), **dict(extra or {}), "diffgap_code_version": DIFFGAP_CODE_VERSION}
     key = feature_key(name, params, EVALUATION_CODE_VERSION, inputs)
-    return key, {"params": params, "code_version": EVALUATION_CODE_VERSION, "inputs": inputs}
+    return key, {"params": params, "code_version": EVALUATION_CODE_VERSION, "inputs": inputs, "manifest": manifest.digest()}
+
+
+def splits_digest(manifest: ClipManifest) -> str:
+    """Hash of (clip id, split) over the manifest: changes when a clip joins, leaves or changes split."""
+    return feature_key("splits", {}, "", sorted(f"{c.id}:{c.split}" for c in manifest.clips))
 
 
 def ablation_settings() -> dict:

@@ -2,6 +2,7 @@
 and reused while nothing changed (issue 14): a second materialization fits and evaluates nothing,
 a config change recomputes, a garbled stored result is recomputed instead of failing the run."""
 
+import dataclasses
 import posixpath
 
 import pytest
@@ -33,9 +34,9 @@ def _run_config(evaluation: dict) -> dict:
                     "diffgap_ablations": {"config": {**evaluation, "seeds": [0]}}}}
 
 
-def _upstream(store: FeatureStore, dataset: str) -> None:
+def _upstream(store: FeatureStore, dataset: str, manifest: ClipManifest | None = None) -> ClipManifest:
     """A clip manifest, CLAP embeddings and a skipped CAVP space in the store, as earlier steps leave them."""
-    manifest = ClipManifest(dataset, 40, _clips(80))
+    manifest = manifest or ClipManifest(dataset, 40, _clips(80))
     digest = save_manifest(store, manifest)
     key = _write_space(store, manifest)
     shards = tuple(sorted(manifest.by_shard()))
@@ -47,6 +48,7 @@ def _upstream(store: FeatureStore, dataset: str) -> None:
     for asset, value in outputs.items():
         store.write_json(store.path(dataset, OUTPUTS_FOLDER, f"{asset}.json"),
                          {"asset": asset, "dataset": dataset, "run_id": "earlier", "value": encode(value)})
+    return manifest
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ def counted_evaluations(monkeypatch):
 
 def test_results_are_reused_until_an_input_or_the_config_changes(tmp_path, counted_evaluations):
     store = FeatureStore(str(tmp_path / "store"))
-    _upstream(store, "toy")
+    manifest = _upstream(store, "toy")
     source = ClipSourceResource(kind="jsonl", path=str(tmp_path / "clips.jsonl"), dataset="toy")
     resources = tiny.resources(tmp_path / "store", source)
 
@@ -97,6 +99,19 @@ def test_results_are_reused_until_an_input_or_the_config_changes(tmp_path, count
     assert not repaired["reused"] and "not valid JSON" in repaired["recomputed_because"] and evaluated > 0
     assert repaired["table"] == evaluation["table"]  # same inputs, same seeds: the same numbers
     assert run(EVAL)[0]["reused"]
+
+    # A new manifest version whose files only changed their times (new stats): same splits, reused.
+    touched = _upstream(store, "toy", dataclasses.replace(manifest, clips=[
+        dataclasses.replace(c, stat=f"touched:{i}") for i, c in enumerate(manifest.clips)]))
+    assert touched.digest() != manifest.digest()
+    assert run(EVAL)[0]["reused"]
+    # A clip moves from test to val: the tables evaluate other clips, so they are computed again.
+    moved = next(i for i, c in enumerate(touched.clips) if c.split == "test")
+    clips = list(touched.clips)
+    clips[moved] = dataclasses.replace(clips[moved], split="val")
+    _upstream(store, "toy", dataclasses.replace(touched, clips=clips))
+    resplit, _, evaluated = run(EVAL)
+    assert not resplit["reused"] and evaluated > 0
 
 
 def test_cached_result_recomputes_an_edited_value_and_keeps_row_order(tmp_path):
