@@ -14,7 +14,7 @@ from pydantic import Field, PrivateAttr
 
 from stages.core.errors import ConfigError, DatasetError
 from stages.core.ids import UnsafeNameError, check_name
-from stages.core.settings import default_demo_dir, default_store_root, s3_options
+from stages.core.settings import check_bucket, default_demo_dir, default_store_root, s3_options
 from stages.ingest.datasets import register_source, registered_source
 from stages.core.parallel import DaskExecutor, Executor, InProcessExecutor
 from stages.ingest.sources import SOURCE_KINDS, SourceConfig, SourceError, SourceListing, list_media, read_source
@@ -36,6 +36,10 @@ class FeatureStoreResource(ConfigurableResource):
 
     def writable_store(self) -> FeatureStore:
         store = self.store()
+        try:
+            check_bucket(store)  # an unreachable endpoint, a missing bucket or credentials: their own fix
+        except StoreError as exc:
+            raise Failure(str(exc)) from None
         try:
             store.check_writable()
         except StoreError as exc:
