@@ -56,3 +56,18 @@ def test_entry_points_use_the_endpoint_from_the_environment(entry, s3_feature, t
     assert failed.returncode == 2 and failed.stdout == "", failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
     assert f"cannot reach the S3 endpoint http://127.0.0.1:{port}" in failed.stderr and "XMODAL_S3_ENDPOINT_URL" in failed.stderr
+
+
+def test_a_dagster_run_on_an_unreachable_endpoint_fails_before_any_step_in_one_line(s3_bucket, tmp_path):
+    from tests.fixtures.tiny import cli_env
+
+    port = _closed_port()
+    env = cli_env(tmp_path, XMODAL_STORE_ROOT=s3_bucket["root"], XMODAL_S3_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+                  XMODAL_S3_MAX_ATTEMPTS="1", XMODAL_SOURCE_PATH=str(tmp_path / "media"))
+    run = subprocess.run([str(VENV_BIN / "dagster"), "job", "execute", "-j", "refresh_features"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0 and "STEP_START" not in out  # the run's resources failed: no step ran
+    failures = {line for line in out.splitlines() if line.startswith("dagster._core.definitions.events.Failure: ")}
+    assert failures == {f"dagster._core.definitions.events.Failure: cannot reach the S3 endpoint http://127.0.0.1:{port} "
+                        "(EndpointConnectionError): start the server, or set XMODAL_S3_ENDPOINT_URL to its URL (unset: AWS)"}
