@@ -61,9 +61,9 @@ def s3_max_attempts() -> int:
 def s3_options(endpoint_url: str = "", anon: bool = False, max_attempts: int | None = None) -> dict:
     """fsspec/s3fs storage options for an S3-compatible endpoint (the same for jobs and the CLI):
     botocore's adaptive retry mode, ``max_attempts`` attempts per request (default
-    ``s3_max_attempts()``). s3fs
-    passes ``config_kwargs`` to botocore's client Config. No option here changes a feature key or
-    anything recorded in the store (a dataset's source.json keeps no storage options)."""
+    ``s3_max_attempts()``); s3fs passes ``config_kwargs`` to botocore's client Config (and retries
+    timeouts and SlowDown answers itself on top, up to 5 times). No option here changes a feature
+    key or anything recorded in the store (a dataset's source.json keeps no storage options)."""
     retries = {"mode": "adaptive", "total_max_attempts": max_attempts or s3_max_attempts()}
     options: dict = {"config_kwargs": {"retries": retries}}
     if endpoint_url:
