@@ -106,6 +106,8 @@ def main() -> int:
     env = _env(home, big, args.clips, args.shard_size)
     floor_env = _env(home, work / "unused", args.clips, args.shard_size)
     times: dict[str, list[tuple[float, float]]] = {"floor": [], "cold": [], "no-op": [], "append": []}
+    # The floor runs paired with each scenario (the machine's load drifts between phases).
+    paired: dict[str, list[tuple[float, float]]] = {"no-op": [], "append": []}
     times["floor"].append(_run("no_op", floor_env, log))
     shutil.rmtree(big / "features", ignore_errors=True)  # cold: an empty store (a kept folder may hold one)
     times["cold"].append(_run("refresh_features", env, log))
@@ -117,6 +119,7 @@ def main() -> int:
         pair = [("floor", "no_op", floor_env), ("no-op", "refresh_features", env)]
         for name, job, job_env in (pair if i % 2 == 0 else pair[::-1]):
             times[name].append(_run(job, job_env, log))
+        paired["no-op"].append(times["floor"][-1])
 
     print(f"growing the demo to {grown} clips (untimed): {_generate(big, grown):.0f} s")
     env_grown = _env(home, big, grown, args.shard_size)
@@ -125,36 +128,40 @@ def main() -> int:
         pair = [("floor", "no_op", floor_env), ("append", "refresh_features", env_grown)]
         for name, job, job_env in (pair if i % 2 == 0 else pair[::-1]):
             times[name].append(_run(job, job_env, log))
+        paired["append"].append(times["floor"][-1])
 
     if args.small:
         print(f"generating {args.small} demo clips (untimed): {_generate(small, args.small):.0f} s")
         env_small = _env(home, small, args.small, args.shard_size)
         shutil.rmtree(small / "features", ignore_errors=True)
         times[f"cold@{args.small}"] = [_run("refresh_features", env_small, log)]
-        times[f"no-op@{args.small}"] = []
+        times[f"no-op@{args.small}"], paired[f"no-op@{args.small}"] = [], []
         for i in range(args.repeats):
             pair = [("floor", "no_op", floor_env), (f"no-op@{args.small}", "refresh_features", env_small)]
             for name, job, job_env in (pair if i % 2 == 0 else pair[::-1]):
                 times[name].append(_run(job, job_env, log))
+            paired[f"no-op@{args.small}"].append(times["floor"][-1])
 
     median = {name: _median(samples) for name, samples in times.items() if samples}
     floor, cold = median["floor"], median["cold"]
     goals = {"no-op": 0.03, "append": 0.15}
     print(f"\nrefresh_features, demo {args.clips} clips (shard size {args.shard_size}), +{grown - args.clips} clips "
           f"for append; medians of {args.repeats} (cold: 1 run); load average at end: {_load()}")
-    print(f"{'scenario':<14}{'wall s':>9}{'CPU s':>9}{'runs':>6}   (x - floor) / (cold - floor): wall, CPU   goal")
+    print("(x - floor) / (cold - floor) uses the median of the floor runs paired with x (their own phase)")
+    print(f"{'scenario':<14}{'wall s':>9}{'CPU s':>9}{'runs':>6}{'its floor':>16}   (x - floor) / (cold - floor): wall, CPU   goal")
     for name, (wall, cpu) in median.items():
         share = ""
-        if name not in ("floor", "cold") and not name.startswith("cold@"):
-            shares = [(x - f) / max(c - f, 1e-9) for x, f, c in ((wall, floor[0], cold[0]), (cpu, floor[1], cold[1]))]
+        if name in paired:
+            own = _median(paired[name])
+            shares = [(x - f) / max(c - f, 1e-9) for x, f, c in ((wall, own[0], cold[0]), (cpu, own[1], cold[1]))]
             goal = goals.get(name)
             verdict = "" if goal is None else f"<= {goal:.0%}: " + ("PASS" if shares[1] <= goal else "MISS") + " (CPU)"
-            share = f"   {shares[0]:6.1%}, {shares[1]:6.1%}   {verdict}"
+            share = f"{own[0]:8.2f}{own[1]:8.2f}   {shares[0]:6.1%}, {shares[1]:6.1%}   {verdict}"
         print(f"{name:<14}{wall:9.2f}{cpu:9.2f}{len(times[name]):6d}{share}")
     if args.small:
-        noop_small, noop_big = median[f"no-op@{args.small}"], median["no-op"]
-        print(f"no-op work above the floor, CPU s: {noop_small[1] - floor[1]:.2f} at {args.small} clips, "
-              f"{noop_big[1] - floor[1]:.2f} at {args.clips} clips ({args.clips / args.small:.0f}x the clips)")
+        above = {n: median[n][1] - _median(paired[n])[1] for n in (f"no-op@{args.small}", "no-op")}
+        print(f"no-op CPU s above its paired floor: {above[f'no-op@{args.small}']:.2f} at {args.small} clips, "
+              f"{above['no-op']:.2f} at {args.clips} clips ({args.clips / args.small:.0f}x the clips)")
     print(f"work folder: {work}" + ("" if args.keep else " (temporary; --keep DIR keeps it)"))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
