@@ -38,16 +38,24 @@ class Machine:
 
     def __init__(self, name: str, env: dict, folder: Path):
         self.name, self.env, self.folder = name, env, folder
-        self.count = 0
+        self.processes: list[subprocess.Popen] = []
 
     def start(self, args: list[str]) -> tuple[subprocess.Popen, Path]:
-        self.count += 1
-        log = self.folder / f"{self.name}-{self.count}.log"
+        log = self.folder / f"{self.name}-{len(self.processes) + 1}.log"
         with open(log, "w") as out:
             # cwd = the project: `dg` finds its [tool.dg] config there, as a user runs it.
             process = subprocess.Popen(args, cwd=PROJECT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True)
+        self.processes.append(process)
         return process, log
+
+    def kill(self) -> None:
+        """End whatever is still running (a failed test), paused or not."""
+        for process in self.processes:
+            if process.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def _finish(process: subprocess.Popen, log: Path) -> str:
@@ -121,12 +129,11 @@ def test_two_machines_share_one_instance_one_store_and_one_dask_cluster(tmp_path
     # One worker, no nanny: the cheapest real cluster (its processes were most of this test's CPU
     # with two workers and nannies); spreading over workers is tests/stages/core/test_dask_cluster.py's.
     cluster = start_cluster(n_workers=1, nanny=False, folder=str(tmp_path / "dask"))  # S3 credentials: this env
-    paused: list[subprocess.Popen] = []
+    machines: dict[str, Machine] = {}
     try:
         shared = {"XMODAL_STORE_ROOT": s3_bucket["root"], "XMODAL_S3_ENDPOINT_URL": s3_bucket["endpoint_url"],
                   "XMODAL_SOURCE_PATH": str(tmp_path / "media"), "XMODAL_DEMO_CLIPS": "8", "XMODAL_SHARD_SIZE": "4",
                   "XMODAL_COMPUTE": "scheduler", "XMODAL_DASK_SCHEDULER": cluster.address, "PYTHONUNBUFFERED": "1"}
-        machines = {}
         for name in ("a", "b"):
             folder = tmp_path / f"machine_{name}"
             folder.mkdir()
@@ -140,7 +147,6 @@ def test_two_machines_share_one_instance_one_store_and_one_dask_cluster(tmp_path
         #    added the dataset's partition to the shared instance).
         run_a, log_path_a = a.start([str(VENV_BIN / "dagster"), "job", "execute", "-j", "refresh_features",
                                      "--op-selection", "clip_manifest,mel_spectrograms"])
-        paused.append(run_a)
         owner_a = _wait_for(lambda: (owner := _lease_owner(store)) and _has_partition(a.env["DAGSTER_HOME"]) and owner,
                             "lease and partition taken by machine A", TIMEOUT, run_a)
         os.killpg(run_a.pid, signal.SIGSTOP)
@@ -151,7 +157,6 @@ def test_two_machines_share_one_instance_one_store_and_one_dask_cluster(tmp_path
         _wait_for(lambda: f"is busy: waiting for run {owner_a}" in log_path_b.read_text(),
                   "wait for A's lease in B's log", 50, run_b)
         os.killpg(run_a.pid, signal.SIGCONT)
-        paused.remove(run_a)
         log_a = _finish(run_a, log_path_a)
         mels = _shard_files(store, "mel_spectrograms")
         log_b = _finish(run_b, log_path_b)
@@ -173,7 +178,6 @@ def test_two_machines_share_one_instance_one_store_and_one_dask_cluster(tmp_path
             assert _materialization_runs(Path(home), "mel_spectrograms") == {owner_a}
             assert _materialization_runs(Path(home), "audio_images") == {owner_b}
     finally:
-        for process in paused:
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGCONT)
+        for machine in machines.values():
+            machine.kill()
         cluster.stop()
