@@ -65,14 +65,16 @@ class LoggedTask:
     def __call__(self, item):
         what = describe_task(item)
         worker_log.info("task started: %s (pid %d)", what, os.getpid())
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             result = self.fn(item)
         except BaseException as exc:
             worker_log.warning("task failed after %.2f s: %s: %s: %s", time.perf_counter() - start, what,
                                type(exc).__name__, exc)
             raise
-        worker_log.info("task done: %s in %.2f s (pid %d)", what, time.perf_counter() - start, os.getpid())
+        # CPU seconds beside wall seconds: on a shared machine the gap is the time other processes took.
+        worker_log.info("task done: %s in %.2f s (%.2f s CPU, pid %d)", what, time.perf_counter() - start,
+                        time.process_time() - cpu, os.getpid())
         return result
 
 
