@@ -112,13 +112,11 @@ def _shard_files(store: FeatureStore, feature: str) -> dict[str, str]:
 def _materialization_runs(home: Path, asset: str) -> set[str]:
     """Run ids of ``asset``'s materializations as the instance of ``home`` sees them (its
     dagster.yaml reads DAGSTER_PG_URL)."""
-    from dagster import AssetKey, DagsterEventType, DagsterInstance, EventRecordsFilter
+    from dagster import AssetKey, DagsterInstance
 
     instance = DagsterInstance.from_config(str(home))
     try:
-        records = instance.get_event_records(EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION,
-                                                                asset_key=AssetKey(asset)))
-        return {record.run_id for record in records}
+        return {record.run_id for record in instance.fetch_materializations(AssetKey(asset), limit=100).records}
     finally:
         instance.dispose()
 
