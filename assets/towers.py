@@ -19,7 +19,6 @@ from assets.factory import dataset_check, feature_asset
 from assets.features import ClipLengthConfig
 from assets.factory import check_feature, new_shards
 from assets.resources import FeatureStoreResource
-from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower
 from stages.core import refs
 from stages.features import towers as T
 from stages.ingest.decode import ClipLength
@@ -38,7 +37,7 @@ class AudioTowerConfig(ClipLengthConfig):  # seconds >= 1: one 512-d embedding p
 class FrameTowerConfig(Config):
     seconds: float = Field(default=4.0, description="Clip length in seconds (>= 1); one 1280-d embedding per whole second.")
     fps: float = Field(default=4.0, description="Frames decoded per second (1..60); averaged within each second.")
-    size: int = Field(default=DEFAULT_FRAME_SIZE, description="EfficientNet-lite0 input side in pixels; frames are resized to it.")
+    size: int = Field(default=T.DEFAULT_FRAME_SIZE, description="EfficientNet-lite0 input side in pixels; frames are resized to it.")
     per_second_dtype: str = Field(default="float16", description="Stored dtype of per_second: float16 or float32.")
     crop: str = Field(default=ClipLength.crop, description="Which `seconds` of a longer clip: 'start' or 'centre' (as the audio's).")
 
@@ -124,7 +123,7 @@ def _params_of(store: FeatureStore, ref: refs.FeatureRef) -> dict:
 def audio_tower_valid(audio_tower: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     params = T.AudioTowerParams.from_params(_params_of(store, audio_tower))
-    shapes = {"pooled": (AudioTower.dim,), "per_second": (params.n_seconds, AudioTower.dim), "logits": (AudioTower.n_classes,)}
+    shapes = {"pooled": (T.AudioTower.dim,), "per_second": (params.n_seconds, T.AudioTower.dim), "logits": (T.AudioTower.n_classes,)}
     return _check_tower(store, audio_tower, shapes, "pooled", unit_norm=False)
 
 
@@ -135,7 +134,7 @@ def audio_tower_valid(audio_tower: refs.FeatureRef, feature_store: FeatureStoreR
 def frame_tower_valid(frame_tower: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     params = T.FrameTowerParams.from_params(_params_of(store, frame_tower))
-    shapes = {"pooled": (FrameTower.dim,), "per_second": (params.n_seconds, FrameTower.dim)}
+    shapes = {"pooled": (T.FrameTower.dim,), "per_second": (params.n_seconds, T.FrameTower.dim)}
     return _check_tower(store, frame_tower, shapes, "pooled", unit_norm=False)
 
 
@@ -147,7 +146,7 @@ def text_tower_valid(text_tower: refs.FeatureRef, feature_store: FeatureStoreRes
     store = feature_store.store()
     manifest = load_manifest(store, text_tower.dataset, text_tower.manifest_digest)
     texts = {c.id: c.caption or c.label for c in manifest.clips}
-    return _check_tower(store, text_tower, {"text": (TextTower.dim,)}, "text", unit_norm=True, manifest_texts=texts)
+    return _check_tower(store, text_tower, {"text": (T.TextTower.dim,)}, "text", unit_norm=True, manifest_texts=texts)
 
 
 TOWER_ASSETS = [audio_tower, frame_tower, text_tower]

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.devices import device_of, to_device, to_host
-
 # Direction ids: which modality is the target. A model per space learns both (BST).
-TO_AUDIO, FROM_AUDIO = 0, 1
+from models.constants import FROM_AUDIO, TO_AUDIO  # noqa: F401 (defined there, torch-free, for stage configs)
+from models.devices import device_of, to_device, to_host
 
 
 @dataclass(frozen=True)

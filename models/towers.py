@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.constants import DEFAULT_FRAME_SIZE
 from models.devices import fitting_batch, is_cuda, to_device
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -611,11 +612,6 @@ def convert_aisfx_checkpoint(cache_dir: str | os.PathLike) -> Path:
 # photos at 224 px: these values give the right ImageNet classes with more confidence.
 FRAME_MEAN = 127.0 / 255.0
 FRAME_STD = 128.0 / 255.0
-# Demo frames are 64x64. A linear probe is as good at 64 as at 224 (colour and shape suffice), but
-# at 64 the net ends on a 2x2 grid and its features are far from those of a native-size input
-# (cosine 0.55 to the 224 px features; 0.74 at 128). 128 costs about what the audio tower costs
-# per clip (~10 clips/s per core at 4 fps), 160 / 224 cost 1.8x / 5x more for no probe gain.
-DEFAULT_FRAME_SIZE = 128
 
 
 class FrameTower:

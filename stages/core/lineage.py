@@ -27,14 +27,15 @@ from __future__ import annotations
 import enum
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from stages.core import checkpoints
 from stages.core.checkpoints import (checkpoint_dir, has_checkpoint, list_checkpoints, load_checkpoint, load_progress,
                                      optimizer_tensors, save_checkpoint)
 from stages.core.store import FeatureStore
+
+if TYPE_CHECKING:
+    import torch
 
 
 class NewShards(str, enum.Enum):

@@ -5,12 +5,11 @@ Tables V-VII.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, sample
+from models.constants import FROM_AUDIO, TO_AUDIO
 from stages.ingest.manifest import ClipManifest
 from stages.core.parallel import torch_threads
 from stages.core.progress import Progress
@@ -20,6 +19,9 @@ from stages.core.store import FeatureStore, feature_key
 from stages.diffgap.train import (BLEND_WEIGHTS, DIFFGAP_CODE_VERSION, SMALL_MODEL_THREADS, DiffgapTrainConfig, EmbeddingPairs,
                                   direction_names, fit_space, load_model, load_pairs)
 from stages.embeddings.spaces import SkippedSpace
+
+if TYPE_CHECKING:
+    from models.diffgap import Denoiser
 
 # Bump when the rows an evaluation computes change for the same inputs (cached results are keyed by it).
 EVALUATION_CODE_VERSION = "2"
@@ -47,6 +49,9 @@ def generate(
 
 
 def _generate(model, condition, direction, steps, sampler, samples, seed, project, batch) -> np.ndarray:
+    import torch
+    from models.diffgap import sample
+
     generator = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(condition), batch):

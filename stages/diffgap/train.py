@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
-import torch
 
-from models.devices import DeviceRows, check_device, to_device
-from models.diffgap import FROM_AUDIO, TO_AUDIO, Denoiser, DenoiserConfig, diffusion_loss, make_train_scheduler
+from models.constants import FROM_AUDIO, TO_AUDIO
 from stages.embeddings.spaces import get_space
 from stages.ingest.manifest import ClipManifest
 from stages.core.parallel import torch_threads
@@ -24,6 +22,10 @@ from stages.core.lineage import NewShards, Progress, Start, Trained, fit_with_li
 from stages.core.progress import LossWindow
 from stages.core.progress import Progress as ProgressLog
 from stages.core.store import FeatureStore, feature_key
+
+if TYPE_CHECKING:
+    import torch
+    from models.diffgap import Denoiser, DenoiserConfig
 
 
 DIFFGAP_CODE_VERSION = "1"
@@ -60,6 +62,8 @@ class DiffgapTrainConfig:
     direction_embedding: bool = True
 
     def denoiser_config(self, embed_dim: int) -> DenoiserConfig:
+        from models.diffgap import DenoiserConfig
+
         return DenoiserConfig(embed_dim=embed_dim, width=self.width, depth=self.depth, direction_embedding=self.direction_embedding)
 
     def params(self) -> dict:
@@ -147,6 +151,10 @@ def _train_diffgap(
     On ``device``, with rows and noise drawn on the host as on CPU (models.devices); ``log`` gets
     progress lines named by ``label`` (steps, loss, ETA). The returned model is on the host.
     """
+    import torch
+    from models.devices import DeviceRows, check_device, to_device
+    from models.diffgap import Denoiser, diffusion_loss, make_train_scheduler
+
     if len(train) < 2:
         raise ValueError(f"need at least 2 training clips with embeddings, got {len(train)}")
     start = time.perf_counter()
@@ -240,6 +248,9 @@ class FitResult:
 
 def load_model(store: FeatureStore, dataset: str, space: str, key: str, device: str = "cpu") -> tuple[Denoiser, dict]:
     """A stored denoiser on ``device`` (sampling runs where the model is) and its sidecar."""
+    from models.devices import check_device
+    from models.diffgap import Denoiser, DenoiserConfig
+
     model, sidecar = load_module(store, dataset, model_name(space), key, lambda s: Denoiser(DenoiserConfig(**s["denoiser_config"])))
     return model.to(check_device(device)), sidecar
 
@@ -276,6 +287,9 @@ def fit_space(
     training clips plus replayed old ones. A run killed mid-training resumes from its last
     progress save.
     """
+    from models.devices import check_device
+    from models.diffgap import Denoiser
+
     name = model_name(space)
     lineage = lineage_key(space, config, embedding_key)
     shards = sorted(manifest.by_shard())

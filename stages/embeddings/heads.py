@@ -9,19 +9,20 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
-import torch
 
-from models.contrastive import CavpHead, ClapHead, HeadConfig
-from models.devices import DeviceRows, check_device, seeded_devices, to_device
 from stages.core.checkpoints import load_module
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResult, register_feature, registered_feature
 from stages.ingest.manifest import ClipManifest
 from stages.core.lineage import Fitted, NewShards, Start, Trained, fit_with_lineage
 from stages.core.progress import LossWindow, Progress
 from stages.core.store import FeatureStore, canonical_json, feature_key
+
+if TYPE_CHECKING:
+    import torch
+    from models.contrastive import HeadConfig
 
 
 
@@ -77,6 +78,8 @@ class HeadTrainConfig:
     dropout: float = 0.1
 
     def head_config(self) -> HeadConfig:
+        from models.contrastive import HeadConfig
+
         return HeadConfig(embed_dim=self.embed_dim, hidden_dim=self.hidden_dim, dropout=self.dropout)
 
     def params(self) -> dict:
@@ -117,6 +120,8 @@ def paired_features(
 
 
 def build_head(kind: str, dims: Mapping[str, int], config: HeadConfig):
+    from models.contrastive import CavpHead, ClapHead
+
     if kind == CLAP_HEAD:
         return ClapHead(dims["audio"], dims["text"], config)
     if kind == CAVP_HEAD:
@@ -145,6 +150,9 @@ class TrainResult:
 
 def train_head(*args, device: str = "cpu", **kwargs) -> "TrainResult":
     """See _train_head; small heads train on one thread (see stages.core.parallel.torch_threads)."""
+    import torch
+    from models.devices import seeded_devices
+
     from stages.core.parallel import torch_threads
 
     # Seeded from the config's seed (init and dropout) in a scope of its own: the caller's global RNG is left as it was.
@@ -167,6 +175,9 @@ def _train_head(
     when they fit). The loss is read back at evaluations and progress lines only, so a CUDA step
     does not wait for the one before; a non-finite loss still fails naming its step.
     """
+    import torch
+    from models.devices import DeviceRows, check_device, to_device
+
     if len(train) < 2:
         raise ValueError(f"{kind}: need at least 2 training clips with both inputs, got {len(train)}")
     start = time.perf_counter()
@@ -224,25 +235,29 @@ def _train_head(
     return TrainResult(model, history, best[1], best[0], time.perf_counter() - start)
 
 
-@torch.no_grad()
 def embed(model, kind: str, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Clip embeddings (L2-normalised). CAVP also returns the per-second embeddings."""
-    model.eval()
-    tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in data.items()}
-    if kind == CLAP_HEAD:
-        return {"audio": model.embed_audio(tensors["audio"]).numpy(), "text": model.embed_text(tensors["text"]).numpy()}
-    audio_seconds = model.embed_audio(tensors["audio"])
-    video_seconds = model.embed_video(tensors["video"])
-    return {
-        "audio": model.pool(audio_seconds).numpy(),
-        "video": model.pool(video_seconds).numpy(),
-        "audio_per_second": audio_seconds.numpy(),
-        "video_per_second": video_seconds.numpy(),
-    }
+    import torch
+
+    with torch.no_grad():
+        model.eval()
+        tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in data.items()}
+        if kind == CLAP_HEAD:
+            return {"audio": model.embed_audio(tensors["audio"]).numpy(), "text": model.embed_text(tensors["text"]).numpy()}
+        audio_seconds = model.embed_audio(tensors["audio"])
+        video_seconds = model.embed_video(tensors["video"])
+        return {
+            "audio": model.pool(audio_seconds).numpy(),
+            "video": model.pool(video_seconds).numpy(),
+            "audio_per_second": audio_seconds.numpy(),
+            "video_per_second": video_seconds.numpy(),
+        }
 
 
 @lru_cache(maxsize=4)
 def _cached_head(store_root: str, storage_json: str, dataset: str, kind: str, key: str):
+    from models.contrastive import HeadConfig
+
     store = FeatureStore(store_root, json.loads(storage_json))
     model, _ = load_module(store, dataset, kind, key,
                            lambda s: build_head(kind, s["input_dims"], HeadConfig(**s["head_config"])))

@@ -6,9 +6,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
-import torch
 
-from models.contrastive import HeadConfig
 from stages.core.checkpoints import load_checkpoint
 from stages.ingest.manifest import ClipManifest
 from stages.core.store import FeatureStore
@@ -46,6 +44,9 @@ def evaluate_retrieval(
     ``heads`` maps a head kind to {"embedding_key", "head_key" (or "" for a pretrained model),
     "tower_keys"}.
     """
+    import torch
+    from models.contrastive import HeadConfig
+
     from stages.evaluation.duplicates import clip_texts, relevance
     from stages.evaluation.retrieval import normalize, retrieval_metrics
 
@@ -99,6 +100,8 @@ def _caption_embeddings(store: FeatureStore, dataset: str, head_key: str, captio
     """Every caption through the text tower and the trained / untrained CLAP text head (and random
     vectors): the text rows of the multi-caption protocol. The text tower feature embeds one text
     per clip, so the others are embedded here, for the evaluated split only."""
+    import torch
+
     from models.towers import TextTower, get_tower
     from stages.embeddings.heads import load_head
     from stages.evaluation.retrieval import normalize

@@ -5,12 +5,13 @@ over motion and onset envelopes, trained on held-out real clips.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from models.alignment import AlignmentClassifier
+if TYPE_CHECKING:
+    import torch
+    from models.alignment import AlignmentClassifier
 
 
 # ---- alignment classifier (Diff-Foley's Acc) ----------------------------------------------------
@@ -98,6 +99,8 @@ def onset_envelopes(audio: np.ndarray, rate: int, fps: float, frames: int) -> np
 
 
 def _tensors(pairs: AlignmentPairs) -> tuple[torch.Tensor, ...]:
+    import torch
+
     return tuple(torch.from_numpy(x) for x in (pairs.motion, pairs.onsets, pairs.video_per_second, pairs.audio_per_second))
 
 
@@ -118,6 +121,10 @@ def negatives(pairs: AlignmentPairs, rng: np.random.Generator, fps: float = 8.0,
 
 def train_alignment(pairs: AlignmentPairs, config: AlignmentConfig = AlignmentConfig()) -> AlignmentClassifier:
     """Train on aligned pairs (label 1) vs fresh swapped / shifted negatives (label 0) each step."""
+    import torch
+    from models.alignment import AlignmentClassifier
+    from torch import nn
+
     if len(pairs) < 2:
         raise ValueError(f"the alignment classifier needs at least 2 training clips, got {len(pairs)}")
     torch.manual_seed(config.seed)
@@ -139,10 +146,12 @@ def train_alignment(pairs: AlignmentPairs, config: AlignmentConfig = AlignmentCo
     return model
 
 
-@torch.no_grad()
 def aligned_probability(model: AlignmentClassifier, pairs: AlignmentPairs) -> np.ndarray:
-    model.eval()
-    return torch.sigmoid(model(*_tensors(pairs))).numpy()
+    import torch
+
+    with torch.no_grad():
+        model.eval()
+        return torch.sigmoid(model(*_tensors(pairs))).numpy()
 
 
 def alignment_accuracy(model: AlignmentClassifier, pairs: AlignmentPairs) -> float:

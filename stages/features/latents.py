@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResult, register_feature, registered_feature
 from stages.core.errors import ConfigError
@@ -84,6 +83,8 @@ class VaeLatents(ShardFeature):
     sets_threads = False  # compute_shard below: the job's threads, else torch's default, for this shard only
 
     def compute_shard(self, job: ShardJob) -> ShardResult:
+        import torch
+
         with torch_threads(job.worker_threads or torch.get_num_threads()):
             return super().compute_shard(job)
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from models.towers import DEFAULT_FRAME_SIZE, AudioTower, FrameTower, TextTower, get_tower
+from models.constants import DEFAULT_FRAME_SIZE
 from stages.core.errors import ConfigError, EnvironmentMismatchError
 from stages.features.base import (ShardFeature, ShardJob, ShardOutput, content_hash_meta, iter_decoded, register_feature,
                                   registered_feature)
@@ -37,6 +37,15 @@ TEXT_TOWER_FEATURE = "text_tower"
 AUDIO_TOWER_CODE_VERSION = "1"
 FRAME_TOWER_CODE_VERSION = "1"
 TEXT_TOWER_CODE_VERSION = "1"
+
+
+def __getattr__(name: str):
+    # The tower classes (their dims, for the asset checks) load models.towers, and so torch, on first use.
+    if name in ("AudioTower", "FrameTower", "TextTower"):
+        from models import towers
+
+        return getattr(towers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 NO_TEXT_REASON = "no caption or label"
 _DTYPES = ("float16", "float32")
@@ -99,6 +108,8 @@ class AudioTowerParams:
         return cls(**{k: v for k, v in params.items() if k != "tower"})
 
     def params(self) -> dict:
+        from models.towers import AudioTower
+
         own = {k: v for k, v in asdict(self).items() if k not in ("seconds", "min_seconds", "fit", "crop")}
         return {**own, **self.clip_length().key_params(), "tower": AudioTower.describe()}
 
@@ -110,6 +121,8 @@ class AudioTowerParams:
         return int(math.floor(self.seconds + 1e-9))
 
     def audio_spec(self) -> AudioSpec:
+        from models.towers import AudioTower
+
         return AudioSpec.of(self.clip_length(), AudioTower.sample_rate, self.silence_dbfs)
 
 
@@ -137,6 +150,8 @@ class FrameTowerParams:
         return cls(**{k: v for k, v in params.items() if k != "tower"})
 
     def params(self) -> dict:
+        from models.towers import FrameTower
+
         own = {k: v for k, v in asdict(self).items() if k != "crop" or v != "start"}  # keys made before crop stay
         return {**own, "tower": FrameTower.describe(size=self.size)}
 
@@ -162,6 +177,8 @@ class TextTowerParams:
     """Nothing to choose yet beyond the tower: texts are each clip's caption, else its label."""
 
     def params(self) -> dict:
+        from models.towers import TextTower
+
         return {"tower": TextTower.describe()}
 
     def key(self) -> str:
@@ -170,6 +187,8 @@ class TextTowerParams:
 
 def _tower_for(job: ShardJob, cls, **kwargs):
     """The process's shared tower; its settings must be the ones the feature key was made from."""
+    from models.towers import get_tower
+
     tower = get_tower(cls, device=job.device, **kwargs)
     expected = job.params.get("tower")
     if expected is not None and tower.settings() != expected:
@@ -192,6 +211,8 @@ class AudioTowerFeatures(ShardFeature):
     def extract(self, job: ShardJob, store) -> ShardOutput:
         """Decode at 44.1 kHz (same length / silence rules as the mels) ahead of aisfx, which embeds
         the clips in groups."""
+        from models.towers import AudioTower
+
         params = AudioTowerParams.from_params(job.params)
         spec = params.audio_spec()
         n_sec, dim, n = params.n_seconds, AudioTower.dim, len(job.clips)
@@ -226,6 +247,8 @@ class FrameTowerFeatures(ShardFeature):
     def extract(self, job: ShardJob, store) -> ShardOutput:
         """Frames at ``fps`` (decord) decoded ahead of EfficientNet-lite0, which embeds every frame
         in groups of clips; averaged per second and per clip."""
+        from models.towers import FrameTower
+
         params = FrameTowerParams.from_params(job.params)
         spec = params.frame_spec()
         n_sec, dim, n_frames, n = params.n_seconds, FrameTower.dim, spec.n_frames, len(job.clips)
@@ -269,6 +292,8 @@ class TextTowerFeatures(ShardFeature):
 
     def extract(self, job: ShardJob, store) -> ShardOutput:
         """MiniLM embeddings of each clip's caption (else its label); an empty text is quarantined."""
+        from models.towers import TextTower
+
         if len(job.texts) != len(job.clips):
             raise ValueError(f"shard {job.shard}: {len(job.texts)} texts for {len(job.clips)} clips (ShardJob.texts)")
         ok_ids, hashes, texts, quarantined = [], [], [], []

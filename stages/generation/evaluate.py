@@ -6,12 +6,10 @@ from __future__ import annotations
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from models.generator import LatentGenerator
 from stages.evaluation import alignment as alignment_metrics
 from stages.evaluation import audio as audio_metrics
 from stages.ingest.manifest import ClipManifest
@@ -20,6 +18,9 @@ from stages.core.store import FeatureStore
 from stages.generation.sample import SampleConfig, cavp_audio_head, generate, make_decoder, write_wav
 from stages.embeddings.spaces import get_space
 from stages.generation.train import LatentPairs, load_latent_pairs
+
+if TYPE_CHECKING:
+    from models.generator import LatentGenerator
 
 
 BASELINE, WITH_DIFFGAP, ORACLE = "baseline (no DiffGAP)", "DiffGAP", "oracle: VAE + vocoder of the real latent"
@@ -108,6 +109,8 @@ def evaluate_space(
     baseline, DiffGAP, (optionally) the real-audio-embedding condition and the oracle reconstruction,
     and the real audio; and per method its outputs (audio, and "aisfx": the aiSFX pooled /
     per-second / logits the metrics used)."""
+    import torch
+
     from models.towers import AudioTower, get_tower
 
     task = get_space(space).task

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-
-from models.generator import LatentGenerator, sample_latents
 
 from stages.embeddings.heads import CAVP_FEATURE, CAVP_HEAD, CLAP_FEATURE, CLAP_HEAD
 from stages.core.parallel import torch_threads
 from stages.core.store import FeatureStore
+
+if TYPE_CHECKING:
+    from models.generator import LatentGenerator
 
 
 # ---- generation -----------------------------------------------------------------------------------
@@ -106,6 +106,9 @@ def make_decoder(store: FeatureStore, dataset: str, audio_vae: Mapping, config: 
 
 
 def generate_latents(model: LatentGenerator, condition: np.ndarray, config: SampleConfig, seed_offset: int = 0) -> np.ndarray:
+    import torch
+    from models.generator import sample_latents
+
     with torch_threads(config.threads):
         generator = torch.Generator().manual_seed(config.seed * 1000003 + seed_offset)
         return sample_latents(model, torch.from_numpy(np.asarray(condition, np.float32)), steps=config.steps,
@@ -124,6 +127,8 @@ def generate(model: LatentGenerator, decoder: Decoder, condition: np.ndarray, co
 
 def text_condition(store: FeatureStore, dataset: str, embedding_key: str, texts: Sequence[str], device: str = "cpu") -> np.ndarray:
     """CLAP text embeddings of free text with the head behind a clap_embeddings key (text tower + head)."""
+    import torch
+
     from models.towers import TextTower, get_tower
     from stages.embeddings.heads import load_head
 

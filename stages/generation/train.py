@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
-
-from models.devices import DeviceRows, check_device
-from models.generator import GeneratorConfig, LatentGenerator, diffusion_loss, make_train_scheduler
 
 from stages.embeddings.spaces import get_space
 from stages.ingest.manifest import ClipManifest
@@ -32,9 +28,22 @@ from stages.core.lineage import NewShards, Start, Trained, fit_with_lineage
 from stages.core.progress import LossWindow, Progress
 from stages.core.store import FeatureStore, feature_key
 
+if TYPE_CHECKING:
+    from models.generator import GeneratorConfig, LatentGenerator
+
 
 GENERATOR_CODE_VERSION = "2"  # 2: prediction_type in the key
+
 # space -> (embedding feature, the other modality's array, its CLAP/CAVP head kind, task name)
+
+
+def __getattr__(name: str):
+    # The model class, re-exported as before; it loads models.generator (and so torch) on first use.
+    if name == "LatentGenerator":
+        from models.generator import LatentGenerator
+
+        return LatentGenerator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def model_name(space: str) -> str:
@@ -63,6 +72,8 @@ class GeneratorTrainConfig:
             raise ValueError("need steps, batch_size >= 1, learning_rate > 0 and 0 <= condition_dropout < 1")
 
     def generator_config(self, cond_dim: int, latent_channels: int, latent_size: int) -> GeneratorConfig:
+        from models.generator import GeneratorConfig
+
         return GeneratorConfig(cond_dim=cond_dim, latent_channels=latent_channels, latent_size=latent_size,
                                block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                                norm_num_groups=self.norm_num_groups, attention=self.attention,
@@ -133,6 +144,10 @@ def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Calla
     On ``device``, with rows, noise, timesteps and dropout drawn on the host as on CPU
     (models.devices); ``log`` gets progress lines named by ``label``. The model is returned on the host.
     """
+    import torch
+    from models.devices import DeviceRows, check_device
+    from models.generator import LatentGenerator, diffusion_loss, make_train_scheduler
+
     if len(train) < 2:
         raise ValueError(f"need at least 2 training clips with latents and embeddings, got {len(train)}")
     check_device(device)
@@ -172,7 +187,6 @@ def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Calla
         return GeneratorTrainResult(model, history, time.perf_counter() - start)
 
 
-@torch.no_grad()
 def condition_sensitivity(model: LatentGenerator, pairs: LatentPairs, timesteps: Sequence[int] = (300, 600, 900),
                           repeats: int = 4, seed: int = 0) -> dict[str, float]:
     """How much the generator uses its condition: its loss (eps / v MSE) on ``pairs`` at fixed timesteps with the
@@ -180,30 +194,34 @@ def condition_sensitivity(model: LatentGenerator, pairs: LatentPairs, timesteps:
 
     ``shuffled_over_matched`` > 1 means the condition carries information about the latent; about
     1 means the generator ignores it (it then samples the same audio for every prompt)."""
-    from models.generator import diffusion_target, make_train_scheduler
+    import torch
+    from models.generator import make_train_scheduler
 
-    if len(pairs) < 2:
-        raise ValueError(f"condition sensitivity needs at least 2 clips, got {len(pairs)}")
-    scheduler = make_train_scheduler(model.config)
-    model.eval()
-    z0, cond = torch.from_numpy(pairs.latents), torch.from_numpy(pairs.audio)
-    shift = int(np.random.default_rng(seed).integers(1, len(pairs)))
-    others = torch.roll(cond, shift, dims=0)
-    null = torch.ones(len(pairs), dtype=torch.bool)
-    generator = torch.Generator().manual_seed(seed)
-    totals = {"matched": 0.0, "shuffled": 0.0, "null": 0.0}
-    for t in timesteps:
-        tt = torch.full((len(pairs),), int(t), dtype=torch.long)
-        for _ in range(repeats):
-            noise = torch.randn(z0.shape, generator=generator)
-            zt = scheduler.add_noise(z0, noise, tt)
-            target = diffusion_target(scheduler, z0, noise, tt)
-            for name, c, drop in (("matched", cond, None), ("shuffled", others, None), ("null", cond, null)):
-                totals[name] += torch.nn.functional.mse_loss(model(zt, tt, c, drop), target).item()
-    count = len(timesteps) * repeats
-    out = {f"loss_{k}": round(v / count, 5) for k, v in totals.items()}
-    out["shuffled_over_matched"] = round(totals["shuffled"] / max(totals["matched"], 1e-12), 4)
-    return out
+    with torch.no_grad():
+        from models.generator import diffusion_target, make_train_scheduler
+
+        if len(pairs) < 2:
+            raise ValueError(f"condition sensitivity needs at least 2 clips, got {len(pairs)}")
+        scheduler = make_train_scheduler(model.config)
+        model.eval()
+        z0, cond = torch.from_numpy(pairs.latents), torch.from_numpy(pairs.audio)
+        shift = int(np.random.default_rng(seed).integers(1, len(pairs)))
+        others = torch.roll(cond, shift, dims=0)
+        null = torch.ones(len(pairs), dtype=torch.bool)
+        generator = torch.Generator().manual_seed(seed)
+        totals = {"matched": 0.0, "shuffled": 0.0, "null": 0.0}
+        for t in timesteps:
+            tt = torch.full((len(pairs),), int(t), dtype=torch.long)
+            for _ in range(repeats):
+                noise = torch.randn(z0.shape, generator=generator)
+                zt = scheduler.add_noise(z0, noise, tt)
+                target = diffusion_target(scheduler, z0, noise, tt)
+                for name, c, drop in (("matched", cond, None), ("shuffled", others, None), ("null", cond, null)):
+                    totals[name] += torch.nn.functional.mse_loss(model(zt, tt, c, drop), target).item()
+        count = len(timesteps) * repeats
+        out = {f"loss_{k}": round(v / count, 5) for k, v in totals.items()}
+        out["shuffled_over_matched"] = round(totals["shuffled"] / max(totals["matched"], 1e-12), 4)
+        return out
 
 
 @dataclass
@@ -217,6 +235,9 @@ class GeneratorFit:
 
 def load_generator(store: FeatureStore, dataset: str, space: str, key: str, device: str = "cpu") -> tuple[LatentGenerator, dict]:
     """A stored generator on ``device`` (sampling runs where the model is) and its sidecar."""
+    from models.devices import check_device
+    from models.generator import GeneratorConfig, LatentGenerator
+
     from stages.core.checkpoints import load_module
 
     model, sidecar = load_module(store, dataset, model_name(space), key,

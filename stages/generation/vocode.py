@@ -19,14 +19,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from stages.core.errors import ConfigError
-from models.vocoder import FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, Vocoder, get_vocoder
+from models.constants import FMAX, FMIN, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE
 from stages.features.spectral import MelPreset, MelSpectrogram, audio_image_to_mel, get_preset
 from stages.core.store import FeatureStore
+
+if TYPE_CHECKING:
+    from models.vocoder import Vocoder
 
 VOCODER_PRESET = "hifigan22k"
 # Bins quieter than this (natural log) are inaudible and are not scored (the audio images' floor).
@@ -58,6 +61,8 @@ def images_to_mels(images: np.ndarray, preset: str | MelPreset = VOCODER_PRESET,
 
 def mels_to_audio(mels: np.ndarray, vocoder: Vocoder | None = None, preset: str | MelPreset = VOCODER_PRESET) -> np.ndarray:
     """Log-mels [B, 80, T] of the hifigan22k preset -> float32 waveforms [B, 256 T] at 22.05 kHz."""
+    from models.vocoder import get_vocoder
+
     check_vocoder_preset(preset)
     return (vocoder or get_vocoder())(mels)
 

@@ -29,24 +29,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from models.vae import (
-    DEFAULT_BATCH,
-    VaeConfig,
-    build_vae,
-    check_pretrained_dir,
-    decode,
-    encode,
-    images_to_tensor,
-    load_pretrained_vae,
-    vae_from_config,
-    vae_loss,
-)
-from models.devices import DeviceRows, check_device, seeded_devices
+from models.constants import DEFAULT_BATCH
 from stages.core.checkpoints import load_checkpoint, save_checkpoint
 from stages.core.progress import LossWindow, Progress
 from stages.features.mel import AUDIO_IMAGE_FEATURE, MEL_FEATURE
@@ -56,6 +43,10 @@ from stages.core.parallel import torch_threads
 from stages.features.spectral import MelPreset, audio_image_to_mel, get_preset
 from stages.core.lineage import NewShards, Start, Trained, fit_with_lineage
 from stages.core.store import FeatureStore, canonical_json, feature_key
+
+if TYPE_CHECKING:
+    import torch
+    from models.vae import VaeConfig
 
 AUDIO_VAE, FRAME_VAE = "audio_vae", "frame_vae"
 # Bump when the code changes the weights it trains / the latents it stores.
@@ -97,6 +88,8 @@ class VaeTrainConfig:
         self.vae_config()  # validates the architecture
 
     def vae_config(self) -> VaeConfig:
+        from models.vae import VaeConfig
+
         return VaeConfig(
             block_out_channels=self.block_out_channels,
             layers_per_block=self.layers_per_block,
@@ -173,24 +166,30 @@ def _fixed_subset(count: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
 
 
-@torch.no_grad()
 def reconstruction_l1(vae, images: np.ndarray, batch_size: int = DEFAULT_BATCH) -> float:
     """Mean |x - x_hat| in [-1, 1] units, decoding the posterior means."""
-    vae.eval()
-    device = next(vae.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(images), batch_size):
-        x = images_to_tensor(images[start : start + batch_size], device)
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        total += float((y - x).abs().sum())
-        count += x.numel()
-    return total / max(count, 1)
+    import torch
+    from models.vae import images_to_tensor
+
+    with torch.no_grad():
+        vae.eval()
+        device = next(vae.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, len(images), batch_size):
+            x = images_to_tensor(images[start : start + batch_size], device)
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            total += float((y - x).abs().sum())
+            count += x.numel()
+        return total / max(count, 1)
 
 
 @contextmanager
 def seeded_rng(seed: int, device: str = "cpu") -> Iterator[None]:
     """torch's global RNG seeded with ``seed`` inside the block and the caller's state restored after
     (CPU, and the CUDA device trained on): a fit depends on its config's seed, not on the caller."""
+    import torch
+    from models.devices import seeded_devices
+
     with torch.random.fork_rng(devices=seeded_devices(device)):
         torch.manual_seed(seed)
         yield
@@ -213,12 +212,18 @@ def train_vae(
     On ``device`` (models.devices); ``log`` gets progress lines named by ``label`` (steps, loss,
     validation L1, ETA).
     """
+    from models.devices import check_device
+
     check_device(device)
     with seeded_rng(config.seed, device):
         return _train_vae(train, val, config, device, init_state, log, label)
 
 
 def _train_vae(train, val, config, device, init_state, log, label="vae") -> VaeTrainResult:
+    import torch
+    from models.devices import DeviceRows
+    from models.vae import build_vae, images_to_tensor, vae_loss
+
     if len(train) < 1:
         raise ValueError("need at least 1 training image")
     start = time.perf_counter()
@@ -271,6 +276,8 @@ def _train_vae(train, val, config, device, init_state, log, label="vae") -> VaeT
 
 def compute_scaling_factor(vae, images: np.ndarray, max_images: int = 1024, seed: int = 0) -> float:
     """1 / std of the posterior means of (a seeded subset of) the images: scaled latents have unit std."""
+    from models.vae import encode
+
     if not len(images):
         raise ValueError("the scaling factor needs at least one image")
     rows = _fixed_subset(len(images), max_images, seed)
@@ -324,6 +331,8 @@ def reconstruction_metrics(
 ) -> tuple[dict[str, float], np.ndarray]:
     """PSNR and L1 of the posterior-mean reconstructions (+ mel metrics for audio images); and the
     reconstructions."""
+    from models.vae import decode, encode
+
     recon = decode(vae, encode(vae, images))
     metrics = {"psnr": psnr(images, recon), "l1": float(np.abs(images.astype(np.float32) - recon).mean() / 127.5)}
     if preset is not None:
@@ -348,6 +357,8 @@ def baseline_metrics(
 
 def pretrained_fingerprint(path: str) -> dict:
     """The folder, its config and the sha256 of its weight files: what makes a pretrained VAE itself."""
+    from models.vae import check_pretrained_dir
+
     folder, subfolder, weights = check_pretrained_dir(path)
     digests = {}
     for name in weights:
@@ -382,6 +393,8 @@ def save_vae_checkpoint(store: FeatureStore, dataset: str, name: str, key: str, 
 
 @lru_cache(maxsize=8)
 def _cached_vae(store_root: str, storage_json: str, dataset: str, name: str, key: str, device: str):
+    from models.vae import vae_from_config
+
     store = FeatureStore(store_root, json.loads(storage_json))
     state, sidecar = load_checkpoint(store, dataset, name, key)
     return vae_from_config(sidecar["diffusers_config"], state).to(device), sidecar
@@ -397,6 +410,8 @@ def load_vae(store: FeatureStore, dataset: str, name: str, key: str, device: str
 
 def encode_scaled(vae, images: np.ndarray, scaling_factor: float, dtype: str = "float32", batch_size: int = DEFAULT_BATCH) -> np.ndarray:
     """Scaled posterior means of uint8 images [..., H, W, 3] -> [..., C, h, w] (leading axes kept)."""
+    from models.vae import encode
+
     lead = images.shape[:-3]
     flat = images.reshape(-1, *images.shape[-3:])
     z = encode(vae, flat, batch_size=batch_size) * float(scaling_factor)
@@ -405,6 +420,9 @@ def encode_scaled(vae, images: np.ndarray, scaling_factor: float, dtype: str = "
 
 def decode_latents(vae, latents: np.ndarray, scaling_factor: float, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
     """uint8 images [..., H, W, 3] of scaled latents [..., C, h, w] (inverse of ``encode_scaled``)."""
+    import torch
+    from models.vae import decode
+
     latents = np.asarray(latents, np.float32)
     lead = latents.shape[:-3]
     flat = torch.from_numpy(latents.reshape(-1, *latents.shape[-3:]) / float(scaling_factor))
@@ -454,6 +472,8 @@ def fit_vae(
     The key hashes the training parameters (or the pretrained folder's config and weight hashes),
     the input feature key and the manifest's shards.
     """
+    import torch
+
     if modality not in MODALITY_INPUTS:
         raise ValueError(f"unknown modality {modality!r}: choose one of {list(MODALITIES)}")
     config = config or VaeTrainConfig()
@@ -485,6 +505,9 @@ def fit_vae(
 
 def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pretrained, device, log):
     """Train (or load) one VAE and measure it: (the model, its sidecar fields)."""
+    import torch
+    from models.vae import encode, load_pretrained_vae, vae_from_config
+
     pretrained_dir = pretrained["pretrained_dir"] if pretrained else ""
     feature = MODALITY_INPUTS[modality][0]
     images = read_image_set(store, manifest, modality, input_key, shards, config.frame_stride)

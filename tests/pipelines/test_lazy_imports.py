@@ -11,7 +11,8 @@ import pytest
 # Decoders, DSP, model and storage libraries: each costs a noticeable share of a no-op run's CPU.
 LAZY = ("librosa", "transformers", "diffusers", "sentence_transformers", "zarr", "numcodecs", "av", "decord",
         "soundfile", "scipy", "PIL", "dask", "distributed", "webdataset", "s3fs", "efficientnet_lite_pytorch", "aisfx")
-# Still imported at load, through stage modules whose module level needs torch (see the xfail below).
+# torch loads in the steps that use it: stage modules import it (and models/*) inside their functions;
+# the constants assets and configs need at load live in models/constants.py.
 TORCH = ("torch", "safetensors")
 
 
@@ -30,11 +31,5 @@ def test_loading_the_definitions_imports_no_decoder_dsp_or_model_library(loaded_
     assert loaded_at_definitions.isdisjoint(LAZY), sorted(loaded_at_definitions & set(LAZY))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch is still imported at load: stage modules that assets read at definition time import it (or "
-    "models/*) at module level: stages.features.latents, stages.features.towers (DEFAULT_FRAME_SIZE from "
-    "models.towers), stages.embeddings.heads, stages.diffgap.train (TO_AUDIO from models.diffgap) and "
-    "evaluate, stages.vae.train (DEFAULT_BATCH from models.vae), stages.generation.train/sample, "
-    "stages.core.checkpoints/lineage. Remove this mark when that chain is lazy."))
 def test_loading_the_definitions_does_not_import_torch(loaded_at_definitions):
     assert loaded_at_definitions.isdisjoint(TORCH), sorted(loaded_at_definitions & set(TORCH))
