@@ -151,14 +151,20 @@ def part_b2(folder: Path, env: dict, cluster, clips: int, repeats: int) -> None:
                 (T.TEXT_TOWER_FEATURE, T.TextTowerParams(), T.TEXT_TOWER_CODE_VERSION, T.compute_text_tower_shard)]
     cluster_executor = DaskExecutor(cluster.address)
 
+    def cpu_seconds() -> float:  # this process + the cluster's workers
+        return time.process_time() + sum(cluster_executor.client.run(time.process_time).values())
+
     def run(executor, name: str) -> float:
         store = FeatureStore(str(folder / name))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         for feature, params, version, compute in features:
             run_feature(store, manifest, feature, params.key(), params.params(), version, compute, executor, worker_threads=1)
         seconds = time.perf_counter() - start
+        cpus.setdefault(name.split("-")[1], []).append(cpu_seconds() - cpu)
         shutil.rmtree(folder / name, ignore_errors=True)
         return seconds
+
+    cpus: dict[str, list[float]] = {}
 
     with torch_threads(1):
         warm = FeatureStore(str(folder / "warmup-b2"))
@@ -173,6 +179,11 @@ def part_b2(folder: Path, env: dict, cluster, clips: int, repeats: int) -> None:
                 print(f"  round {rep + 1} {mode}: {rows[mode][-1]:.1f} s", flush=True)
     cluster_executor.close()
     table(f"(B2) audio/frame/text tower features on {clips} clips, run_feature, warm; {load()}", rows, "in_process", clips)
+    # Cores each mode got: CPU seconds / wall seconds. On a shared machine a ratio below 2 cores for
+    # the cluster is other processes' time, not ours.
+    for mode, walls in rows.items():
+        print(f"  {mode}: CPU s per run " + " ".join(f"{c:.1f}" for c in cpus[mode])
+              + "; cores used " + " ".join(f"{c / w:.2f}" for c, w in zip(cpus[mode], walls)))
 
 
 def main() -> None:
