@@ -37,20 +37,21 @@ def gaussian_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (the FID / FAD formula)."""
-    from scipy import linalg
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (the FID / FAD formula).
 
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a
+    symmetric PSD matrix with the same spectrum as S1 S2: two symmetric eigendecompositions instead of
+    scipy's general sqrtm, which measured 20-50x slower at d = 512-1024 and needs an offset when the
+    product is singular (here a zero eigenvalue is just a zero root).
+    """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     diff = mu1 - mu2
-    # no disp=False: SciPy 1.17 deprecates it and returns a bare array (no tuple) for d = 1; the root
-    # itself is the same either way
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product: offset the diagonals (as the reference FID code does)
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)
-    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    inner = root1 @ sigma2 @ root1
+    trace_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum())
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
     return max(value, 0.0)
 
 

@@ -167,3 +167,17 @@ def test_bootstrap_is_seeded_and_wraps_any_metric():
     assert ci.low < ci.value < ci.high and ci.confidence == 0.9
     assert dist.bootstrap_interval(dist.frechet_distance_of, gen, ref, paired=False, resamples=30, confidence=0.9, seed=1) == ci
     assert dist.bootstrap_interval(dist.frechet_distance_of, gen, ref, paired=False, resamples=30, confidence=0.9, seed=2) != ci
+
+
+def test_frechet_distance_equals_the_matrix_square_root_formula_on_full_covariances():
+    """The eigenvalue form of tr((S1 S2)^(1/2)) against scipy's sqrtm on correlated, full-rank covariances."""
+    from scipy import linalg
+
+    from stages.evaluation.distribution import frechet_distance, gaussian_fit
+
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(24, 24))
+    a, b = rng.normal(size=(400, 24)) @ mix, rng.normal(size=(400, 24)) @ (mix * 1.4) + 0.3
+    (m1, s1), (m2, s2) = gaussian_fit(a), gaussian_fit(b)
+    reference = float((m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(linalg.sqrtm(s1 @ s2))))
+    assert np.isclose(frechet_distance(m1, s1, m2, s2), reference, rtol=1e-9)
