@@ -24,38 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_towers import command_line, load_average, machine_line  # noqa: E402
-
-
-class Timing:
-    def __init__(self):
-        self.walls: list[float] = []
-        self.cpus: list[float] = []
-
-    def run(self, fn):
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        out = fn()
-        self.walls.append(time.perf_counter() - wall0)
-        self.cpus.append(time.process_time() - cpu0)  # every thread of this process
-        return out
-
-    @property
-    def wall(self) -> float:
-        return statistics.median(self.walls)
-
-    @property
-    def cpu(self) -> float:
-        return statistics.median(self.cpus)
+from bench.bench_towers import Timing, command_line, load_average, machine_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
