@@ -283,7 +283,8 @@ class FeatureStore:
             self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
-        """Create ``path`` holding ``data`` unless it exists; False when it existed. Readers see the
+        """Create ``path`` holding ``data`` unless it exists; False when it existed with other bytes
+        (so a retried create of our own document is still ours). Readers see the
         whole document or none. Local: write a private file, hard-link it into place (the link
         fails when the name exists). S3: one conditional PUT (``If-None-Match: *``), which AWS S3,
         MinIO, Ceph RGW, R2 and moto honour; check_writable tests that the server does."""
@@ -296,18 +297,27 @@ class FeatureStore:
                 os.link(private, path)
                 return True
             except FileExistsError:
-                return False
+                return self._holds(path, data)
             finally:
                 os.unlink(private)
         try:
             self.fs.pipe_file(path, data, mode="create")
             return True
         except FileExistsError:
-            return False
+            pass
         except OSError as exc:  # s3fs maps 412 Precondition Failed to an OSError subclass on some versions
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
-                return False
-            raise
+            if "PreconditionFailed" not in str(exc) and "412" not in str(exc):
+                raise
+        # A PUT that succeeded but lost its response is retried by botocore and then fails with 412
+        # on our own object: the bytes say whose it is (every caller's document carries a unique
+        # attempt or run id, so equal bytes are ours).
+        return self._holds(path, data)
+
+    def _holds(self, path: str, data: bytes) -> bool:
+        try:
+            return self.fs.cat_file(path) == data
+        except FileNotFoundError:
+            return False
 
     def read_json(self, path: str) -> Any:
         with self.fs.open(path, "rb") as handle:

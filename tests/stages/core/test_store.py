@@ -405,3 +405,13 @@ def test_unsafe_names_are_rejected(local_store, bad):
     # Nothing was written, inside the root or next to it.
     assert not store.exists(store.root)
     assert sorted(os.listdir(os.path.dirname(store.root))) == []
+
+
+def test_a_create_whose_response_was_lost_is_still_ours_when_retried(store):
+    # botocore retries a PUT whose response was lost; the retry meets our own object (412 on S3).
+    # Equal bytes are ours (callers' documents carry a unique id), other bytes are someone else's.
+    path = store.path("demo", "_tmp", "doc.json")
+    assert store.create_exclusive(path, b'{"attempt": "a1"}')
+    assert store.create_exclusive(path, b'{"attempt": "a1"}')  # the retry of our own create
+    assert not store.create_exclusive(path, b'{"attempt": "b2"}')  # another writer's
+    assert store.fs.cat_file(path) == b'{"attempt": "a1"}'
