@@ -221,3 +221,37 @@ class FaultyFirstAttempt:
                 return int(open(path).read())
             time.sleep(0.05)
         raise TimeoutError(f"no worker started {self.stall_shard} within {timeout} s")
+
+
+PAGE_FAULT_PROBE = """
+import resource, sys
+import numpy as np
+from stages.core.parallel import LoggedTask
+
+def faults_per_temporary(_):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(200):
+        np.ones(1 << 18, dtype=np.float32).sum()  # a 1 MiB temporary, as in tower and mel code
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 200
+
+restore = sys.argv[1] == "task"
+print(LoggedTask(faults_per_temporary)(None) if restore else faults_per_temporary(None))
+"""
+
+
+def test_tasks_undo_the_malloc_trim_threshold_dask_workers_inherit():
+    # Dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536: glibc then mmaps (and page-faults in) every
+    # temporary over 128 KiB afresh. Page faults count what that costs, without timing anything.
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": PROJECT, "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+    def faults(mode: str) -> float:
+        done = subprocess.run([sys.executable, "-c", PAGE_FAULT_PROBE, mode], env=env, capture_output=True,
+                              text=True, check=True)
+        return float(done.stdout.split()[-1])
+
+    inherited, in_a_task = faults("plain"), faults("task")
+    assert inherited > 200, f"{inherited} page faults per 1 MiB temporary under Dask's setting: the probe measures nothing"
+    assert in_a_task < inherited / 20, (inherited, in_a_task)
