@@ -106,7 +106,9 @@ def tower_template(folder: Path, env: dict) -> Path:
     """A store holding only the clip manifest (and the demo media in the data dir)."""
     template = folder / "store-manifest-only"
     if not template.exists():
-        timed([dagster(), "asset", "materialize", "--select", "clip_manifest", "--partition", "demo"],
+        # The job, not `asset materialize --partition demo`: on a fresh instance the job's first
+        # step adds the dataset's partition, which `asset materialize` requires to exist.
+        timed([dagster(), "job", "execute", "-j", "refresh_features", "--op-selection", "clip_manifest"],
               {**env, "XMODAL_COMPUTE": "in_process", "XMODAL_STORE_ROOT": str(template)}, "clip_manifest")
     return template
 
