@@ -1,10 +1,11 @@
-"""Feature assets: clip_manifest -> mel_spectrograms -> audio_images, with their checks.
+"""Feature assets: clip_manifest -> mel_spectrograms -> audio_images and mel_latents, with their checks.
 
 Each asset reads, calls a stage, writes, reports. Assets cover the whole dataset and compute
 only the shards whose feature key is missing (see stages.features.run_feature).
 """
 
 from collections import Counter
+from typing import Optional
 
 from dagster import (
     AssetCheckResult,
@@ -17,13 +18,14 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.factory import (check_feature, dataset_asset, dataset_check, feature_asset, preview_markdown,
-                            quarantine_markdown, quarantine_summary)
-from assets.resources import ClipSourceResource, FeatureStoreResource
+from assets.factory import (SHARD_RETRY, check_feature, compute_feature, data_version, dataset_asset, dataset_check,
+                            feature_asset, preview_markdown, quarantine_markdown, quarantine_summary)
+from assets.resources import ClipSourceResource, ComputeResource, FeatureStoreResource
 from stages.core import refs
 from stages.core.preview import preview_png
 from stages.core.store import FeatureStore
-from stages.features import mel
+from stages.features import mel, mel_latent
+from stages.features.base import registered_feature
 from stages.features.spectral import DEFAULT_PRESET, PRESETS, get_preset
 from stages.ingest.decode import ClipLength
 from stages.ingest.manifest import build_manifest, load_manifest, save_manifest
@@ -48,7 +50,13 @@ class MelConfig(ClipLengthConfig):
 
 
 class AudioImageConfig(Config):
-    size: int = Field(default=64, description="Audio images are size x size RGB (MM-LDM uses the video frame size).")
+    shape: str = Field(default=mel.DEFAULT_AUDIO_IMAGE_SHAPE,
+                       description="Audio image height x width by name: " + ", ".join(
+                           f"{name} ({h} x {w})" for name, (h, w) in mel.AUDIO_IMAGE_SHAPES.items()) + ".")
+    size: Optional[int] = Field(default=None, description="A square size x size audio image (MM-LDM uses the video frame "
+                                                          "size: 64 on the demo) in place of `shape`.")
+    height: Optional[int] = Field(default=None, description="With `width`: an audio image of any height x width in place of `shape`.")
+    width: Optional[int] = Field(default=None, description="With `height`.")
 
 
 @dataset_asset(
@@ -118,7 +126,7 @@ mel_spectrograms = feature_asset(mel.MEL_FEATURE, config_type=MelConfig, params=
 
 
 def _image_params(config: AudioImageConfig, inputs: dict) -> mel.AudioImageParams:
-    return mel.AudioImageParams(size=config.size)
+    return mel.AudioImageParams(**config.model_dump())
 
 
 def _image_report(context, store: FeatureStore, ref: refs.FeatureRef, metadata: dict, inputs: dict, params,
@@ -139,6 +147,36 @@ def _image_report(context, store: FeatureStore, ref: refs.FeatureRef, metadata: 
 audio_images = feature_asset(mel.AUDIO_IMAGE_FEATURE, config_type=AudioImageConfig, params=_image_params, report=_image_report)
 
 
+_MEL_LATENTS = registered_feature(mel_latent.MEL_LATENT_FEATURE)
+
+
+@dataset_asset(
+    group=_MEL_LATENTS.group, kinds=_MEL_LATENTS.kinds, description=_MEL_LATENTS.description, retry_policy=SHARD_RETRY,
+    code_version=f"{_MEL_LATENTS.name}-{_MEL_LATENTS.code_version}+statistics-{mel_latent.MEL_STATISTICS_CODE_VERSION}",
+)
+def mel_latents(context: AssetExecutionContext, clip_manifest: refs.ManifestRef, mel_spectrograms: refs.FeatureRef,
+                feature_store: FeatureStoreResource, compute: ComputeResource) -> Output[refs.FeatureRef]:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    # The train split's statistics first (once per mel key and train split), then the shards.
+    statistics_key, statistics, computed = mel_latent.ensure_statistics(store, manifest, mel_spectrograms.key)
+    context.log.info(f"mel statistics {statistics_key}: {'computed from' if computed else 'reused, of'} "
+                     f"{statistics.clips} train clips ({statistics.frames} frames)")
+    params = mel_latent.MelLatentParams(statistics_key)
+    run, ref, metadata, _ = compute_feature(
+        context, store, clip_manifest.dataset, clip_manifest.digest, _MEL_LATENTS, params.key(mel_spectrograms.key),
+        params.params(), compute, input_keys=(mel_spectrograms.key,),
+    )
+    metadata.update({
+        "mel_spectrograms_key": mel_spectrograms.key,
+        "statistics_key": statistics_key,
+        "statistics_computed": computed,
+        "statistics_train_clips": statistics.clips,
+        "statistics_std_range": MetadataValue.json([round(float(statistics.std.min()), 4), round(float(statistics.std.max()), 4)]),
+    })
+    return Output(ref, data_version=data_version(run), metadata=metadata)
+
+
 @dataset_check(asset=mel_spectrograms, description="Mel shape per preset, no NaN/Inf, rows + quarantined == manifest clips.")
 def mel_spectrograms_valid(mel_spectrograms: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
@@ -148,9 +186,19 @@ def mel_spectrograms_valid(mel_spectrograms: refs.FeatureRef, feature_store: Fea
     return check_feature(store, mel_spectrograms, "mel", (preset.n_mels, preset.n_frames(params["seconds"])))
 
 
-@dataset_check(asset=audio_images, description="Image shape size x size x 3 (uint8), rows + quarantined == manifest clips.")
+@dataset_check(asset=audio_images, description="Image shape height x width x 3 (uint8), rows + quarantined == manifest clips.")
 def audio_images_valid(audio_images: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     first = store.shard_manifest(audio_images.dataset, audio_images.feature, audio_images.key, audio_images.shards[0])
-    size = int(first["params"]["size"])
-    return check_feature(store, audio_images, "image", (size, size, 3))
+    image = mel.AudioImageParams.from_params(first["params"])
+    return check_feature(store, audio_images, "image", (image.height, image.width, 3))
+
+
+@dataset_check(asset=mel_latents, description="Latents [n_mels, frames] float32 as their mels, no NaN/Inf, rows + quarantined == manifest clips.")
+def mel_latents_valid(mel_latents: refs.FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
+    store = feature_store.store()
+    first = store.shard_manifest(mel_latents.dataset, mel_latents.feature, mel_latents.key, mel_latents.shards[0])
+    (mel_key,) = first["input_keys"]
+    mel_first = store.shard_manifest(mel_latents.dataset, mel.MEL_FEATURE, mel_key, mel_latents.shards[0])
+    preset = get_preset(mel_first["params"]["preset"])
+    return check_feature(store, mel_latents, "mel_latent", (preset.n_mels, preset.n_frames(mel_first["params"]["seconds"])))

@@ -5,4 +5,4 @@ Registering a feature: decorate its class with ``@register_feature`` and import 
 imports both packages, so the asset factory, the CLI and Dask workers find every feature by name.
 """
 
-from stages.features import frames, latents, mel, towers  # noqa: F401  (registration)
+from stages.features import frames, latents, mel, mel_latent, towers  # noqa: F401  (registration)

@@ -58,16 +58,69 @@ class MelParams:
         return AudioSpec.of(self.clip_length(), get_preset(self.preset).sample_rate, self.silence_dbfs)
 
 
+# Named audio image shapes (height, width). "frame64" is the demo's video frame size (MM-LDM resizes
+# audio images to it); it keeps a third of what aiSFX recognises in a 4 s hifigan22k mel
+# (BENCHMARKS.md, "Decode-path ceiling"). The mel shapes keep the mel's own time axis: 345
+# frames of 4 s hifigan22k resized to 344, a multiple of 8 (a KL-VAE of up to 4 levels halves each side 3 times).
+AUDIO_IMAGE_SHAPES: dict[str, tuple[int, int]] = {
+    "frame64": (64, 64),
+    "square128": (128, 128),
+    "square256": (256, 256),
+    "mel80": (80, 344),  # n_mels x frames: no vertical resize
+    "mel160": (160, 344),  # 2x height
+}
+# The one place the default shape is written (the asset config reads it from here).
+DEFAULT_AUDIO_IMAGE_SHAPE = "mel80"
+
+
 @dataclass(frozen=True)
 class AudioImageParams:
-    size: int = 64
+    """Audio image height x width: ``shape`` names a preset of AUDIO_IMAGE_SHAPES; ``size`` (a
+    square side, as MM-LDM's frame size) or ``height`` and ``width``, when given, take its place.
+    After construction ``height`` and ``width`` hold the image's sides whichever way they were given."""
+
+    shape: str = DEFAULT_AUDIO_IMAGE_SHAPE
+    size: int | None = None
+    height: int | None = None
+    width: int | None = None
 
     def __post_init__(self) -> None:
-        if not 8 <= self.size <= 1024:
-            raise ConfigError(f"audio image size must be within 8..1024, got {self.size}")
+        if self.shape not in AUDIO_IMAGE_SHAPES:
+            raise ConfigError(f"unknown audio image shape {self.shape!r}: choose one of {', '.join(AUDIO_IMAGE_SHAPES)}")
+        given = []
+        if self.size is not None:
+            if not 8 <= self.size <= 1024:
+                raise ConfigError(f"audio image size must be within 8..1024, got {self.size}")
+            given.append((int(self.size), int(self.size)))
+        if self.height is not None or self.width is not None:
+            if self.height is None or self.width is None:
+                raise ConfigError("give both the audio image height and width (or a size, or a shape)")
+            given.append((int(self.height), int(self.width)))
+        preset = AUDIO_IMAGE_SHAPES[self.shape]
+        # A shape other than the default, given with sides, must agree with them (the default
+        # shape cannot be told from an unset one, so sides simply replace it).
+        if self.shape != DEFAULT_AUDIO_IMAGE_SHAPE:
+            given.append(preset)
+        if len(set(given)) > 1:
+            described = " vs ".join(f"{h} x {w}" for h, w in dict.fromkeys(given))
+            raise ConfigError(f"the audio image shape, size and height x width disagree ({described}): give one of them")
+        height, width = given[0] if given else preset
+        if not (8 <= height <= 1024 and 8 <= width <= 1024):
+            raise ConfigError(f"audio image sides must be within 8..1024, got {height} x {width}")
+        object.__setattr__(self, "height", height)
+        object.__setattr__(self, "width", width)
 
     def params(self) -> dict:
-        return asdict(self)
+        # Only the sides are keyed (not how they were named); a square keeps the params, and so the
+        # key, it had before non-square shapes existed.
+        return {"size": self.height} if self.height == self.width else {"height": self.height, "width": self.width}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "AudioImageParams":
+        """The params of a stored key (``params()``) back: ``{"size"}`` or ``{"height", "width"}``."""
+        if "size" in params:
+            return cls(size=int(params["size"]))
+        return cls(height=int(params["height"]), width=int(params["width"]))
 
     def key(self, mel_key: str) -> str:
         return feature_key(AUDIO_IMAGE_FEATURE, self.params(), AUDIO_IMAGE_CODE_VERSION, [mel_key])
@@ -120,11 +173,11 @@ class AudioImages(ShardFeature):
         mel_manifest = store.shard_manifest(job.dataset, MEL_FEATURE, mel_key, job.shard)
         table = store.read_arrays(job.dataset, MEL_FEATURE, mel_key, shards=[job.shard], names=["mel"])
         preset = get_preset(mel_manifest["params"]["preset"])
-        size = int(job.params["size"])
+        image = AudioImageParams.from_params(job.params)
         if len(table):
-            images = mel_to_audio_image(table.arrays["mel"].astype(np.float32), preset, size)
+            images = mel_to_audio_image(table.arrays["mel"].astype(np.float32), preset, (image.height, image.width))
         else:
-            images = np.zeros((0, size, size, 3), np.uint8)
+            images = np.zeros((0, image.height, image.width, 3), np.uint8)
         quarantined = list(mel_manifest.get("quarantined", []))  # same rows as the mels, same reasons
         return ShardOutput(table.clip_ids, {"image": images}, quarantined, tar_encodings={"image": "png"})
 

@@ -138,23 +138,35 @@ def compress(mel: torch.Tensor, preset: MelPreset) -> torch.Tensor:
     raise ValueError(f"unknown compression {preset.compression!r}")
 
 
-def mel_to_audio_image(mels: np.ndarray, preset: MelPreset, size: int) -> np.ndarray:
-    """MM-LDM audio images: normalised mel -> grayscale -> RGB -> resize; uint8 [B, size, size, 3].
+def image_shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an audio image: an int is a square (MM-LDM's frame size), a pair is (H, W)."""
+    height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    return int(height), int(width)
 
-    The normalisation uses the preset's fixed range (not per-clip min/max) so an image maps back
-    to a mel with one known affine map (see ``audio_image_to_mel``). Row 0 is the highest mel bin,
-    the way a spectrogram is drawn.
+
+def mel_to_audio_image(mels: np.ndarray, preset: MelPreset, size: int | tuple[int, int]) -> np.ndarray:
+    """MM-LDM audio images: normalised mel -> grayscale -> RGB -> resize; uint8 [B, H, W, 3].
+
+    ``size`` is a square side (MM-LDM resizes to the video frame size) or (height, width): a
+    height of n_mels and a width near the frame count keep the mel's time resolution. The
+    normalisation uses the preset's fixed range (not per-clip min/max) so an image maps back to a
+    mel with one known affine map (see ``audio_image_to_mel``). Row 0 is the highest mel bin, the
+    way a spectrogram is drawn.
     """
     from PIL import Image
 
+    height, width = image_shape(size)
     scaled = (np.asarray(mels, np.float32) - preset.image_low) / (preset.image_high - preset.image_low)
     gray = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)[:, ::-1, :]
-    images = np.empty((len(gray), size, size, 3), np.uint8)
+    images = np.empty((len(gray), height, width, 3), np.uint8)
     for i, plane in enumerate(gray):
         # Grey -> RGB copies the plane into three equal bands and PIL resizes each band alone, so
         # resizing the grey plane once and copying it gives the same bytes at a third of the cost.
+        # A plane already at the target shape is not resampled (PIL would return it unchanged too).
         picture = Image.fromarray(np.ascontiguousarray(plane), mode="L")
-        images[i] = np.asarray(picture.resize((size, size), Image.Resampling.BICUBIC))[:, :, None]
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), Image.Resampling.BICUBIC)
+        images[i] = np.asarray(picture)[:, :, None]
     return images
 
 
@@ -165,6 +177,8 @@ def audio_image_to_mel(images: np.ndarray, preset: MelPreset, n_frames: int) -> 
     mels = np.empty((len(images), preset.n_mels, n_frames), np.float32)
     for i, image in enumerate(np.asarray(images)):
         gray = Image.fromarray(np.ascontiguousarray(image)).convert("L")
-        plane = np.asarray(gray.resize((n_frames, preset.n_mels), Image.Resampling.BICUBIC), np.float32)[::-1]
+        if gray.size != (n_frames, preset.n_mels):
+            gray = gray.resize((n_frames, preset.n_mels), Image.Resampling.BICUBIC)
+        plane = np.asarray(gray, np.float32)[::-1]
         mels[i] = plane / 255.0 * (preset.image_high - preset.image_low) + preset.image_low
     return mels

@@ -6,14 +6,17 @@ import numpy as np
 import pytest
 from dagster import DagsterInstance
 
-from assets.features import audio_images, audio_images_valid, clip_manifest, mel_spectrograms, mel_spectrograms_valid
+from assets.features import (audio_images, audio_images_valid, clip_manifest, mel_latents, mel_latents_valid, mel_spectrograms,
+                             mel_spectrograms_valid)
 from assets.resources import ClipSourceResource
+from stages.features.mel import AUDIO_IMAGE_SHAPES, DEFAULT_AUDIO_IMAGE_SHAPE
 from stages.features.spectral import get_preset
 from stages.core.store import FeatureStore
 from tests.fixtures.tiny import materialize_dataset, resources
 from tests.fixtures.dagster_results import check_passed, materialization_metadata
 
 ASSETS = [clip_manifest, mel_spectrograms, audio_images, mel_spectrograms_valid, audio_images_valid]
+WITH_MEL_LATENTS = ASSETS + [mel_latents, mel_latents_valid]
 
 
 def _resources(source: ClipSourceResource, root) -> dict:
@@ -27,7 +30,7 @@ def demo_source(demo_dataset):
 
 def test_materialize_reports_and_reuses(demo_source, tmp_path):
     instance = DagsterInstance.ephemeral()
-    first = materialize_dataset(ASSETS, _resources(demo_source, tmp_path), instance=instance)
+    first = materialize_dataset(WITH_MEL_LATENTS, _resources(demo_source, tmp_path), instance=instance)
     assert first.success
     manifest_meta = materialization_metadata(first, "clip_manifest")
     assert manifest_meta["clips"] == 40 and manifest_meta["shards"] == 3 and manifest_meta["clips_added"] == 40
@@ -39,18 +42,26 @@ def test_materialize_reports_and_reuses(demo_source, tmp_path):
     images = materialization_metadata(first, "audio_images")
     assert images["mel_feature_key"] == mel["feature_key"] and images["clips_ok"] == 40
     assert "data:image/png;base64," in images["preview"]
-    assert check_passed(first) == {"mel_spectrograms_valid": True, "audio_images_valid": True}
+    latents = materialization_metadata(first, "mel_latents")
+    assert latents["mel_spectrograms_key"] == mel["feature_key"] and latents["clips_ok"] == 40
+    assert latents["statistics_computed"] is True and 0 < latents["statistics_train_clips"] < 40
+    assert check_passed(first) == {"mel_spectrograms_valid": True, "audio_images_valid": True, "mel_latents_valid": True}
 
     store = FeatureStore(str(tmp_path))
     table = store.read_arrays("demo", "mel_spectrograms", mel["feature_key"])
     preset = get_preset("hifigan22k")
     assert table.arrays["mel"].shape == (40, preset.n_mels, preset.n_frames(4.0))
     assert np.isfinite(table.arrays["mel"]).all()
+    image_table = store.read_arrays("demo", "audio_images", images["feature_key"])
+    assert image_table.arrays["image"].shape == (40, *AUDIO_IMAGE_SHAPES[DEFAULT_AUDIO_IMAGE_SHAPE], 3)
 
-    again = materialize_dataset(ASSETS, _resources(demo_source, tmp_path), instance=instance)
+    again = materialize_dataset(WITH_MEL_LATENTS, _resources(demo_source, tmp_path), instance=instance)
     mel_again = materialization_metadata(again, "mel_spectrograms")
     assert (mel_again["shards_new"], mel_again["shards_reused"], mel_again["clips_computed"]) == (0, 3, 0)
     assert mel_again["feature_key"] == mel["feature_key"]
+    latents_again = materialization_metadata(again, "mel_latents")
+    assert latents_again["statistics_computed"] is False and latents_again["statistics_key"] == latents["statistics_key"]
+    assert (latents_again["shards_new"], latents_again["shards_reused"], latents_again["feature_key"]) == (0, 3, latents["feature_key"])
     # Same shards, same key: the same data version, so nothing downstream looks stale.
     versions = [
         [e.materialization.tags.get("dagster/data_version") for e in r.get_asset_materialization_events()

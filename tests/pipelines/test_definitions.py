@@ -23,7 +23,8 @@ VENV_BIN = Path(sys.executable).parent
 
 def test_definitions_wire_the_feature_graph():
     job = defs.resolve_job_def("refresh_features")
-    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"clip_manifest", "mel_spectrograms", "audio_images"}
+    assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {"clip_manifest", "mel_spectrograms", "audio_images",
+                                                                                "mel_latents"}
     chain = {k.to_user_string() for k in defs.resolve_job_def("train_diffgap").asset_layer.executable_asset_keys}
     assert {"mel_spectrograms", "audio_images"} <= chain  # as the README says: manifest -> mels and audio images -> ...
     assert {"clip_manifest", "audio_tower", "frame_tower", "text_tower", "clap_head", "cavp_head",
@@ -84,7 +85,7 @@ def test_dagster_job_execute_runs_refresh_features(tmp_path, storage, request):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RUN_SUCCESS" in done.stderr or "Features of 'demo' are in" in done.stderr
     catalog = list((tmp_path / "data" / "features" / "catalog" / "demo").glob("*/*.json"))
-    assert {p.parent.name for p in catalog} == {"mel_spectrograms", "audio_images"}
+    assert {p.parent.name for p in catalog} == {"mel_spectrograms", "audio_images", "mel_latents"}
     assert json.loads(catalog[0].read_text())["rows"] == 12
 
     if storage == "postgres":

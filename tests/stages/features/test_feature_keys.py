@@ -12,7 +12,9 @@ PINNED = {
     # Re-keyed on purpose (issue 13): the clip floor ClipLength.min_seconds went from 1.0 to 0.1 s, so
     # every mel- and audio-tower-dependent key moved; at min_seconds=1.0 the old keys come back (below).
     "mel_spectrograms": "1ede3762acb5f644",  # was 101adc40b7c2c901
-    "audio_images": "001052448d0610a4",  # was af10ae07de3552e5
+    # Re-keyed on purpose (issue 15): the default audio image went from 64 x 64 to the mel's own
+    # 80 x 344 ("mel80"); size=64 / shape="frame64" still give 001052448d0610a4 (below).
+    "audio_images": "e8e0016e49caf6c5",  # was 001052448d0610a4, before that af10ae07de3552e5
     "video_frames": "cfde3d0e85c8e5fb",
     "audio_tower": "b8649d3bb2d8df4c",  # was deb932265682b67b
     "frame_tower": "6c404cdd971fc6ae",
@@ -26,6 +28,9 @@ PINNED = {
 }
 # The keys before ClipLength, which a store made with min_seconds=1.0 still holds.
 PINNED_AT_ONE_SECOND_FLOOR = {"mel_spectrograms": "101adc40b7c2c901", "audio_tower": "deb932265682b67b"}
+# Square audio images before named shapes (computed with stages/features/mel.py at 27a1c61, the
+# commit before them): the 64 px default and the README's size 128.
+SQUARE_AUDIO_IMAGES = {64: "001052448d0610a4", 128: "d913359eca34d73a"}
 
 
 def demo_keys() -> dict[str, str]:
@@ -73,3 +78,16 @@ def test_the_clip_length_refactor_changed_keys_only_through_the_new_floor():
     # crop="start" was the only behaviour before: it stays out of the key; "centre" is a new key.
     for params in (MelParams(), AudioTowerParams(), FrameParams(), FrameTowerParams()):
         assert "crop" not in params.params() and type(params)(crop="centre").key() != params.key()
+
+
+def test_square_audio_images_keep_their_keys_however_they_are_named():
+    from assets.features import AudioImageConfig, _image_params
+    from stages.features.mel import AudioImageParams, MelParams
+
+    mel_key = MelParams().key()
+    for size, key in SQUARE_AUDIO_IMAGES.items():
+        assert AudioImageParams(size=size).key(mel_key) == key
+        assert AudioImageParams(height=size, width=size).key(mel_key) == key
+        assert _image_params(AudioImageConfig(size=size), {}).key(mel_key) == key  # an old run config
+    assert AudioImageParams(shape="frame64").key(mel_key) == SQUARE_AUDIO_IMAGES[64]
+    assert AudioImageParams(shape="square128").key(mel_key) == SQUARE_AUDIO_IMAGES[128]

@@ -1,10 +1,12 @@
-"""Mel presets against librosa, batching, devices, and the audio-image round trip."""
+"""Mel presets against librosa, batching, devices, the audio-image round trip and audio image shapes."""
 
 import librosa
 import numpy as np
 import pytest
 import torch
 
+from stages.core.errors import ConfigError
+from stages.features.mel import AUDIO_IMAGE_SHAPES, DEFAULT_AUDIO_IMAGE_SHAPE, AudioImageParams
 from stages.features.spectral import PRESETS, MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
 
 # Stated tolerance against librosa.feature.melspectrogram: max |difference| of the log-mel
@@ -109,6 +111,52 @@ def test_audio_image_shape_and_round_trip(size):
     # Downsampling 80x345 to size x size loses detail; the coarse envelope must survive.
     error = np.abs(back - clipped).mean()
     assert error < (1.6 if size == 64 else 1.2), error
+
+
+def _two_clips() -> np.ndarray:
+    t = np.arange(4 * 22050) / 22050
+    low_tone = 0.5 * np.sin(2 * np.pi * 300 * t) * (1 + np.sin(2 * np.pi * 2 * t)) / 2
+    return MelSpectrogram("hifigan22k")(np.stack([_test_audio(22050, seconds=4.0), low_tone.astype(np.float32)]))
+
+
+def test_audio_images_of_the_mel_shape_keep_more_than_squares():
+    preset = get_preset("hifigan22k")
+    mels = _two_clips()
+    clipped = np.clip(mels, preset.image_low, preset.image_high)
+    errors = {}
+    for shape in ((64, 64), (80, 344), (80, mels.shape[2])):
+        images = mel_to_audio_image(mels, preset, shape)
+        assert images.shape == (2, *shape, 3) and images.dtype == np.uint8
+        assert images[1, -shape[0] // 4:].mean() > images[1, : shape[0] // 4].mean() + 50  # high bins on top
+        errors[shape] = np.abs(audio_image_to_mel(images, preset, mels.shape[2]) - clipped).mean()
+    assert errors[(80, 344)] < errors[(64, 64)] / 3, errors
+    # At the mel's own n_mels x frames nothing is resampled: only the 8-bit quantisation is lost.
+    step = (preset.image_high - preset.image_low) / 255
+    back = audio_image_to_mel(mel_to_audio_image(mels, preset, (80, mels.shape[2])), preset, mels.shape[2])
+    assert np.abs(back - clipped).max() <= step / 2 + 1e-4
+
+
+def test_audio_image_params_name_shapes_sizes_and_sides():
+    assert (AudioImageParams().height, AudioImageParams().width) == AUDIO_IMAGE_SHAPES[DEFAULT_AUDIO_IMAGE_SHAPE]
+    assert AUDIO_IMAGE_SHAPES["frame64"] == (64, 64)  # MM-LDM's frame size on the demo stays a preset
+    for name, (height, width) in AUDIO_IMAGE_SHAPES.items():
+        params = AudioImageParams(shape=name)
+        assert (params.height, params.width) == (height, width)
+        assert AudioImageParams.from_params(params.params()).params() == params.params()
+    assert AudioImageParams(size=64).params() == {"size": 64} == AudioImageParams(shape="frame64").params()
+    assert AudioImageParams(height=80, width=344).params() == {"height": 80, "width": 344}
+    assert AudioImageParams(shape="frame64", size=64) == AudioImageParams(shape="frame64", size=64)  # agreeing: fine
+    for kwargs, message in (
+        ({"shape": "huge"}, "unknown audio image shape 'huge': choose one of frame64"),
+        ({"size": 4}, "audio image size must be within 8..1024, got 4"),
+        ({"height": 80}, "give both the audio image height and width"),
+        ({"height": 80, "width": 2000}, "audio image sides must be within 8..1024, got 80 x 2000"),
+        ({"shape": "square128", "size": 64}, "disagree (64 x 64 vs 128 x 128): give one of them"),
+        ({"size": 64, "height": 80, "width": 344}, "disagree (64 x 64 vs 80 x 344)"),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            AudioImageParams(**kwargs)
+        assert message in str(raised.value) and "\n" not in str(raised.value), (kwargs, str(raised.value))
 
 
 def test_audio_image_uses_the_fixed_range():
