@@ -1,7 +1,7 @@
 """KL-VAE assets (MM-LDM 3.1): video_frames -> audio_vae / frame_vae -> vae_latents, with their checks.
 
     clip_manifest ──> video_frames ─────────────> frame_vae ──┐
-    audio_images (+ clip_manifest) ─────────────> audio_vae ──┼──> vae_latents
+    audio_images (+ clip_manifest) ─────────────> audio_vae ──┼──> vae_latents ──> latent_statistics
     audio_images, video_frames ───────────────────────────────┘
 
 Each asset reads, calls a stage (stages.features.frames, stages.vae.train), writes, reports. The VAEs are
@@ -51,12 +51,14 @@ class VideoFramesConfig(Config):
 
 class VaeTrainingConfig(Config):
     pretrained_dir: str = Field(default="", description="Local folder of a diffusers AutoencoderKL to use instead of training (never downloaded); empty = train.")
-    steps: int = Field(default=300, description="Optimizer steps (AdamW, one-cycle schedule); the best validation weights are kept.")
+    steps: int = Field(default=1000, description="Most optimizer steps (AdamW, one-cycle schedule over them); the stopping rule (patience, min_delta) may end earlier; the best validation weights are kept.")
     batch_size: int = Field(default=16, description="Images per step.")
     learning_rate: float = Field(default=1e-3, description="Peak learning rate.")
     kl_weight: float = Field(default=1e-5, description="Weight of the KL term per latent element, next to a per-pixel L1 in [-1, 1] units.")
     spectral_weight: float = Field(default=0.0, description="Weight of an L1 on log(1+|FFT2|) of the images (perceptual-free sharpness term).")
     eval_every: int = Field(default=50, description="Validation L1 every this many steps.")
+    patience: int = Field(default=3, description="Stop after this many evaluations (eval_every steps apart) in a row without a relative min_delta improvement of the best validation L1; 0 = run all steps (the checkpoint key of a config from before the rule).")
+    min_delta: float = Field(default=0.01, description="Relative improvement of the best validation L1 that counts (0.01 = 1%).")
     seed: int = Field(default=0, description="Seed of initialisation, batches and the scored validation subset.")
     max_val_images: int = Field(default=256, description="Validation images scored during training and in the metrics (fixed seeded subset).")
     frame_stride: int = Field(default=1, description="Video frames only: train on every k-th frame of each clip.")
@@ -96,6 +98,14 @@ video_frames = feature_asset(FR.VIDEO_FRAMES_FEATURE, config_type=VideoFramesCon
 
 # ---- the VAEs -------------------------------------------------------------------------------------
 
+def _stopping_metadata(stopping: dict | None) -> dict:
+    """The stopping rule and its outcome (absent for a pretrained VAE and for checkpoints from before the rule)."""
+    if not stopping:
+        return {}
+    return {"stopped_by": stopping["stopped_by"], "stop_reason": stopping["reason"],
+            "best_val_l1": MetadataValue.float(stopping["best_val_l1"]), "stopping_rule": MetadataValue.json(stopping["rule"])}
+
+
 def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: FeatureRef, digest: str,
          feature_store: FeatureStoreResource, device: DeviceResource) -> Output:
     from models.vae import PretrainedVaeError  # torch: imported when a step runs
@@ -133,6 +143,7 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
         "metrics_split": sidecar["metrics_split"],
         "steps": sidecar["steps"],
         "best_step": sidecar["best_step"],
+        **_stopping_metadata(sidecar.get("stopping")),
         "train_seconds": MetadataValue.float(sidecar["train_seconds"]),
         "psnr_db": MetadataValue.float(round(metrics["psnr"], 3)),
         "psnr_db_mean_image": MetadataValue.float(round(baselines["mean_image"]["psnr"], 3)),
@@ -187,7 +198,8 @@ def frame_vae(
 
 @dataset_asset(
     group="vae", kinds=("pytorch", "zarr"), retry_policy=SHARD_RETRY,
-    description="Scaled KL-VAE latents per clip: audio [N, C, h, w] of the audio image and frames [N, T, C, h, w] of the video frames.",
+    description="Scaled KL-VAE posterior per clip, mean and std: audio_mean / audio_std [N, C, h, w] of the audio image and "
+                "frames_mean / frames_std [N, T, C, h, w] of the video frames.",
     code_version=f"vae_latents-{latents.LATENT_CODE_VERSION}",
 )
 def vae_latents(
@@ -227,13 +239,42 @@ def vae_latents(
     if run.clips_ok and written:  # summaries and previews of what this run wrote
         for modality, summary in latents.latent_summary(store, ref.dataset, ref.key, written).items():
             metadata[f"{modality}_shape"] = MetadataValue.json(summary["shape"])
-            metadata[f"{modality}_std"] = MetadataValue.float(round(summary["std"], 4))
-            metadata[f"{modality}_mean"] = MetadataValue.float(round(summary["mean"], 4))
+            # the spread of the stored posterior means over clips (1 on the train split by construction),
+            # and the mean posterior std (how far a sample strays from its mean)
+            metadata[f"{modality}_latent_std"] = MetadataValue.float(round(summary["std"], 4))
+            metadata[f"{modality}_latent_mean"] = MetadataValue.float(round(summary["mean"], 4))
+            metadata[f"{modality}_posterior_std"] = MetadataValue.float(round(summary["posterior_std"], 5))
             metadata[f"{modality}_scaling_factor"] = MetadataValue.float(round(summary["scaling_factor"], 6))
         png = latents.latent_preview_png(store, ref.dataset, ref.key, written, PREVIEW_CLIPS, device.device())
         if png:
             metadata["preview"] = preview_markdown(png)
     return Output(ref, data_version=data_version(run), metadata=metadata)
+
+
+@dataset_asset(
+    group="vae", kinds=("json",),
+    description="Per-channel mean / std and the global scale of the train split's stored posterior means, per modality "
+                "(keyed by the VAE checkpoints, the vae_latents key and the train split; a small JSON in the store).",
+    code_version=f"latent_statistics-{latents.LATENT_STATISTICS_CODE_VERSION}",
+)
+def latent_statistics(
+    context: AssetExecutionContext,
+    vae_latents: FeatureRef,
+    clip_manifest: ManifestRef,
+    feature_store: FeatureStoreResource,
+) -> Output[dict]:
+    store = feature_store.writable_store()
+    manifest = load_manifest(store, clip_manifest.dataset, clip_manifest.digest)
+    result = latents.latent_statistics(store, manifest, vae_latents.key, log=context.log.info)
+    metadata: dict = {"statistics_key": result.key, "url": MetadataValue.path(result.url), "reused": result.reused,
+                      "latent_key": vae_latents.key}
+    for modality, stats in result.value.items():
+        metadata[f"{modality}_scale"] = MetadataValue.float(round(stats["scale"], 6))
+        metadata[f"{modality}_mean"] = MetadataValue.float(round(stats["mean"], 5))
+        metadata[f"{modality}_channel_mean"] = MetadataValue.json([round(v, 5) for v in stats["channel_mean"]])
+        metadata[f"{modality}_channel_std"] = MetadataValue.json([round(v, 5) for v in stats["channel_std"]])
+    value = {"dataset": manifest.dataset, "key": result.key, "latent_key": vae_latents.key, "statistics": result.value}
+    return Output(value, data_version=DataVersion(result.key), metadata=metadata)
 
 
 # ---- asset checks ---------------------------------------------------------------------------------
@@ -272,14 +313,14 @@ def frame_vae_beats_baselines(frame_vae: VaeRef, feature_store: FeatureStoreReso
     return _check_vae(frame_vae, feature_store)
 
 
-@dataset_check(asset=vae_latents, description="Latent shapes per modality, no NaN/Inf, rows + quarantined == manifest clips.")
+@dataset_check(asset=vae_latents, description="Posterior mean and std shapes per modality, no NaN/Inf, rows + quarantined == manifest clips.")
 def vae_latents_valid(vae_latents: FeatureRef, feature_store: FeatureStoreResource) -> AssetCheckResult:
     store = feature_store.store()
     first = store.shard_manifest(vae_latents.dataset, vae_latents.feature, vae_latents.key, vae_latents.shards[0])
     results, fresh = [], new_shards(store, vae_latents)
     for modality in first["params"]["modalities"]:
-        shape = _row_shape(store, vae_latents, modality)
-        results.append(check_feature(store, vae_latents, modality, shape, fresh))
+        for name in (latents.mean_array(modality), latents.std_array(modality)):
+            results.append(check_feature(store, vae_latents, name, _row_shape(store, vae_latents, name), fresh))
     failed = [r for r in results if not r.passed]
     return failed[0] if failed else results[0]
 
@@ -292,8 +333,8 @@ def vae_latents_unit_std(vae_latents: FeatureRef, feature_store: FeatureStoreRes
     store = feature_store.store()
     first = store.shard_manifest(vae_latents.dataset, vae_latents.feature, vae_latents.key, vae_latents.shards[0])
     modalities = first["params"]["modalities"]
-    table = vae_latents.read(store, names=modalities)
-    stats = {m: latents.latent_statistics(table.arrays[m]) for m in modalities} if len(table) else {}
+    table = latents.read_latent_means(store, vae_latents.dataset, vae_latents.key, modalities, shards=vae_latents.shards)
+    stats = {m: latents.array_statistics(table.arrays[m]) for m in modalities} if len(table) else {}
     low, high = LATENT_STD_BAND
     problems = [f"{m}: {s['non_finite']} NaN/Inf" for m, s in stats.items() if s["non_finite"]]
     problems += [f"{m}: std {s['std']:.3f} outside {low}..{high}" for m, s in stats.items() if not low <= s["std"] <= high]
@@ -316,5 +357,5 @@ def _row_shape(store, ref: FeatureRef, name: str) -> tuple:
     return ()
 
 
-VAE_ASSETS = [video_frames, audio_vae, frame_vae, vae_latents]
+VAE_ASSETS = [video_frames, audio_vae, frame_vae, vae_latents, latent_statistics]
 VAE_CHECKS = [video_frames_valid, audio_vae_beats_baselines, frame_vae_beats_baselines, vae_latents_valid, vae_latents_unit_std]

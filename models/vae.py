@@ -215,20 +215,33 @@ def _device_of(vae) -> torch.device:
     return next(vae.parameters()).device
 
 
-@torch.no_grad()
-def encode(vae, images: np.ndarray, batch_size: int = DEFAULT_BATCH, sample: bool = False, seed: int = 0) -> torch.Tensor:
-    """Unscaled latents of uint8 images: posterior means (default) or one seeded sample each."""
+def _posteriors(vae, images: np.ndarray, batch_size: int):
+    """The diagonal-Gaussian posterior of each batch of uint8 images (in eval mode, on the VAE's device)."""
     vae.eval()
     device = _device_of(vae)
     batch_size = fitting_batch(device, batch_size, ACTIVATION_BYTES_PER_PIXEL * int(np.prod(images.shape[1:3])))
-    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
-    out = []
-    for start in range(0, len(images), batch_size):
-        posterior = vae.encode(images_to_tensor(images[start : start + batch_size], device)).latent_dist
-        out.append((posterior.sample(generator) if sample else posterior.mean).float().cpu())
-    if not out:
+    if not len(images):
         raise ValueError("encode needs at least one image")
+    for start in range(0, len(images), batch_size):
+        yield vae.encode(images_to_tensor(images[start : start + batch_size], device)).latent_dist
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, batch_size: int = DEFAULT_BATCH, sample: bool = False, seed: int = 0) -> torch.Tensor:
+    """Unscaled latents of uint8 images: posterior means (default) or one seeded sample each."""
+    generator = torch.Generator(device=_device_of(vae)).manual_seed(seed) if sample else None
+    out = [(p.sample(generator) if sample else p.mean).float().cpu() for p in _posteriors(vae, images, batch_size)]
     return torch.cat(out).contiguous()
+
+
+@torch.no_grad()
+def encode_posterior(vae, images: np.ndarray, batch_size: int = DEFAULT_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the unscaled diagonal-Gaussian posterior of each uint8 image, [N, C, h, w] each."""
+    means, stds = [], []
+    for posterior in _posteriors(vae, images, batch_size):
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
 @torch.no_grad()

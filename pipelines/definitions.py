@@ -63,7 +63,7 @@ train_diffgap = _job("train_diffgap", ("features", "embeddings", "diffgap"),
                      "From nothing: manifest -> features -> tower features -> CLAP/CAVP heads and embeddings -> "
                      "DiffGAP in both spaces -> retrieval evaluation and ablations.")
 train_vae = _job("train_vae", ("vae",), "KL-VAEs on audio images and video frames, and the latents of every clip.")
-generate_audio = _job("generate_audio", ("generation",),
+generate_audio = _job("generate_audio", ("vae", "generation"),  # "vae": latent_statistics, beside the generator's inputs
                       "Everything text/video-to-audio generation needs, the generator, WAVs and Tables I/II.")
 
 

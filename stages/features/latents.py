@@ -1,16 +1,22 @@
-"""``vae_latents``: scaled posterior means of every clip's audio image and video frames, per shard.
+"""``vae_latents``: the scaled KL-VAE posterior of every clip's audio image and video frames, per
+shard; ``latent_statistics``: their per-channel statistics over the train split.
 
-    audio  [N, C, h, w]      latents of the clip's audio image
-    frames [N, T, C, h, w]   latents of each of its video frames
+    audio_mean  [N, C, h, w]      posterior mean of the clip's audio image (scaled)
+    audio_std   [N, C, h, w]      posterior std, times the same scaling factor
+    frames_mean [N, T, C, h, w]   posterior mean of each of its video frames (scaled)
+    frames_std  [N, T, C, h, w]   posterior std, likewise
 
-read through ``FeatureStore.read_arrays(dataset, "vae_latents", key)``; the shard manifest's
-``params["vaes"]`` names each VAE checkpoint and its scaling factor (``decode_latents`` undoes it).
+read through ``read_latent_means`` (which also reads the keys of code version 1: they stored the
+means alone, as ``audio`` / ``frames``) or ``FeatureStore.read_arrays(dataset, "vae_latents", key)``;
+a sample is ``mean + std * eps``. The shard manifest's ``params["vaes"]`` names each VAE
+checkpoint and its scaling factor (``decode_latents`` undoes it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -18,13 +24,25 @@ from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResul
 from stages.core.errors import ConfigError
 from stages.core.parallel import torch_threads
 from stages.features.spectral import get_preset
-from stages.core.store import FeatureStore, feature_key
-from stages.vae.train import (DEFAULT_BATCH, MODALITIES, MODALITY_INPUTS, comparison_png, decode_latents, encode_scaled,
-                               load_vae)
+from stages.core.results import CachedResult, cached_result, load_result
+from stages.core.store import FeatureStore, FeatureTable, feature_key
+from stages.ingest.manifest import ClipManifest
+from stages.vae.train import (DEFAULT_BATCH, MODALITIES, MODALITY_INPUTS, comparison_png, decode_latents,
+                               encode_scaled_posterior, load_vae)
 
 LATENT_FEATURE = "vae_latents"
-# Bump when the code changes the latents it stores.
-LATENT_CODE_VERSION = "1"
+# Bump when the code changes the latents it stores. 2: the posterior's mean and std
+# (<modality>_mean, <modality>_std) instead of the mean alone (<modality>); the means are the same
+# numbers, but a shard of version 1 lacks the std, so it must not be reused under the new layout.
+LATENT_CODE_VERSION = "2"
+
+
+def mean_array(modality: str) -> str:
+    return f"{modality}_mean"
+
+
+def std_array(modality: str) -> str:
+    return f"{modality}_std"
 
 
 # ---- latents per shard ----------------------------------------------------------------------------
@@ -79,7 +97,8 @@ class VaeLatents(ShardFeature):
     name, code_version = LATENT_FEATURE, LATENT_CODE_VERSION
     inputs = ("audio_images", "video_frames")
     group, kinds = "vae", ("pytorch",)
-    description = "Scaled KL-VAE posterior means of every clip's audio image [C, h, w] and video frames [T, C, h, w]."
+    description = ("Scaled KL-VAE posterior (mean and std) of every clip's audio image [C, h, w] and video frames "
+                   "[T, C, h, w]: audio_mean, audio_std, frames_mean, frames_std.")
     sets_threads = False  # compute_shard below: the job's threads, else torch's default, for this shard only
 
     def compute_shard(self, job: ShardJob) -> ShardResult:
@@ -111,10 +130,11 @@ class VaeLatents(ShardFeature):
             vae, sidecar = load_vae(store, job.dataset, info["name"], info["key"], job.device)
             if clip_ids:
                 images = np.stack([rows[modality][clip_id] for clip_id in clip_ids])
-                arrays[modality] = encode_scaled(vae, images, info["scaling_factor"], params["dtype"], params["batch_size"])
+                mean, std = encode_scaled_posterior(vae, images, info["scaling_factor"], params["dtype"], params["batch_size"])
             else:
                 shape = _empty_latent_shape(store, job, modality, sidecar)
-                arrays[modality] = np.zeros((0, *shape), params["dtype"])
+                mean = std = np.zeros((0, *shape), params["dtype"])
+            arrays[mean_array(modality)], arrays[std_array(modality)] = mean, std
         return ShardOutput(clip_ids, arrays, quarantined)
 
 
@@ -132,22 +152,51 @@ def _empty_latent_shape(store: FeatureStore, job: ShardJob, modality: str, sidec
     return (*shape[:-3], *spatial)
 
 
-def latent_vaes(store: FeatureStore, dataset: str, key: str | None = None) -> dict[str, dict]:
-    """Per modality, the VAE checkpoint (name, key, scaling factor) a latent feature key was made with."""
-    key = store.resolve_key(dataset, LATENT_FEATURE, key)
+def _first_manifest(store: FeatureStore, dataset: str, key: str) -> dict:
     shards = store.committed_shards(dataset, LATENT_FEATURE, key)
     if not shards:
         raise ConfigError(f"no committed {LATENT_FEATURE} shards for key {key}")
-    return dict(store.shard_manifest(dataset, LATENT_FEATURE, key, shards[0])["params"]["vaes"])
+    return store.shard_manifest(dataset, LATENT_FEATURE, key, shards[0])
+
+
+def latent_vaes(store: FeatureStore, dataset: str, key: str | None = None) -> dict[str, dict]:
+    """Per modality, the VAE checkpoint (name, key, scaling factor) a latent feature key was made with."""
+    key = store.resolve_key(dataset, LATENT_FEATURE, key)
+    return dict(_first_manifest(store, dataset, key)["params"]["vaes"])
+
+
+def mean_arrays(store: FeatureStore, dataset: str, key: str) -> dict[str, str]:
+    """Per modality of a latent key, the array of its scaled posterior means: ``<m>_mean``, or
+    ``<m>`` in a key of code version 1 (which stored the means alone)."""
+    manifest = _first_manifest(store, dataset, key)
+    stored = manifest["arrays"]
+    return {m: mean_array(m) if mean_array(m) in stored else m for m in manifest["params"]["vaes"]}
+
+
+def read_latent_means(store: FeatureStore, dataset: str, key: str | None = None, modalities: Sequence[str] | None = None,
+                      shards: Sequence[str] | None = None) -> FeatureTable:
+    """The scaled posterior means of a latent key, one array per modality named by the modality
+    (all of the key's, or ``modalities``), from keys of every code version."""
+    key = store.resolve_key(dataset, LATENT_FEATURE, key)
+    names = mean_arrays(store, dataset, key)
+    wanted = list(modalities) if modalities is not None else list(names)
+    missing = [m for m in wanted if m not in names]
+    if missing:
+        raise ConfigError(f"{LATENT_FEATURE} key {key} holds no {missing} latents (modalities: {sorted(names)})")
+    table = store.read_arrays(dataset, LATENT_FEATURE, key, shards=shards, names=[names[m] for m in wanted])
+    return dataclasses.replace(table, arrays={m: table.arrays[names[m]] for m in wanted if names[m] in table.arrays})
 
 
 def latent_summary(store: FeatureStore, dataset: str, key: str, shards: Sequence[str] | None = None) -> dict[str, dict]:
-    """Per modality of a latent key: row shape, scaling factor and ``latent_statistics`` over the rows."""
+    """Per modality of a latent key: row shape, scaling factor, ``array_statistics`` over the
+    posterior means and the mean posterior std."""
     vaes = latent_vaes(store, dataset, key)
-    table = store.read_arrays(dataset, LATENT_FEATURE, key, shards=shards, names=list(vaes))
+    means = read_latent_means(store, dataset, key, shards=shards)
+    stds = store.read_arrays(dataset, LATENT_FEATURE, key, shards=shards, names=[std_array(m) for m in vaes])
     return {
-        m: {"shape": list(table.arrays[m].shape[1:]), "scaling_factor": float(vaes[m]["scaling_factor"]),
-            **latent_statistics(table.arrays[m])}
+        m: {"shape": list(means.arrays[m].shape[1:]), "scaling_factor": float(vaes[m]["scaling_factor"]),
+            **array_statistics(means.arrays[m]),
+            "posterior_std": float(np.mean(stds.arrays[std_array(m)], dtype=np.float64)) if len(stds) else float("nan")}
         for m in vaes
     }
 
@@ -155,8 +204,8 @@ def latent_summary(store: FeatureStore, dataset: str, key: str, shards: Sequence
 def latent_preview_png(
     store: FeatureStore, dataset: str, key: str, shards: Sequence[str], count: int = 4, device: str = "cpu"
 ) -> bytes | None:
-    """Input audio images next to their decoded stored latents (and both mels) for the first
-    ``count`` clips; None when the key holds no audio latents or no rows."""
+    """Input audio images next to their decoded stored latents (posterior means; and both mels) for
+    the first ``count`` clips; None when the key holds no audio latents or no rows."""
     manifest = store.shard_manifest(dataset, LATENT_FEATURE, key, shards[0]) if shards else None
     if manifest is None or "audio" not in manifest["params"]["modalities"]:
         return None
@@ -165,10 +214,10 @@ def latent_preview_png(
     info = params["vaes"]["audio"]
     latents, originals = [], []
     for shard in shards:
-        table = store.read_arrays(dataset, LATENT_FEATURE, key, shards=[shard], names=["audio"])
+        table = read_latent_means(store, dataset, key, ["audio"], shards=[shard])
         images = store.read_arrays(dataset, source["feature"], source["key"], shards=[shard], names=[source["array"]])
         by_id = dict(zip(images.clip_ids, images.arrays[source["array"]]))
-        for clip_id, latent in zip(table.clip_ids, table.arrays["audio"]):
+        for clip_id, latent in zip(table.clip_ids, table.arrays.get("audio", [])):
             if len(latents) < count:
                 latents.append(latent)
                 originals.append(by_id[clip_id])
@@ -182,7 +231,7 @@ def latent_preview_png(
     return comparison_png(np.stack(originals), decoded, preset, preset.n_frames(float(sidecar.get("mel_seconds", 4.0))))
 
 
-def latent_statistics(latents: np.ndarray) -> dict[str, float]:
+def array_statistics(latents: np.ndarray) -> dict[str, float]:
     """Finite count, mean, std and max |z| of (scaled) latents, in float64."""
     values = np.asarray(latents, np.float64)
     finite = np.isfinite(values)
@@ -194,3 +243,102 @@ def latent_statistics(latents: np.ndarray) -> dict[str, float]:
         "std": float(good.std()) if good.size else float("nan"),
         "max_abs": float(np.abs(good).max()) if good.size else float("nan"),
     }
+
+
+# ---- latent_statistics: the train split's posterior means, per channel ----------------------------
+
+LATENT_STATISTICS = "latent_statistics"
+# Bump when the statistics computed from the same latents change.
+LATENT_STATISTICS_CODE_VERSION = "1"
+
+
+def train_split_digest(manifest: ClipManifest) -> str:
+    """Hash of the train split's clip ids: the statistics change exactly when it does."""
+    return feature_key("split", {"split": "train"}, "", sorted(c.id for c in manifest.clips if c.split == "train"))
+
+
+def latent_statistics_key(vaes: Mapping[str, Mapping[str, Any]], latent_key: str, train_digest: str) -> str:
+    """hash(code version, the VAE checkpoint keys, the latent feature key, the train-split digest)."""
+    return feature_key(LATENT_STATISTICS, {"split": "train", "of": "posterior means"}, LATENT_STATISTICS_CODE_VERSION,
+                       [*(f"{m}:{vaes[m]['key']}" for m in sorted(vaes)), latent_key, train_digest])
+
+
+class _ChannelMoments:
+    """Running float64 sums per channel (axis -3 of [..., C, h, w]) over shards."""
+
+    def __init__(self) -> None:
+        self.count, self.sums, self.squares, self.non_finite = 0, None, None, 0
+
+    def add(self, values: np.ndarray) -> None:
+        x = np.moveaxis(np.asarray(values, np.float64), -3, 0).reshape(values.shape[-3], -1)
+        self.non_finite += int(x.size - np.isfinite(x).sum())
+        sums, squares = x.sum(axis=1), (x * x).sum(axis=1)
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.count += x.shape[1]
+
+    def summary(self) -> dict[str, Any]:
+        mean = self.sums / self.count
+        var = np.maximum(self.squares / self.count - mean**2, 0.0)
+        overall_mean = float(mean.mean())  # channels have equal counts
+        overall_var = float(np.maximum(self.squares.sum() / (self.count * len(mean)) - overall_mean**2, 0.0))
+        return {"channel_mean": [float(v) for v in mean], "channel_std": [float(v) for v in np.sqrt(var)],
+                "mean": overall_mean, "std": overall_var**0.5}
+
+
+def compute_latent_statistics(store: FeatureStore, manifest: ClipManifest, latent_key: str) -> dict[str, dict]:
+    """Per modality of a latent key: per-channel mean / std and the global mean / std of the train
+    split's stored posterior means (already scaled by the VAE's factor), with ``scale`` = 1 / std
+    (multiply stored latents by it for unit std) and ``scaling_factor`` = the VAE's factor times
+    ``scale`` (1 / std of the unscaled means over every train row; the sidecar's comes from a
+    subset). Read shard by shard."""
+    vaes = latent_vaes(store, manifest.dataset, latent_key)
+    train = {c.id for c in manifest.clips if c.split == "train"}
+    if not train:
+        raise ConfigError(f"dataset {manifest.dataset!r} has no train clips: latent statistics come from the train split only")
+    moments = {m: _ChannelMoments() for m in vaes}
+    clips, shape = 0, {}
+    for shard in store.committed_shards(manifest.dataset, LATENT_FEATURE, latent_key):
+        table = read_latent_means(store, manifest.dataset, latent_key, shards=[shard])
+        rows = [i for i, c in enumerate(table.clip_ids) if c in train]
+        clips += len(rows)
+        for m in vaes:
+            if rows:
+                moments[m].add(table.arrays[m][rows])
+                shape[m] = list(table.arrays[m].shape[1:])
+    if not clips:
+        raise ConfigError(f"{LATENT_FEATURE} key {latent_key} holds none of the {len(train)} train clips of {manifest.dataset!r}")
+    out = {}
+    for m, moment in moments.items():
+        if moment.non_finite:
+            raise ValueError(f"{LATENT_FEATURE} key {latent_key}: {moment.non_finite} NaN/Inf values in the train split's "
+                             f"{m} latents (the VAE diverged: retrain {vaes[m]['name']})")
+        summary = moment.summary()
+        if not summary["std"] > 0:
+            raise ValueError(f"{LATENT_FEATURE} key {latent_key}: the train split's {m} latents are constant")
+        scale = 1.0 / summary["std"]
+        out[m] = {"vae": dict(vaes[m]), "shape": shape[m], "clips": clips, "values_per_channel": moment.count, **summary,
+                  "scale": scale, "scaling_factor": float(vaes[m]["scaling_factor"]) * scale}
+    return out
+
+
+def latent_statistics(store: FeatureStore, manifest: ClipManifest, latent_key: str,
+                      log: Callable[[str], None] | None = None) -> CachedResult:
+    """``compute_latent_statistics`` of a latent key, stored as one small JSON document in the store
+    (stages.core.results) under ``latent_statistics_key`` and reused while that key exists."""
+    vaes = latent_vaes(store, manifest.dataset, latent_key)
+    digest = train_split_digest(manifest)
+    key = latent_statistics_key(vaes, latent_key, digest)
+    provenance = {"latent_key": latent_key, "vae_keys": {m: v["key"] for m, v in vaes.items()}, "train_digest": digest,
+                  "manifest": manifest.digest(), "code_version": LATENT_STATISTICS_CODE_VERSION}
+    return cached_result(store, manifest.dataset, LATENT_STATISTICS, key,
+                         lambda: compute_latent_statistics(store, manifest, latent_key), provenance, log)
+
+
+def load_latent_statistics(store: FeatureStore, dataset: str, key: str) -> dict[str, dict]:
+    """The stored statistics of a ``latent_statistics`` key (per modality, as computed)."""
+    value, problem = load_result(store, dataset, LATENT_STATISTICS, key)
+    if value is None:
+        raise ConfigError(f"no usable {LATENT_STATISTICS} {key} in {store.url_root}/{dataset}"
+                          f"{f' ({problem})' if problem else ''}: materialize latent_statistics first")
+    return value

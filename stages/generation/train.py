@@ -110,10 +110,15 @@ class LatentPairs:
 
 
 def load_latent_pairs(store: FeatureStore, manifest: ClipManifest, space: str, latent_key: str, embedding_key: str) -> LatentPairs:
-    """Clips of the manifest with both a stored audio latent and embeddings, in manifest order."""
+    """Clips of the manifest with both a stored audio latent and embeddings, in manifest order.
+
+    The latents are the stored posterior means: the generator trained on them before vae_latents
+    stored the std too (it never stored samples), so a generator's inputs stay the same numbers."""
+    from stages.features.latents import read_latent_means
+
     feature, other = get_space(space).embedding_feature, get_space(space).other
     shards = sorted(manifest.by_shard())
-    lat = store.read_arrays(manifest.dataset, "vae_latents", latent_key, shards=shards, names=["audio"])
+    lat = read_latent_means(store, manifest.dataset, latent_key, ["audio"], shards=shards)
     names = ["audio", other] + (["audio_per_second", "video_per_second"] if space == "cavp" else [])
     emb = store.read_arrays(manifest.dataset, feature, embedding_key, shards=shards, names=names)
     lat_rows = {c: i for i, c in enumerate(lat.clip_ids)}

@@ -84,17 +84,16 @@ def vocode_latents(
     store: FeatureStore, dataset: str, key: str | None = None, clip_ids: Sequence[str] | None = None,
     vocoder: Vocoder | None = None, device: str = "cpu", seconds: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Waveforms of stored ``vae_latents`` audio rows (all, or ``clip_ids``), with the VAE and scaling
+    """Waveforms of stored ``vae_latents`` audio posterior means (all, or ``clip_ids``), with the VAE and scaling
     factor named in the shards' manifests. ``seconds`` defaults to the mels' clip length."""
-    from stages.features.latents import LATENT_FEATURE
+    from stages.features.latents import LATENT_FEATURE, latent_vaes, read_latent_means
     from stages.vae.train import load_vae
-    from stages.features.latents import latent_vaes
 
     key = store.resolve_key(dataset, LATENT_FEATURE, key)
     vaes = latent_vaes(store, dataset, key)
     if "audio" not in vaes:
         raise VocodeError(f"{LATENT_FEATURE} key {key} holds no audio latents (modalities: {sorted(vaes)})")
-    table = store.read_arrays(dataset, LATENT_FEATURE, key, names=["audio"])
+    table = read_latent_means(store, dataset, key, ["audio"])  # the posterior means: the clip's own reconstruction
     rows = list(range(len(table))) if clip_ids is None else [table.clip_ids.index(c) for c in clip_ids]
     vae, sidecar = load_vae(store, dataset, vaes["audio"]["name"], vaes["audio"]["key"], device)
     preset = sidecar.get("mel_preset", VOCODER_PRESET)

@@ -3,18 +3,14 @@
 MM-LDM section 3.1: audio images and video frames are compressed by a KL-VAE into perceptual
 latents. Here one small AutoencoderKL per modality (``audio_vae`` on audio images, ``frame_vae``
 on video frames; see the measurements in the module's tests and the report for why they are not
-shared) is trained on the cached images of the training split, or loaded from a local pretrained
-folder. The latent scaling factor is 1 / std of the posterior means of the training images, so
-scaled latents have unit variance on the training split; it is stored in the checkpoint sidecar.
+shared) is trained on the cached images of the training split until validation reconstruction
+stops improving (``PlateauRule``, within a step budget), or loaded from a local pretrained folder.
+The latent scaling factor is 1 / std of the posterior means of the training images, so scaled
+latents have unit variance on the training split; it is stored in the checkpoint sidecar.
 
-``vae_latents`` stores, per shard, the scaled posterior means of every clip that has all of the
-requested modalities::
-
-    audio  [N, C, h, w]      latents of the clip's audio image
-    frames [N, T, C, h, w]   latents of each of its video frames
-
-read through ``FeatureStore.read_arrays(dataset, "vae_latents", key)``; the shard manifest's
-``params["vaes"]`` names each VAE checkpoint and its scaling factor (``decode_latents`` undoes it).
+``vae_latents`` (stages.features.latents) stores, per shard, the scaled posterior (mean and std)
+of every clip that has all of the requested modalities; ``latent_statistics`` their per-channel
+statistics over the train split.
 
 No dagster here: usable from a notebook.
 """
@@ -59,12 +55,24 @@ MODALITIES = tuple(MODALITY_INPUTS)
 
 @dataclass(frozen=True)
 class VaeTrainConfig:
-    steps: int = 300
+    # The budget: at most this many steps (the one-cycle learning-rate schedule spans them); the
+    # stopping rule below ends a fit earlier once validation reconstruction stops improving. 1000:
+    # 0.4 s a step at 64 px on one CPU thread, so `make generate` (17 min with two 300-step VAEs)
+    # grows to about 26 min if neither VAE stops early; 2000 steps halved the val L1 of 300
+    # (BENCHMARKS.md, decode-path ceiling). 80 x 344 audio images cost 5.6 s a step (2.4 without
+    # the mid-block attention over 20 x 86 latents; 2 busy cores): retune for that shape.
+    # bench/bench_vae.py `curve` measures where the rule stops.
+    steps: int = 1000
     batch_size: int = 16
     learning_rate: float = 1e-3
     kl_weight: float = 1e-5  # per latent element, next to a per-pixel L1 in [-1, 1] units
     spectral_weight: float = 0.0
     eval_every: int = 50
+    # Stop after `patience` evaluations in a row that did not lower the best validation L1 by a
+    # relative `min_delta` (3 x 50 steps without a 1% gain); patience 0 = no rule, run all `steps`
+    # (and the checkpoint key of a config from before the rule existed: key_params).
+    patience: int = 3
+    min_delta: float = 0.01
     seed: int = 0
     max_val_images: int = 256  # validation images scored at each evaluation (a fixed seeded subset)
     frame_stride: int = 1  # frames only: train on every k-th frame of each clip
@@ -85,6 +93,8 @@ class VaeTrainConfig:
             raise ValueError("steps must be >= 0 and batch_size, eval_every, frame_stride, max_val_images >= 1")
         if not self.learning_rate > 0 or self.kl_weight < 0 or self.spectral_weight < 0:
             raise ValueError("learning_rate must be > 0 and kl_weight, spectral_weight >= 0")
+        if self.patience < 0 or not 0 <= self.min_delta < 1:
+            raise ValueError(f"patience must be >= 0 and min_delta in [0, 1), got {self.patience} and {self.min_delta}")
         self.vae_config()  # validates the architecture
 
     def vae_config(self) -> VaeConfig:
@@ -99,9 +109,18 @@ class VaeTrainConfig:
         )
 
     def params(self) -> dict:
-        """What shapes the trained weights (the checkpoint key): every field but ``threads``."""
+        """Every field but ``threads`` (``VaeTrainConfig(**params())`` is the same config)."""
         fields = {**asdict(self), "block_out_channels": list(self.block_out_channels)}
         fields.pop("threads")
+        return fields
+
+    def key_params(self) -> dict:
+        """What shapes the trained weights (the checkpoint key): ``params()``, without the stopping
+        rule when it is off, so a config from before the rule keeps its key and its checkpoint."""
+        fields = self.params()
+        if not self.patience:
+            fields.pop("patience")
+            fields.pop("min_delta")
         return fields
 
 
@@ -158,6 +177,41 @@ class VaeTrainResult:
     best_val_l1: float
     seconds: float
     val_source: str  # "val", or "train" when the validation split is empty
+    steps_run: int = 0
+    stopped_by: str = "max_steps"  # "max_steps" (the budget ran out) or "plateau" (the stopping rule)
+
+    def stopping(self, config: "VaeTrainConfig") -> dict:
+        """The stopping rule and its outcome, as the sidecar and the asset metadata give it."""
+        return {"rule": {"metric": f"{self.val_source} L1", "eval_every": config.eval_every, "patience": config.patience,
+                         "min_delta": config.min_delta, "max_steps": config.steps},
+                "steps_run": self.steps_run, "best_step": self.best_step, "best_val_l1": round(self.best_val_l1, 5),
+                "stopped_by": self.stopped_by, "reason": stop_reason(self.stopped_by, config)}
+
+
+def stop_reason(stopped_by: str, config: "VaeTrainConfig") -> str:
+    if stopped_by == "plateau":
+        return (f"validation L1 did not improve by {config.min_delta:.1%} (relative) in {config.patience} evaluations "
+                f"({config.patience * config.eval_every} steps)")
+    return f"the budget of {config.steps} steps ran out" + ("" if config.patience else " (no stopping rule)")
+
+
+@dataclass
+class PlateauRule:
+    """Stop once ``patience`` evaluations in a row have not lowered the best value by a relative
+    ``min_delta`` (patience 0: never). Smaller values are better."""
+
+    patience: int
+    min_delta: float
+    best: float = math.inf
+    stale: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record one evaluation; True when training should stop."""
+        if value < self.best * (1.0 - self.min_delta):
+            self.best, self.stale = value, 0
+        else:
+            self.stale += 1
+        return bool(self.patience) and self.stale >= self.patience
 
 
 def _fixed_subset(count: int, limit: int, seed: int) -> np.ndarray:
@@ -203,23 +257,27 @@ def train_vae(
     init_state: Mapping[str, torch.Tensor] | None = None,
     log: Callable[[str], None] | None = None,
     label: str = "vae",
+    on_eval: Callable[[int, Any], Mapping[str, float]] | None = None,
 ) -> VaeTrainResult:
-    """AdamW (one-cycle schedule) on random batches; keeps the weights with the lowest validation L1.
+    """AdamW (one-cycle schedule over ``config.steps``) on random batches, evaluated every
+    ``eval_every`` steps; stops early by the config's ``PlateauRule`` and keeps the weights with the
+    lowest validation L1 (the best evaluation, not the last).
 
     ``train`` / ``val`` are uint8 [N, H, W, 3]. An empty validation set scores a fixed subset of
     the training images instead (``val_source`` says so). Initialisation and the posterior samples
     come from the config's seed in a scope of their own (the caller's global RNG is left as it was).
     On ``device`` (models.devices); ``log`` gets progress lines named by ``label`` (steps, loss,
-    validation L1, ETA).
+    validation L1, ETA). ``on_eval(step, vae)`` (benchmarks) may add measurements to each
+    evaluation's history row; it runs outside the seeded scope's training RNG use.
     """
     from models.devices import check_device
 
     check_device(device)
     with seeded_rng(config.seed, device):
-        return _train_vae(train, val, config, device, init_state, log, label)
+        return _train_vae(train, val, config, device, init_state, log, label, on_eval)
 
 
-def _train_vae(train, val, config, device, init_state, log, label="vae") -> VaeTrainResult:
+def _train_vae(train, val, config, device, init_state, log, label="vae", on_eval=None) -> VaeTrainResult:
     import torch
     from models.devices import DeviceRows
     from models.vae import build_vae, images_to_tensor, vae_loss
@@ -235,7 +293,7 @@ def _train_vae(train, val, config, device, init_state, log, label="vae") -> VaeT
     scored = scored[_fixed_subset(len(scored), config.max_val_images, config.seed)]
     rng = np.random.default_rng(config.seed)
     best = (reconstruction_l1(vae, scored), 0, {k: v.detach().clone() for k, v in vae.state_dict().items()})
-    history = [{"step": 0, "train_l1": None, "train_kl": None, "val_l1": round(best[0], 5)}]
+    history = [{"step": 0, "train_l1": None, "train_kl": None, "val_l1": round(best[0], 5), **_extra(on_eval, 0, vae)}]
     if config.steps:
         optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
         # 5% warm-up, but at least 2 steps: OneCycleLR divides by (warm-up steps - 1), so a warm-up
@@ -252,6 +310,9 @@ def _train_vae(train, val, config, device, init_state, log, label="vae") -> VaeT
     losses = LossWindow("VAE training loss")
     progress = Progress(label, config.steps, "steps", log).start()
     current = best[0]
+    rule = PlateauRule(config.patience, config.min_delta)
+    rule.update(best[0])
+    steps_run, stopped_by = 0, "max_steps"
     for step, chunk in enumerate(images.prefetch(rows), start=1):
         loss, parts = vae_loss(vae, images_to_tensor(chunk["images"], device), config.kl_weight, config.spectral_weight)
         losses.add(step, loss)
@@ -259,19 +320,38 @@ def _train_vae(train, val, config, device, init_state, log, label="vae") -> VaeT
         loss.backward()
         optimizer.step()
         schedule.step()
+        steps_run = step
+        plateau = False
         if step % config.eval_every == 0 or step == config.steps:
             losses.check()
             current = reconstruction_l1(vae, scored)
-            vae.train()
             history.append({"step": step, "train_l1": round(float(parts["l1"]), 5), "train_kl": round(float(parts["kl"]), 4),
-                            "val_l1": round(current, 5)})
+                            "val_l1": round(current, 5), **_extra(on_eval, step, vae)})
+            vae.train()  # reconstruction_l1 (and on_eval) leave it in eval mode
             if current < best[0]:
                 best = (current, step, {k: v.detach().clone() for k, v in vae.state_dict().items()})
-        if progress.due() or step == config.steps:
+            plateau = rule.update(current) and step < config.steps
+        if progress.due() or step == config.steps or plateau:
             progress.advance(step - progress.done, loss=losses.check, **{f"{val_source} L1": current})
+        if plateau:
+            stopped_by = "plateau"
+            if log:
+                log(f"{label}: stopped at step {step} of {config.steps}: {stop_reason(stopped_by, config)}; "
+                    f"best {val_source} L1 {best[0]:.5f} at step {best[1]}")
+            break
     vae.load_state_dict(best[2])
     vae.eval()
-    return VaeTrainResult(vae, history, best[1], best[0], time.perf_counter() - start, val_source)
+    return VaeTrainResult(vae, history, best[1], best[0], time.perf_counter() - start, val_source, steps_run, stopped_by)
+
+
+def _extra(on_eval, step: int, vae) -> dict:
+    """``on_eval``'s measurements, with the RNG state kept: they do not change the training."""
+    if on_eval is None:
+        return {}
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return dict(on_eval(step, vae))
 
 
 def compute_scaling_factor(vae, images: np.ndarray, max_images: int = 1024, seed: int = 0) -> float:
@@ -377,6 +457,19 @@ def vae_checkpoint_key(name: str, params: Mapping[str, Any], input_keys: Sequenc
     return feature_key(name, dict(params), VAE_CODE_VERSION, [*input_keys, *shards])
 
 
+def vae_fit_key(name: str, modality: str, input_key: str, shards: Sequence[str], config: VaeTrainConfig,
+                pretrained: Mapping[str, Any] | None = None) -> str:
+    """The checkpoint key ``fit_vae`` trains (``config.key_params()``) or loads (``pretrained``) under."""
+    if pretrained is not None:
+        # The same weights in another folder are the same model: the key hashes contents, not the path.
+        params: dict[str, Any] = {"pretrained": {k: pretrained[k] for k in ("weights_sha256", "config")},
+                                  "frame_stride": config.frame_stride, "max_val_images": config.max_val_images,
+                                  "seed": config.seed}
+    else:
+        params = config.key_params()
+    return vae_checkpoint_key(name, {**params, "modality": modality}, [input_key], shards)
+
+
 def diffusers_config(vae) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items()}
 
@@ -416,6 +509,19 @@ def encode_scaled(vae, images: np.ndarray, scaling_factor: float, dtype: str = "
     flat = images.reshape(-1, *images.shape[-3:])
     z = encode(vae, flat, batch_size=batch_size) * float(scaling_factor)
     return z.numpy().astype(dtype).reshape(*lead, *z.shape[1:])
+
+
+def encode_scaled_posterior(vae, images: np.ndarray, scaling_factor: float, dtype: str = "float32",
+                            batch_size: int = DEFAULT_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of the scaled posterior of uint8 images [..., H, W, 3], each [..., C, h, w]: the
+    mean is ``encode_scaled``'s, the std is the posterior's std times the same factor."""
+    from models.vae import encode_posterior
+
+    lead = images.shape[:-3]
+    flat = images.reshape(-1, *images.shape[-3:])
+    mean, std = encode_posterior(vae, flat, batch_size=batch_size)
+    factor = float(scaling_factor)
+    return tuple((z * factor).numpy().astype(dtype).reshape(*lead, *z.shape[1:]) for z in (mean, std))  # type: ignore[return-value]
 
 
 def decode_latents(vae, latents: np.ndarray, scaling_factor: float, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
@@ -479,15 +585,7 @@ def fit_vae(
     config = config or VaeTrainConfig()
     shards = sorted(manifest.by_shard())
     pretrained = pretrained_fingerprint(pretrained_dir) if pretrained_dir else None
-    if pretrained is not None:
-        # The same weights in another folder are the same model: the key hashes contents, not the path.
-        params: dict[str, Any] = {"pretrained": {k: pretrained[k] for k in ("weights_sha256", "config")},
-                                  "frame_stride": config.frame_stride, "max_val_images": config.max_val_images,
-                                  "seed": config.seed}
-    else:
-        params = config.params()
-    params = {**params, "modality": modality}
-    key = vae_checkpoint_key(name, params, [input_key], shards)
+    key = vae_fit_key(name, modality, input_key, shards, config, pretrained)
 
     def train(start: Start) -> Trained:
         with torch_threads(config.threads or torch.get_num_threads()):
@@ -520,10 +618,11 @@ def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pr
     start = time.perf_counter()
     if pretrained_dir:
         vae = load_pretrained_vae(pretrained_dir).to(device)
-        history, best_step, val_source = [], 0, ("val" if len(val) else "train")
+        history, best_step, val_source, steps_run, stopping = [], 0, ("val" if len(val) else "train"), 0, None
     else:
         result = train_vae(train.images, val.images, config, device=device, log=log, label=f"{name} seed {config.seed}")
         vae, history, best_step, val_source = result.model, result.history, result.best_step, result.val_source
+        steps_run, stopping = result.steps_run, result.stopping(config)
     train_seconds = time.perf_counter() - start
     scaling = compute_scaling_factor(vae, train.images, seed=config.seed)
 
@@ -547,7 +646,8 @@ def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pr
         shards=shards,
         train_config=config.params() if not pretrained_dir else None,
         pretrained=pretrained,
-        steps=0 if pretrained_dir else config.steps,
+        steps=steps_run,  # steps run (the stopping rule may end a fit before config.steps)
+        stopping=stopping,
         history=history,
         best_step=best_step,
         scaling_factor=scaling,

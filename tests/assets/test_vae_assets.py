@@ -1,5 +1,5 @@
 """The VAE assets materialized through Dagster on the demo media: video_frames, audio_vae, frame_vae,
-vae_latents and their checks; a re-run reuses the checkpoints and the shards; a pretrained folder."""
+vae_latents, latent_statistics and their checks; a re-run reuses the checkpoints and the shards; a pretrained folder."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from assets.resources import ClipSourceResource
 from assets.vae import VAE_ASSETS, VAE_CHECKS
 from models.vae import VaeConfig, build_vae
 from stages.core.store import FeatureStore
-from stages.features.latents import LATENT_FEATURE
-from stages.features.latents import latent_vaes
+from stages.features.latents import LATENT_FEATURE, latent_vaes, load_latent_statistics
 from tests.fixtures.tiny import materialize_dataset, resources
 from tests.fixtures.dagster_results import check_passed, materialization_metadata
 
@@ -47,6 +46,9 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
 
     audio = materialization_metadata(first, "audio_vae")
     assert audio["reused"] is False and audio["source"] == "trained" and audio["steps"] == 30
+    # 2 evaluations cannot reach the default patience of 3: the budget ran out, and the metadata says so
+    assert audio["stopped_by"] == "max_steps" and audio["stop_reason"] == "the budget of 30 steps ran out"
+    assert audio["stopping_rule"] == {"metric": "val L1", "eval_every": 15, "patience": 3, "min_delta": 0.01, "max_steps": 30}
     assert audio["psnr_db"] > audio["psnr_db_untrained"] + 3 and audio["psnr_db"] > audio["psnr_db_mean_image"]
     assert audio["mel_l1"] < audio["metrics"]["untrained"]["mel_l1"] and audio["latent_shape"] == [4, 8, 8]
     assert "data:image/png;base64," in audio["preview"] and "| step |" in audio["loss_curve"]
@@ -56,7 +58,9 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
     latents = materialization_metadata(first, "vae_latents")
     assert (latents["shards_new"], latents["clips_ok"], latents["dtype"]) == (3, 40, "float16")
     assert latents["audio_shape"] == [4, 8, 8] and latents["frames_shape"] == [8, 4, 8, 8]
-    assert 0.75 < latents["audio_std"] < 1.33 and 0.75 < latents["frames_std"] < 1.33
+    assert 0.75 < latents["audio_latent_std"] < 1.33 and 0.75 < latents["frames_latent_std"] < 1.33
+    # (measured 0.61 audio, 3.2 frames: a 30-step VAE's posterior is still wide next to its means)
+    assert 0 < latents["audio_posterior_std"] < 10 and 0 < latents["frames_posterior_std"] < 10
     assert latents["vae_keys"] == {"audio": audio["checkpoint_key"], "frames": frame["checkpoint_key"]}
     assert "data:image/png;base64," in latents["preview"]
     checks = check_passed(first)
@@ -68,7 +72,14 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
 
     store = FeatureStore(str(tmp_path))
     table = store.read_arrays("demo", LATENT_FEATURE)  # readable without Dagster, newest key
-    assert table.feature_key == latents["feature_key"] and table.arrays["frames"].shape == (40, 8, 4, 8, 8)
+    assert table.feature_key == latents["feature_key"] and table.arrays["frames_mean"].shape == (40, 8, 4, 8, 8)
+    assert table.arrays["frames_std"].shape == (40, 8, 4, 8, 8)
+    statistics = materialization_metadata(first, "latent_statistics")
+    assert statistics["reused"] is False and statistics["latent_key"] == latents["feature_key"]
+    assert len(statistics["audio_channel_mean"]) == 4 and len(statistics["frames_channel_std"]) == 4
+    assert statistics["audio_scale"] == pytest.approx(1.0, abs=0.01)  # the sidecar's factor saw the same train images
+    stored = load_latent_statistics(store, "demo", statistics["statistics_key"])
+    assert stored["audio"]["vae"]["key"] == audio["checkpoint_key"] and stored["frames"]["vae"]["key"] == frame["checkpoint_key"]
     vaes = latent_vaes(store, "demo")
     assert vaes["audio"]["key"] == audio["checkpoint_key"] and vaes["audio"]["scaling_factor"] == pytest.approx(audio["scaling_factor"], rel=1e-5)
 
@@ -86,6 +97,8 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
     latents_again = materialization_metadata(again, "vae_latents")
     assert (latents_again["shards_new"], latents_again["shards_reused"], latents_again["clips_computed"]) == (0, 3, 0)
     assert latents_again["feature_key"] == latents["feature_key"]
+    statistics_again = materialization_metadata(again, "latent_statistics")
+    assert statistics_again["reused"] is True and statistics_again["statistics_key"] == statistics["statistics_key"]
     versions = [
         [e.materialization.tags.get("dagster/data_version") for e in r.get_asset_materialization_events()
          if e.asset_key.path[-1] == "vae_latents"][0]
@@ -114,3 +127,11 @@ def test_pretrained_folder_instead_of_training(demo_source, tmp_path):
     (failure,) = [e for e in broken.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.step_failure_data.error.message.strip()
     assert "does not exist" in message and str(tmp_path / "missing") in message and "\n" not in message
+
+
+def test_latent_statistics_runs_in_the_vae_and_generation_jobs():
+    from pipelines.definitions import defs
+
+    for job in ("train_vae", "generate_audio"):
+        keys = {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.executable_asset_keys}
+        assert {"vae_latents", "latent_statistics"} <= keys, job

@@ -15,6 +15,7 @@ import torch
 
 from models.vae import encode
 from stages.core.checkpoints import load_checkpoint, save_checkpoint
+from stages.core.errors import ConfigError
 from stages.features.mel import AUDIO_IMAGE_CODE_VERSION, AUDIO_IMAGE_FEATURE, MEL_CODE_VERSION, MEL_FEATURE, AudioImageParams, MelParams, compute_audio_image_shard, compute_mel_shard
 from stages.features.base import run_feature
 from stages.features.frames import FRAMES_CODE_VERSION, VIDEO_FRAMES_FEATURE, FrameParams, compute_frames_shard
@@ -23,9 +24,12 @@ from stages.core.parallel import InProcessExecutor
 from stages.ingest.sources import SourceConfig, read_source
 from stages.features.spectral import get_preset
 from stages.core.store import FeatureStore
-from stages.vae.train import (AUDIO_VAE, VaeTrainConfig, decode_latents, encode_scaled, fit_vae, load_vae, psnr, read_image_set,
-                              reconstruction_metrics, spectral_convergence)
-from stages.features.latents import LATENT_CODE_VERSION, LATENT_FEATURE, LatentParams, compute_latent_shard, latent_statistics, latent_vaes
+from stages.vae.train import (AUDIO_VAE, FRAME_VAE, PlateauRule, VaeTrainConfig, decode_latents, encode_scaled, fit_vae, load_vae,
+                              psnr, read_image_set, reconstruction_l1, reconstruction_metrics, spectral_convergence, train_vae,
+                              vae_fit_key)
+from stages.features.latents import (LATENT_CODE_VERSION, LATENT_FEATURE, LatentParams, array_statistics, compute_latent_shard,
+                                     latent_statistics, latent_statistics_key, latent_vaes, load_latent_statistics,
+                                     read_latent_means, train_split_digest)
 from stages.generation.vocode import VocodeError, check_vocoder_preset, images_to_mels, log_mel_error
 
 IMAGE_SIZE = 32
@@ -149,10 +153,25 @@ def test_latent_shards_round_trip_to_mels(prepared):
                       InProcessExecutor(), input_keys=LatentParams.input_keys(job_params))
     assert (run.clips_ok, run.clips_quarantined, run.shards_new) == (40, 0, 3)
     table = store.read_arrays("demo", LATENT_FEATURE, key)
-    audio, frames = table.arrays["audio"], table.arrays["frames"]
+    assert set(table.arrays) == {"audio_mean", "audio_std", "frames_mean", "frames_std"}
+    audio, frames = table.arrays["audio_mean"], table.arrays["frames_mean"]
     assert audio.shape == (40, 4, 8, 8) and frames.shape == (40, 8, 4, 8, 8) and audio.dtype == np.float16
-    stats = latent_statistics(audio)
+    assert table.arrays["audio_std"].shape == audio.shape and table.arrays["frames_std"].shape == frames.shape
+    stats = array_statistics(audio)
     assert stats["non_finite"] == 0 and 0.8 < stats["std"] < 1.25
+    # mean: the scaled posterior mean (encode_scaled); std: the posterior's std times the same factor
+    vae, _ = load_vae(store, "demo", AUDIO_VAE, fit.key)
+    images = store.read_arrays("demo", AUDIO_IMAGE_FEATURE, prepared["image_key"]).arrays["image"]
+    assert table.clip_ids == store.read_arrays("demo", AUDIO_IMAGE_FEATURE, prepared["image_key"]).clip_ids
+    np.testing.assert_allclose(audio, encode_scaled(vae, images, fit.scaling_factor), atol=2e-3, rtol=2e-3)
+    with torch.no_grad():
+        from models.vae import images_to_tensor
+
+        posterior = vae.encode(images_to_tensor(images[:4])).latent_dist
+    np.testing.assert_allclose(table.arrays["audio_std"][:4], posterior.std.numpy() * fit.scaling_factor, rtol=2e-3, atol=1e-6)
+    assert float(table.arrays["audio_std"].min()) > 0
+    means = read_latent_means(store, "demo", key)
+    assert set(means.arrays) == {"audio", "frames"} and np.array_equal(means.arrays["audio"], audio)
     assert latent_vaes(store, "demo", key)["audio"]["key"] == fit.key
     # Keyed by the checkpoint: another VAE gives another key; a re-run computes nothing.
     other = params.job_params({m: dict(v, key="0" * 16) for m, v in vaes.items()},
@@ -163,8 +182,6 @@ def test_latent_shards_round_trip_to_mels(prepared):
     assert again.shards_reused == 3
 
     # image -> latent (float16, scaled) -> image -> mel, against the image's own mel
-    vae, sidecar = load_vae(store, "demo", AUDIO_VAE, fit.key)
-    images = store.read_arrays("demo", AUDIO_IMAGE_FEATURE, prepared["image_key"]).arrays["image"]
     decoded = decode_latents(vae, audio, fit.scaling_factor)
     preset = get_preset("hifigan22k")
     reference, round_trip = images_to_mels(images, preset), images_to_mels(decoded, preset)
@@ -209,7 +226,7 @@ def test_latents_quarantine_clips_missing_an_input(prepared, demo_dataset, bad_m
     run = run_feature(store, manifest, LATENT_FEATURE, LatentParams.key(audio_only), audio_only, LATENT_CODE_VERSION,
                       compute_latent_shard, InProcessExecutor(), input_keys=LatentParams.input_keys(audio_only))
     table = store.read_arrays("mixed", LATENT_FEATURE, run.key)
-    assert run.clips_ok == 3 and set(table.arrays) == {"audio"} and table.arrays["audio"].dtype == np.float32
+    assert run.clips_ok == 3 and set(table.arrays) == {"audio_mean", "audio_std"} and table.arrays["audio_mean"].dtype == np.float32
     with pytest.raises(ValueError, match="modalities"):
         LatentParams(modalities=("smell",))
     with pytest.raises(VocodeError, match="audioldm16k"):
@@ -227,3 +244,137 @@ def test_short_training_runs_have_a_valid_learning_rate_schedule(steps):
                             max_val_images=2)
     result = train_vae(images[:4], images[4:], config)
     assert result.history[-1]["step"] == steps
+
+
+# ---- the stopping rule ----------------------------------------------------------------------------
+
+def test_plateau_rule_counts_evaluations_without_a_relative_gain():
+    rule = PlateauRule(patience=3, min_delta=0.01)
+    # 0.995 and 0.99 are less than 1% below the best (1.0): stale; 0.985 is 1.5% below: the new best
+    assert [rule.update(v) for v in (1.0, 0.995, 0.99, 0.985)] == [False, False, False, False]
+    assert (rule.best, rule.stale) == (0.985, 0)
+    assert [rule.update(v) for v in (0.98, 0.99, 0.979)] == [False, False, True]  # stops at the 3rd stale one
+    never = PlateauRule(patience=0, min_delta=0.01)
+    assert not any(never.update(1.0) for _ in range(20))
+
+
+def test_old_config_keeps_its_checkpoint_key():
+    # Computed by the code before the stopping rule existed (VaeTrainConfig() was 300 steps then):
+    # a config with the rule off must keep its key, so its stored checkpoints are reused.
+    old = VaeTrainConfig(steps=300, patience=0, min_delta=0.0)
+    assert vae_fit_key(AUDIO_VAE, "audio", "img0000000000000", ["000000", "000001"], old) == "5ad9da9ceaf5d6b8"
+    assert vae_fit_key(FRAME_VAE, "frames", "frm0000000000000", ["000000"], old) == "d4605630a36c3f85"
+    # min_delta means nothing without patience; with the rule on, the key changes
+    assert vae_fit_key(AUDIO_VAE, "audio", "img0000000000000", ["000000", "000001"],
+                       VaeTrainConfig(steps=300, patience=0, min_delta=0.05)) == "5ad9da9ceaf5d6b8"
+    assert vae_fit_key(AUDIO_VAE, "audio", "img0000000000000", ["000000", "000001"],
+                       VaeTrainConfig(steps=300, patience=3, min_delta=0.01)) != "5ad9da9ceaf5d6b8"
+    assert VaeTrainConfig().patience > 0 and VaeTrainConfig().steps > 300  # the rule is the default
+    with pytest.raises(ValueError, match="patience"):
+        VaeTrainConfig(patience=-1)
+    with pytest.raises(ValueError, match="min_delta"):
+        VaeTrainConfig(min_delta=1.0)
+
+
+def _stalled(patience: int, steps: int = 20) -> VaeTrainConfig:
+    # A learning rate so small that validation L1 cannot improve by 1%: every evaluation is stale.
+    return VaeTrainConfig(steps=steps, batch_size=4, learning_rate=1e-12, eval_every=2, patience=patience, min_delta=0.01,
+                          block_out_channels=(8, 16), norm_num_groups=4, max_val_images=4)
+
+
+def test_training_stops_on_a_plateau_after_patience_evaluations():
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8)
+    lines = []
+    result = train_vae(images[:6], images[6:], _stalled(patience=3), log=lines.append)
+    # evaluations at steps 0, 2, 4, 6: the 3rd stale one (step 6 = patience x eval_every) stops it
+    assert (result.steps_run, result.stopped_by) == (6, "plateau")
+    assert [h["step"] for h in result.history] == [0, 2, 4, 6]
+    stopping = result.stopping(_stalled(patience=3))
+    assert stopping["steps_run"] == 6 and stopping["rule"]["max_steps"] == 20
+    assert "did not improve by 1.0%" in stopping["reason"] and "3 evaluations" in stopping["reason"]
+    assert any("stopped at step 6 of 20" in line for line in lines)
+
+    everything = train_vae(images[:6], images[6:], _stalled(patience=0))
+    assert (everything.steps_run, everything.stopped_by) == (20, "max_steps")
+    assert everything.history[-1]["step"] == 20
+    assert "budget of 20 steps ran out (no stopping rule)" in everything.stopping(_stalled(patience=0))["reason"]
+
+
+def test_a_stopped_fit_keeps_its_best_weights_not_its_last(prepared):
+    """Start from the trained tiny VAE and wreck it with a huge learning rate: validation L1 only
+    gets worse, the rule stops, and the weights returned are the best evaluation's (step 0)."""
+    store, manifest, fit = prepared["store"], prepared["manifest"], prepared["fit"]
+    state, _ = load_checkpoint(store, "demo", AUDIO_VAE, fit.key)
+    images = read_image_set(store, manifest, "audio", prepared["image_key"])
+    train, val = images.subset("train"), images.subset("val")
+    config = VaeTrainConfig(**{**TINY.params(), "steps": 30, "learning_rate": 0.05, "eval_every": 3, "patience": 2})
+    result = train_vae(train.images, val.images, config, init_state=state)
+    val_l1 = [h["val_l1"] for h in result.history]
+    assert result.stopped_by == "plateau" and result.steps_run < config.steps
+    assert min(val_l1) < val_l1[-1]  # the last evaluation is not the best: what the test is about
+    assert result.best_step == result.history[int(np.argmin(val_l1))]["step"]
+    assert len(val) <= config.max_val_images  # all of the val split is scored
+    assert reconstruction_l1(result.model, val.images) == pytest.approx(min(val_l1), abs=2e-5)
+
+
+def test_fit_records_the_steps_run_and_why_it_stopped(prepared):
+    store, manifest = prepared["store"], prepared["manifest"]
+    config = VaeTrainConfig(**{**TINY.params(), "steps": 40, "learning_rate": 1e-12, "eval_every": 4, "patience": 2})
+    fit = fit_vae(store, manifest, AUDIO_VAE, "audio", prepared["image_key"], config)
+    sidecar = fit.sidecar
+    assert sidecar["steps"] == 8 and sidecar["steps_run"] == 8  # stopped at 2 x 4 steps, not the budget of 40
+    stopping = sidecar["stopping"]
+    assert stopping["stopped_by"] == "plateau" and stopping["steps_run"] == 8 and "did not improve" in stopping["reason"]
+    assert stopping["rule"] == {"metric": "val L1", "eval_every": 4, "patience": 2, "min_delta": 0.01, "max_steps": 40}
+    assert sidecar["train_config"]["patience"] == 2
+
+
+# ---- latent statistics ----------------------------------------------------------------------------
+
+def test_latent_statistics_of_the_train_split_are_stored_and_reused(prepared):
+    store, manifest, fit = prepared["store"], prepared["manifest"], prepared["fit"]
+    vaes = {"audio": {"name": AUDIO_VAE, "key": fit.key, "scaling_factor": fit.scaling_factor}}
+    job_params = LatentParams(modalities=("audio",), dtype="float32").job_params(vaes, {"audio": prepared["image_key"]})
+    key = LatentParams.key(job_params)
+    run_feature(store, manifest, LATENT_FEATURE, key, job_params, LATENT_CODE_VERSION, compute_latent_shard,
+                InProcessExecutor(), input_keys=LatentParams.input_keys(job_params))
+    lines = []
+    first = latent_statistics(store, manifest, key, log=lines.append)
+    assert not first.reused
+    stats = first.value["audio"]
+    means = read_latent_means(store, "demo", key)
+    train = [i for i, c in enumerate(means.clip_ids) if manifest.index()[c].split == "train"]
+    z = means.arrays["audio"][train].astype(np.float64)
+    assert stats["clips"] == len(train) and stats["shape"] == [4, 8, 8] and stats["vae"]["key"] == fit.key
+    np.testing.assert_allclose(stats["channel_mean"], z.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats["channel_std"], z.std(axis=(0, 2, 3)), rtol=1e-6)
+    assert stats["std"] == pytest.approx(z.std(), rel=1e-6) and stats["scale"] == pytest.approx(1 / z.std(), rel=1e-6)
+    # the sidecar's factor came from the same train images: the stored means already have unit std
+    assert stats["scale"] == pytest.approx(1.0, abs=1e-3) and stats["scaling_factor"] == pytest.approx(fit.scaling_factor, rel=1e-3)
+
+    again = latent_statistics(store, manifest, key, log=lines.append)
+    assert again.reused and again.key == first.key and again.value == first.value and "reused" in lines[-1]
+    assert load_latent_statistics(store, "demo", first.key) == first.value
+    # keyed by the VAE checkpoint, the latent key and the train split
+    digest = train_split_digest(manifest)
+    assert first.key == latent_statistics_key(vaes, key, digest)
+    assert latent_statistics_key({"audio": {**vaes["audio"], "key": "0" * 16}}, key, digest) != first.key
+    assert latent_statistics_key(vaes, "1" * 16, digest) != first.key
+    assert latent_statistics_key(vaes, key, "2" * 16) != first.key
+    with pytest.raises(ConfigError, match="materialize latent_statistics first"):
+        load_latent_statistics(store, "demo", "3" * 16)
+
+
+def test_latents_of_code_version_1_stay_readable(prepared, tmp_path):
+    """Keys written before the std was stored hold the means alone, as ``audio``: read_latent_means
+    (the generator, the vocoder, the statistics) reads them as before."""
+    store, manifest = FeatureStore(str(tmp_path)), prepared["manifest"]
+    ((shard, clips),) = list(manifest.by_shard().items())[:1]
+    old = np.random.default_rng(0).normal(size=(len(clips), 4, 8, 8)).astype(np.float16)
+    store.write_shard("demo", LATENT_FEATURE, "oldlatents000000", shard, clip_ids=[c.id for c in clips], arrays={"audio": old},
+                      manifest={"params": {"vaes": {"audio": {"name": AUDIO_VAE, "key": "vae0", "scaling_factor": 1.0}}},
+                                "quarantined": []})
+    table = read_latent_means(store, "demo", "oldlatents000000")
+    assert set(table.arrays) == {"audio"} and np.array_equal(table.arrays["audio"], old)
+    with pytest.raises(ConfigError, match="no \\['frames'\\] latents"):
+        read_latent_means(store, "demo", "oldlatents000000", ["frames"])
