@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                           for i in range(0, n, STFT_SUB_BATCH)])
 
         def images():
-            held["image"] = mel_to_audio_image(held["mel"].astype(np.float32), preset, image.size)
+            held["image"] = mel_to_audio_image(held["mel"].astype(np.float32), preset, (image.height, image.width))
 
         passes = {
             "(a) decode only": decode,

@@ -31,7 +31,8 @@ SAMPLE_STEPS = (50, 20, 5)
 class GeneratorConfig:
     cond_dim: int = 256
     latent_channels: int = 4
-    latent_size: int = 16
+    latent_size: int = 16  # latent height (and width when latent_width is 0)
+    latent_width: int = 0  # 0: square latents; else the width (an 80 x 344 audio image gives 20 x 86)
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     norm_num_groups: int = 8
@@ -50,12 +51,18 @@ class GeneratorConfig:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
         if not self.block_out_channels or any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels entry {self.block_out_channels}")
-        if self.latent_size % (2 ** (len(self.block_out_channels) - 1)):
-            raise ValueError(f"latent_size {self.latent_size} must be divisible by 2^(levels-1)")
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if any(side % factor for side in self.latent_shape) or self.latent_width < 0:
+            raise ValueError(f"latent sides {self.latent_shape} must be divisible by 2^(levels-1) = {factor}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         if self.cond_dim < 1 or self.latent_channels < 1:
             raise ValueError("cond_dim and latent_channels must be >= 1")
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(height, width) of one latent channel."""
+        return self.latent_size, self.latent_width or self.latent_size
 
     @property
     def time_embed_dim(self) -> int:
@@ -86,7 +93,7 @@ class LatentGenerator(nn.Module):
         if config.attention:
             down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
         self.unet = UNet2DModel(
-            sample_size=config.latent_size,
+            sample_size=config.latent_shape,
             in_channels=config.latent_channels,
             out_channels=config.latent_channels,
             block_out_channels=config.block_out_channels,
@@ -174,7 +181,7 @@ def sample_latents(
         n = len(c)
         scheduler = make_sample_scheduler(config, sampler)
         scheduler.set_timesteps(steps)
-        z = to_device(torch.randn((n, config.latent_channels, config.latent_size, config.latent_size), generator=generator), device)
+        z = to_device(torch.randn((n, config.latent_channels, *config.latent_shape), generator=generator), device)
         z = z * scheduler.init_noise_sigma
         guided = guidance_scale != 1.0
         for t in scheduler.timesteps:
@@ -189,5 +196,5 @@ def sample_latents(
             z = scheduler.step(out, t, z, **kwargs).prev_sample
         outs.append(to_host(z))
     if not outs:
-        return torch.zeros((0, config.latent_channels, config.latent_size, config.latent_size))
+        return torch.zeros((0, config.latent_channels, *config.latent_shape))
     return torch.cat(outs)

@@ -35,14 +35,15 @@ RATE_SAMPLE_SHARDS = 16
 # (every row is in the tar and in the zarr). The rest are rough orders of magnitude.
 DEFAULT_RATES: dict[str, tuple[float, float]] = {
     "mel_spectrograms": (1 / 192, 2 * 80 * 345 * 2),
-    "audio_images": (1 / 500, 2 * 64 * 64 * 3),
+    "audio_images": (1 / 500, 2 * 80 * 344 * 3),  # the default shape, mel80
+    "mel_latents": (1 / 2000, 2 * 80 * 345 * 4),
     "audio_tower": (1 / 9.4, 2 * (512 * 4 + 4 * 512 * 2 + 69 * 4)),
     "frame_tower": (1 / 7.6, 2 * (1280 * 4 + 4 * 1280 * 2)),
     "text_tower": (1 / 124, 2 * 384 * 4),
     "clap_embeddings": (1 / 500, 2 * 2 * 256 * 4),
     "cavp_embeddings": (1 / 500, 2 * 2 * 5 * 256 * 4),
     "video_frames": (1 / 248, 2 * 16 * 64 * 64 * 3),
-    "vae_latents": (1 / 50, 2 * 17 * 4 * 16 * 16 * 2),
+    "vae_latents": (1 / 50, 2 * 2 * 17 * 4 * 16 * 16 * 2),  # posterior mean and std
 }
 FALLBACK_RATE = (0.1, 100_000.0)
 

@@ -71,10 +71,11 @@ class GeneratorTrainConfig:
         if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0 or not 0 <= self.condition_dropout < 1:
             raise ValueError("need steps, batch_size >= 1, learning_rate > 0 and 0 <= condition_dropout < 1")
 
-    def generator_config(self, cond_dim: int, latent_channels: int, latent_size: int) -> GeneratorConfig:
+    def generator_config(self, cond_dim: int, latent_channels: int, latent_size: int, latent_width: int = 0) -> GeneratorConfig:
         from models.generator import GeneratorConfig
 
         return GeneratorConfig(cond_dim=cond_dim, latent_channels=latent_channels, latent_size=latent_size,
+                               latent_width=0 if latent_width == latent_size else latent_width,
                                block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                                norm_num_groups=self.norm_num_groups, attention=self.attention,
                                clip_sample_range=self.clip_sample_range, prediction_type=self.prediction_type)
@@ -161,8 +162,8 @@ def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Calla
     with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
         start = time.perf_counter()
         torch.manual_seed(config.seed)
-        _, channels, size, _ = train.latents.shape
-        model = LatentGenerator(config.generator_config(train.audio.shape[1], channels, size)).to(device)
+        _, channels, height, width = train.latents.shape
+        model = LatentGenerator(config.generator_config(train.audio.shape[1], channels, height, width)).to(device)
         scheduler = make_train_scheduler(model.config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
         warmup = max(1, config.steps // 20)

@@ -27,8 +27,25 @@ def test_shapes_and_null_condition():
 def test_bad_config_fails_with_a_clear_message():
     with pytest.raises(ValueError, match="norm_num_groups"):
         GeneratorConfig(block_out_channels=(10, 16), norm_num_groups=4)
-    with pytest.raises(ValueError, match="latent_size"):
+    with pytest.raises(ValueError, match="latent sides"):
         GeneratorConfig(latent_size=9, block_out_channels=(8, 16), norm_num_groups=4)
+    with pytest.raises(ValueError, match="latent sides"):
+        GeneratorConfig(latent_size=8, latent_width=9, block_out_channels=(8, 16), norm_num_groups=4)
+
+
+def test_non_square_latents_train_and_sample_at_their_own_shape():
+    # An 80 x 344 audio image encodes to 20 x 86 latents: sampling must not fall back to a square.
+    torch.manual_seed(0)
+    config = GeneratorConfig(cond_dim=6, latent_channels=2, latent_size=4, latent_width=10, block_out_channels=(8, 16),
+                             norm_num_groups=4)
+    model = LatentGenerator(config)
+    z0, c = torch.randn(3, 2, 4, 10), torch.randn(3, 6)
+    loss = diffusion_loss(model, make_train_scheduler(config), z0, c, 0.1, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    out = sample_latents(model, c, steps=2, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (3, 2, 4, 10)
+    assert sample_latents(model, c[:0], steps=2).shape == (0, 2, 4, 10)
 
 
 def test_guidance_scale_one_equals_conditional_and_zero_equals_unconditional():
