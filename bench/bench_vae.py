@@ -12,6 +12,17 @@ Interleaved repeats, medians (and best-of). Prints the machine, the command, a t
 ratios. No asserts: a benchmark reports, it does not fail.
 
     .venv/bin/python bench/bench_vae.py [--repeats 5] [--torch-threads 1]
+
+``curve`` (issue 15): validation reconstruction of the audio VAE against training steps on the demo
+(mels and audio images computed into a work folder, reused by a second run), for each seed: one
+fit over the whole ``--max-steps`` budget with the rule off, evaluated every ``--eval-every``
+steps (pixel L1, PSNR, mel L1 against the image's own mel and against the source mel), and where
+the stopping rule (``--patience``, ``--min-delta``) would have stopped it (the rule does not change
+the steps before it stops: same schedule, same batches). Controls: the audio image itself (no
+VAE: what the image alone loses), the mean training image and the untrained VAE (step 0).
+
+    nice -n 10 .venv/bin/python bench/bench_vae.py curve [--clips 300] [--size 64 | --height 80 --width 344]
+        [--max-steps 600] [--eval-every 50] [--patience 4] [--min-delta 0.01] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -163,5 +174,125 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def curve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="validation reconstruction of the audio VAE against training steps")
+    parser.add_argument("--clips", type=int, default=300, help="demo clips (default 300)")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_vae_curve"),
+                        help="folder of the demo media and the store (reused by a second run)")
+    parser.add_argument("--size", type=int, default=None, help="square audio images of this side")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--min-delta", type=float, default=0.01)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--block-out-channels", type=int, nargs="+", default=None, help="VAE levels (default: the asset's)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    import dataclasses
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    from stages.core.parallel import InProcessExecutor
+    from stages.core.store import FeatureStore
+    from stages.features.base import run_feature
+    from stages.features.mel import (AUDIO_IMAGE_CODE_VERSION, AUDIO_IMAGE_FEATURE, MEL_CODE_VERSION, MEL_FEATURE, AudioImageParams,
+                                     MelParams, compute_audio_image_shard, compute_mel_shard)
+    from stages.features.spectral import get_preset
+    from stages.ingest.demo import DemoSpec, generate_demo
+    from stages.ingest.manifest import build_manifest
+    from stages.ingest.sources import SourceConfig, read_source
+    from stages.vae.train import (PlateauRule, VaeTrainConfig, audio_image_metrics, psnr, read_image_set, reconstruction_metrics,
+                                  train_vae, _fixed_subset)
+    from models.vae import decode, encode
+
+    print(f"machine: {machine_line(args.torch_threads)}")
+    print(f"command: {command_line()}")
+    print(f"load average (1/5/15 min) at start: {load_average()} on {os.cpu_count()} cores")
+    start = time.perf_counter()
+    jsonl = generate_demo(os.path.join(args.work, "demo"), DemoSpec(n_clips=args.clips))
+    manifest, _ = build_manifest("demo", read_source(SourceConfig(kind="jsonl", path=str(jsonl))), None, 64)
+    store = FeatureStore(os.path.join(args.work, "store"))
+    mel = MelParams()
+    run_feature(store, manifest, MEL_FEATURE, mel.key(), mel.params(), MEL_CODE_VERSION, compute_mel_shard, InProcessExecutor())
+    if args.size is not None:
+        image_params = AudioImageParams(size=args.size)
+    elif args.height is not None:
+        image_params = AudioImageParams(height=args.height, width=args.width)
+    else:
+        image_params = AudioImageParams()
+    image_key = image_params.key(mel.key())
+    run_feature(store, manifest, AUDIO_IMAGE_FEATURE, image_key, image_params.params(), AUDIO_IMAGE_CODE_VERSION,
+                compute_audio_image_shard, InProcessExecutor(), input_keys=(mel.key(),))
+    images = read_image_set(store, manifest, "audio", image_key)
+    train, val = images.subset("train"), images.subset("val")
+    preset = get_preset(mel.preset)
+    n_frames = preset.n_frames(mel.seconds)
+    mels = store.read_arrays("demo", MEL_FEATURE, mel.key(), names=["mel"])
+    by_id = dict(zip(mels.clip_ids, mels.arrays["mel"]))
+    print(f"data: {len(train)} train / {len(val)} val audio images {list(train.images.shape[1:])} of the demo "
+          f"({args.clips} clips; prepared in {time.perf_counter() - start:.0f} s)")
+
+    base = VaeTrainConfig()
+    overrides = {"steps": args.max_steps, "eval_every": args.eval_every, "patience": 0}
+    if args.block_out_channels:
+        overrides["block_out_channels"] = tuple(args.block_out_channels)
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    config = dataclasses.replace(base, **overrides)
+    rows = _fixed_subset(len(val), config.max_val_images, config.seed)
+    scored = val.images[rows]
+    source = np.stack([by_id[val.clip_ids[i]] for i in rows]).astype(np.float32)
+
+    def measure(step, vae) -> dict:
+        recon = decode(vae, encode(vae, scored))
+        m = audio_image_metrics(scored, recon, preset, n_frames, source)
+        return {"psnr": round(psnr(scored, recon), 3), "mel_l1": round(m["mel_l1"], 4), "mel_l1_source": round(m["mel_l1_source_recon"], 4)}
+
+    identity = audio_image_metrics(scored, scored, preset, n_frames, source)
+    trivial = np.ascontiguousarray(np.broadcast_to(np.rint(train.images.mean(axis=0)).astype(np.uint8), scored.shape))
+    mean_image = audio_image_metrics(scored, trivial, preset, n_frames, source)
+    print(f"VAE: {list(config.block_out_channels)}, batch {config.batch_size}, lr {config.learning_rate}, budget {config.steps} steps, "
+          f"rule: patience {args.patience} evaluations x {config.eval_every} steps, min_delta {args.min_delta:.1%}\n")
+    print("| seed | step | val L1 | PSNR dB | mel L1 (vs image mel) | mel L1 vs source mel | rule |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    print(f"| - | no VAE (the audio image itself) | 0 | inf | 0 | {identity['mel_l1_source_image']:.4f} | control |")
+    print(f"| - | mean training image | {np.abs(scored.astype(np.float32) - trivial).mean() / 127.5:.5f} | {psnr(scored, trivial):.2f} | "
+          f"{mean_image['mel_l1']:.4f} | {mean_image['mel_l1_source_recon']:.4f} | control |")
+    summary = []
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        result = train_vae(train.images, val.images, dataclasses.replace(config, seed=seed), on_eval=measure)
+        seconds = time.perf_counter() - t0
+        rule = PlateauRule(args.patience, args.min_delta)
+        stop = None
+        for h in result.history:
+            if rule.update(h["val_l1"]) and stop is None and h["step"] < config.steps:
+                stop = h["step"]
+        kept = min((h for h in result.history if stop is None or h["step"] <= stop), key=lambda h: h["val_l1"])
+        for h in result.history:
+            mark = "stops here" if h["step"] == stop else ""
+            mark += (", " if mark else "") + ("kept (best before the stop)" if h is kept else "")
+            if h["step"] == 0:
+                mark = "untrained (control)" + (", " + mark if mark else "")
+            print(f"| {seed} | {h['step']} | {h['val_l1']:.5f} | {h['psnr']:.2f} | {h['mel_l1']:.4f} | {h['mel_l1_source']:.4f} | {mark} |")
+        best = min(result.history, key=lambda h: h["val_l1"])
+        summary.append((seed, stop, kept, best, seconds / max(config.steps, 1)))
+    print("\n| seed | rule stops at | kept step | kept val L1 | best over the budget (step, val L1) | kept / best val L1 | s/step |")
+    print("|---:|---:|---:|---:|---|---:|---:|")
+    for seed, stop, kept, best, per_step in summary:
+        print(f"| {seed} | {stop if stop is not None else f'budget ({config.steps})'} | {kept['step']} | {kept['val_l1']:.5f} | "
+              f"{best['step']}, {best['val_l1']:.5f} | {kept['val_l1'] / best['val_l1']:.3f} | {per_step:.2f} |")
+    print(f"\nload average (1/5/15 min) at the end: {load_average()}; total {time.perf_counter() - start:.0f} s")
+    print(f"date: {_dt.datetime.now().astimezone().isoformat(timespec='minutes')}")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "curve":
+        raise SystemExit(curve(sys.argv[2:]))
     raise SystemExit(main())

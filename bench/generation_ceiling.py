@@ -1,24 +1,43 @@
 """Where does the way back to sound lose what aiSFX hears? The ceiling of every generation metric.
 
-    .venv/bin/python bench/generation_ceiling.py --store .data/features [--dataset demo] [--sizes 64 128 256]
+    .venv/bin/python bench/generation_ceiling.py --store .data/features [--dataset demo] \
+        [--splits val test] [--shapes 64 128 256 80x344 160x344] [--no-oracle]
 
-On the held-out split's real audio (22.05 kHz), scores each stage of the decode path that
-generated audio goes through, cumulatively:
+Needs only the clip manifest (``refresh_features`` makes it, and ``make demo`` / ``make generate``
+too); the mel-latent row reads the stored ``mel_latents`` when the store has them (else computes
+them the same way, in-process), and the oracle row needs an audio VAE and its ``vae_latents``
+(``dagster job execute -j train_vae``; the newest vae_latents key is used, or ``--latent-key``).
+
+On each split's real audio (22.05 kHz, the vocoder's rate), every stage of every decode path:
 
     real audio
-    mel -> HiFi-GAN                                  (the vocoder alone)
-    mel -> audio image (size px) -> mel -> HiFi-GAN  (the MM-LDM image, no VAE)
-    stored latent -> audio VAE -> mel -> HiFi-GAN    (the oracle row of Tables I / II)
+    mel -> HiFi-GAN                                        (the vocoder alone)
+    mel -> audio image (each shape) -> mel -> HiFi-GAN     (the MM-LDM image, no VAE)
+    mel -> mel latent -> exact inverse -> HiFi-GAN         (CMMD's latent-spectrogram space)
+    stored VAE latent -> audio VAE -> mel -> HiFi-GAN      (the oracle of Tables I / II)
 
-with "class acc" (a label probe on aiSFX embeddings of the real train audio; chance = 1 / classes),
-FD / KL / IS (aiSFX) against the real audio. A generator cannot beat the last row.
+Columns (each with a 95% bootstrap interval over clips, 1000 paired resamples):
+
+    class acc   a logistic-regression label probe on aiSFX pooled embeddings of the train split's real audio
+    FD          Frechet distance of aiSFX pooled clip embeddings [n, 512], stage vs real audio of the split
+    KID         unbiased MMD^2, polynomial kernel (x.y / 512 + 1)^3, same embeddings (full 512 dims)
+    FAD         Frechet distance of aiSFX per-second embeddings: one 512-d embedding of the 1 s block
+                (100 aiSFX frames) centred on each second + 0.5 of the clip, 4 rows per 4 s clip
+
+With n clips <= 512 the covariances are rank-deficient: FD and FAD are then computed after a PCA
+fitted on the train split's real audio embeddings (never on the evaluated split) to
+min(512, (rows - 1) // 2) components, so that a bootstrap resample (~63% distinct clips) still has
+a full-rank covariance; the header says which dimension was used. Choose on val, report test:
+the verdict, printed last, is for --default on the last split.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,62 +45,184 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+RESAMPLES = 1000
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """'128' -> (128, 128) (square), '80x344' -> (80, 344) (height x width)."""
+    if "x" in text:
+        height, width = text.lower().split("x")
+        return int(height), int(width)
+    return int(text), int(text)
+
+
+def shape_name(shape: tuple[int, int]) -> str:
+    return f"{shape[0]} px" if shape[0] == shape[1] else f"{shape[0]} x {shape[1]}"
+
+
+def cached_aisfx(cache: Path | None, tag: str, compute):
+    """aiSFX outputs of a fixed set of real clips, kept in ``cache`` (they do not change between runs)."""
+    if cache is None:
+        return compute()
+    path = cache / f"{hashlib.sha256(tag.encode()).hexdigest()[:16]}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    out = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def newest_oracle(store, dataset: str, latent_key: str | None):
+    """(latent key, audio VAE ref {name, key, scaling_factor}) of the newest vae_latents with audio, or None."""
+    keys = [latent_key] if latent_key else store.feature_keys(dataset, "vae_latents")
+    for key in keys:
+        shards = store.committed_shards(dataset, "vae_latents", key)
+        if not shards:
+            continue
+        params = store.shard_manifest(dataset, "vae_latents", key, shards[0])["params"]
+        if "audio" in params.get("vaes", {}):
+            return key, params["vaes"]["audio"]
+    return None
+
+
+def read_oracle_latents(store, dataset: str, key: str, ids: list[str]) -> np.ndarray:
+    """The stored audio latents of ``ids`` in that order (the posterior mean where mean and std are stored)."""
+    shards = store.committed_shards(dataset, "vae_latents", key)
+    names = store.read_arrays(dataset, "vae_latents", key, shards=shards[:1]).arrays.keys()
+    name = "audio_mean" if "audio_mean" in names else "audio"
+    table = store.read_arrays(dataset, "vae_latents", key, names=[name])
+    row = {c: i for i, c in enumerate(table.clip_ids)}
+    return np.asarray(table.arrays[name], np.float32)[[row[c] for c in ids]]
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
     parser.add_argument("--dataset", default="demo")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--splits", nargs="+", default=["val", "test"], help="choose on val, report test (the verdict uses the last)")
+    parser.add_argument("--shapes", nargs="+", default=["64", "128", "256", "80x344", "160x344"],
+                        help="audio image shapes: N (square) or HxW")
+    parser.add_argument("--default", default=None, help="the default audio image shape (the verdict's path); default: the feature's default")
+    parser.add_argument("--latent-key", default=None, help="vae_latents key of the oracle row (default: the newest)")
+    parser.add_argument("--no-oracle", action="store_true")
+    parser.add_argument("--no-mel-latent", action="store_true")
+    parser.add_argument("--max-clips", type=int, default=None, help="at most this many clips per split (first by id)")
+    parser.add_argument("--cache", default=".data/bench_cache", help="folder for the real clips' aiSFX outputs ('' = none)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     from models.towers import AudioTower, get_tower
     from models.vocoder import get_vocoder
-    from stages.evaluation import audio as audio_metrics
-    from stages.generation import evaluate as generation_eval
-    from stages.generation import sample as generation_sample
-    from stages.generation import train as generation_train
-    from stages.core.checkpoints import list_checkpoints
-    from stages.ingest.manifest import load_manifest
     from stages.core.parallel import torch_threads
-    from stages.features.spectral import MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
     from stages.core.settings import open_store  # s3:// stores with the jobs' endpoint and retries
-    from bench.generation_tables import label_probe
+    from stages.evaluation import distribution
+    from stages.evaluation.audio import aisfx_outputs
+    from stages.features import mel_latent
+    from stages.features.mel import AudioImageParams, MelParams
+    from stages.features.spectral import MelSpectrogram, audio_image_to_mel, get_preset, mel_to_audio_image
+    from stages.generation import evaluate as generation_eval
+    from stages.ingest.manifest import load_manifest
 
+    started = time.perf_counter()
     store = open_store(args.store)
     manifest = load_manifest(store, args.dataset)
-    found = list_checkpoints(store, args.dataset, generation_train.model_name("clap"))
-    if manifest is None or not found:
-        raise SystemExit(f"need a clip manifest and an audio_generator_clap checkpoint in {args.store}")
-    _, sidecar = generation_train.load_generator(store, args.dataset, "clap", found[0]["checkpoint_key"])
-    decoder = generation_sample.make_decoder(store, args.dataset, sidecar["audio_vae"], generation_sample.SampleConfig(threads=args.threads))
-    rate, seconds, preset = decoder.sample_rate, decoder.seconds, get_preset(decoder.preset)
-    pairs = generation_train.load_latent_pairs(store, manifest, "clap", sidecar["latent_key"], sidecar["embedding_key"])
-    held_out = pairs.subset(args.split)
-    ids, real = generation_eval.reference_audio(manifest, held_out.clip_ids, seconds, rate)
-    held_out = held_out.subset(clip_ids=ids)
-    probe, labels = label_probe(store, manifest, "clap", sidecar, rate, seconds, args.threads)
-    truth = np.array([labels.get(c) for c in ids])
+    if manifest is None:
+        raise SystemExit(f"no clip manifest for dataset {args.dataset!r} in {args.store}: run "
+                         f"`dagster job execute -j refresh_features` (or `make demo`) on that store first")
+    mel_params = MelParams()
+    preset = get_preset(mel_params.preset)
+    rate, seconds = preset.sample_rate, mel_params.seconds
+    shapes = [parse_shape(s) for s in args.shapes]
+    default_image = AudioImageParams()
+    default_shape = parse_shape(args.default) if args.default else (default_image.height, default_image.width)
+    if default_shape not in shapes:
+        shapes.append(default_shape)
+    cache = Path(args.cache) if args.cache else None
     tower, vocoder = get_tower(AudioTower), get_vocoder()
+    labelled = [c for c in manifest.clips if c.label]
+    by_split = {s: sorted(c.id for c in labelled if c.split == s) for s in {"train", *args.splits}}
+    labels = {c.id: c.label for c in labelled}
+
+    def real_outputs(split: str):
+        ids, audio = generation_eval.reference_audio(manifest, by_split[split][: args.max_clips], seconds, rate)
+        tag = f"{manifest.dataset}|{split}|{','.join(ids)}|{rate}|{seconds}|{tower.__class__.__name__}"
+        return ids, audio, cached_aisfx(cache, tag, lambda: aisfx_outputs(tower, audio, rate, seconds))
 
     with torch_threads(args.threads):
-        reference = audio_metrics.aisfx_outputs(tower, real, rate, seconds)
-        mels = np.asarray(MelSpectrogram(decoder.preset)(real), np.float32)
-        stages = [("real audio", lambda: real), ("mel -> HiFi-GAN", lambda: vocoder(mels))]
-        stages += [(f"mel -> image {size} px -> mel -> HiFi-GAN",
-                    lambda size=size: vocoder(audio_image_to_mel(mel_to_audio_image(mels, preset, size), preset, mels.shape[-1])))
-                   for size in args.sizes]
-        stages.append(("stored latent -> VAE -> mel -> HiFi-GAN (oracle)", lambda: decoder(held_out.latents)["audio"]))
-        print(f"# decode-path ceiling, {args.split} split, n = {len(ids)} clips, audio VAE {sidecar['audio_vae']['key']}")
-        print("| stage | class acc | FD (aiSFX) | KL (aiSFX) | IS (aiSFX) |")
-        print("| --- | --- | --- | --- | --- |")
-        for name, make in stages:
-            scored = audio_metrics.aisfx_outputs(tower, make(), rate, seconds)
-            accuracy = 100 * np.mean(probe.predict(scored["pooled"]) == truth) if probe is not None else float("nan")
-            print(f"| {name} | {accuracy:.1f} | {audio_metrics.frechet_distance_of(scored['pooled'], reference['pooled']):.1f} | "
-                  f"{audio_metrics.paired_kl(reference['logits'], scored['logits']):.2f} | {audio_metrics.inception_score(scored['logits']):.2f} |", flush=True)
+        train_ids, train_audio, train_out = real_outputs("train")
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000))
+        probe.fit(train_out["pooled"], [labels[c] for c in train_ids])
+        # mel-latent statistics of the train split, as the mel_latents feature computes them
+        train_mels = np.asarray(MelSpectrogram(preset)(train_audio), np.float32)
+        statistics = mel_latent.bin_statistics(train_mels.astype(mel_params.dtype))
+        oracle = None if args.no_oracle else newest_oracle(store, args.dataset, args.latent_key)
+        decoder = None
+        if oracle is not None:
+            from stages.generation.sample import SampleConfig, make_decoder
+
+            decoder = make_decoder(store, args.dataset, oracle[1], SampleConfig(threads=args.threads))
+        verdict = None
+        for split in args.splits:
+            ids, real, reference = real_outputs(split)
+            truth = np.array([labels[c] for c in ids])
+            mels = np.asarray(MelSpectrogram(preset)(real), np.float32)
+            stored = mels.astype(mel_params.dtype).astype(np.float32)  # what mel_spectrograms holds
+            stages = [("real audio", lambda: real), ("mel -> HiFi-GAN", lambda: vocoder(stored))]
+            for shape in shapes:
+                stages.append((f"mel -> image {shape_name(shape)} -> mel -> HiFi-GAN",
+                               lambda shape=shape: vocoder(audio_image_to_mel(mel_to_audio_image(stored, preset, shape), preset, stored.shape[-1]))))
+            if not args.no_mel_latent:
+                stages.append(("mel -> mel latent -> inverse -> HiFi-GAN",
+                               lambda: vocoder(mel_latent.denormalise(mel_latent.normalise(stored, statistics), statistics))))
+            if decoder is not None:
+                latents = read_oracle_latents(store, args.dataset, oracle[0], ids)
+                stages.append((f"stored VAE latent -> audio VAE -> mel -> HiFi-GAN (oracle; VAE {oracle[1]['key']})",
+                               lambda: decoder(latents)["audio"]))
+            fd_dims = distribution.full_rank_dims(len(ids), reference["pooled"].shape[-1])
+            fad_dims = distribution.full_rank_dims(len(ids) * reference["per_second"].shape[1], reference["per_second"].shape[-1])
+            pooled_pca = distribution.pca_fit(train_out["pooled"], fd_dims)
+            second_pca = distribution.pca_fit(train_out["per_second"], fad_dims)
+            real_pooled, real_seconds = pooled_pca(reference["pooled"]), second_pca(reference["per_second"])
+            print(f"\n### decode-path ceiling, {split} split, n = {len(ids)} clips ({len(train_ids)} train clips for the probe "
+                  f"and the PCA); FD on PCA-{fd_dims} of pooled aiSFX, FAD on PCA-{fad_dims} of per-second aiSFX "
+                  f"({reference['per_second'].shape[1]} rows per clip), KID on the full 512 dims; [95% CI]\n")
+            print("| stage (cumulative) | class acc (%) | FD (aiSFX) | KID (aiSFX) | FAD (aiSFX) | s |")
+            print("| --- | --- | --- | --- | --- | --- |")
+            rows = {}
+            for name, make in stages:
+                t0 = time.perf_counter()
+                scored = reference if name == "real audio" else aisfx_outputs(tower, make(), rate, seconds)
+                correct = (probe.predict(scored["pooled"]) == truth).astype(float)
+                acc = distribution.bootstrap_interval(lambda c: 100 * c.mean(), correct, resamples=RESAMPLES)
+                fd = distribution.bootstrap_interval(distribution.frechet_distance_of, pooled_pca(scored["pooled"]), real_pooled,
+                                                     resamples=RESAMPLES)
+                kid = distribution.bootstrap_interval(distribution.mmd2_unbiased, scored["pooled"], reference["pooled"],
+                                                      resamples=RESAMPLES)
+                fad = distribution.bootstrap_interval(distribution.frechet_distance_of, second_pca(scored["per_second"]),
+                                                      real_seconds, resamples=RESAMPLES)
+                rows[name] = (acc, fd, kid, fad)
+                print(f"| {name} | {_ci(acc, 1)} | {_ci(fd, 1)} | {_ci(kid, 3)} | {_ci(fad, 1)} | {time.perf_counter() - t0:.0f} |", flush=True)
+            oracle_row = next((r for n, r in rows.items() if n.startswith("stored VAE latent")), None)
+            if oracle_row is not None:
+                verdict = (100 * oracle_row[0].value / max(rows["real audio"][0].value, 1e-9),
+                           oracle_row[1].value / max(rows["mel -> HiFi-GAN"][1].value, 1e-9), split)
+    print(f"\n({time.perf_counter() - started:.0f} s; default audio image {shape_name(default_shape)}"
+          + (f"; oracle latents {oracle[0]}" if oracle else "; no audio VAE latents in the store: no oracle row") + ")")
+    if verdict is None:
+        print("oracle keeps n/a% of real audio's class accuracy (FD n/a x mel -> HiFi-GAN)")
+    else:
+        print(f"oracle keeps {verdict[0]:.0f}% of real audio's class accuracy (FD {verdict[1]:.2f} x mel -> HiFi-GAN)")
     return 0
+
+
+def _ci(interval, digits: int) -> str:
+    return f"{interval.value:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
 
 
 if __name__ == "__main__":

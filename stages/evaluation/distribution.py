@@ -5,6 +5,8 @@
     kernel distance   unbiased MMD^2 with the polynomial kernel (x.y / d + 1)^3: KID / KAD / KVD,
                       optionally averaged over random subsets (as the KID reference code)
     bootstrap         a seeded percentile confidence interval of any metric over paired or unpaired sets
+    PCA               a projection fitted on reference / train features only, for Frechet distances of
+                      sets too small for a full-rank covariance (n <= d)
 
 Features are arrays [..., d]; leading axes are flattened into rows (per-second or per-frame
 embeddings [N, S, d] count as N * S rows). No dagster here: usable from a notebook.
@@ -153,6 +155,45 @@ class KernelDistance(GeneratedVsReference):
 
     def compute(self) -> float:
         return kernel_distance(self.generated.array(), self.reference.array(), **self.settings)
+
+
+# ---- dimension reduction for small sets ---------------------------------------------------------
+
+class PcaProjection(NamedTuple):
+    """x -> (x - mean) @ components.T on the last axis; fitted by ``pca_fit``."""
+
+    mean: np.ndarray  # [d]
+    components: np.ndarray  # [k, d], orthonormal rows, largest variance first
+    explained: float  # share of the fitted rows' variance the k components keep
+
+    @property
+    def dims(self) -> int:
+        return len(self.components)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        return (x - self.mean) @ self.components.T
+
+
+def pca_fit(reference: np.ndarray, dims: int) -> PcaProjection:
+    """PCA of ``reference`` rows [..., d] (leading axes flattened) to ``dims`` components.
+
+    A Gaussian fit of n <= d rows has a singular covariance, and its Frechet distance then measures
+    the sample size as much as the sets. Fit the projection on the reference side (e.g. the train
+    split's real embeddings), never on the set under test, and apply it to both sets."""
+    rows = _rows(reference).astype(np.float64)
+    if not 1 <= dims <= rows.shape[1] or dims > len(rows) - 1:
+        raise ValueError(f"PCA to {dims} dims needs 1 <= dims <= min(d, rows - 1), got d = {rows.shape[1]}, {len(rows)} rows")
+    mean = rows.mean(axis=0)
+    _, singular, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    variance = singular**2
+    return PcaProjection(mean, vt[:dims], float(variance[:dims].sum() / max(variance.sum(), 1e-300)))
+
+
+def full_rank_dims(rows: int, dim: int) -> int:
+    """Dimension at which a set of ``rows`` rows (and a bootstrap resample of it, ~63% distinct
+    rows) still has a full-rank covariance: min(dim, (rows - 1) // 2)."""
+    return max(1, min(dim, (rows - 1) // 2))
 
 
 # ---- bootstrap confidence interval --------------------------------------------------------------

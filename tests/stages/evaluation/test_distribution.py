@@ -181,3 +181,25 @@ def test_frechet_distance_equals_the_matrix_square_root_formula_on_full_covarian
     (m1, s1), (m2, s2) = gaussian_fit(a), gaussian_fit(b)
     reference = float((m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(linalg.sqrtm(s1 @ s2))))
     assert np.isclose(frechet_distance(m1, s1, m2, s2), reference, rtol=1e-9)
+
+
+def test_pca_keeps_the_largest_variance_directions_of_the_reference_only():
+    rng = np.random.default_rng(0)
+    # variance 100 along axis 0, 25 along axis 1, ~0 elsewhere
+    reference = rng.standard_normal((400, 6)) * np.array([10.0, 5.0, 0.01, 0.01, 0.01, 0.01]) + 3.0
+    pca = dist.pca_fit(reference, 2)
+    assert pca.dims == 2 and pca.explained > 0.999
+    assert np.allclose(np.abs(pca.components[:, :2]), np.eye(2), atol=0.02)
+    projected = pca(reference)
+    assert projected.shape == (400, 2) and np.allclose(projected.mean(axis=0), 0.0, atol=1e-9)
+    # the projection is the reference's: another set moves it by its own offset, it is not refitted
+    shifted = pca(reference + np.array([1.0, 0, 0, 0, 0, 0]))
+    assert np.allclose(np.abs(shifted.mean(axis=0)), [1.0, 0.0], atol=0.03)
+    with pytest.raises(ValueError, match="PCA to 7 dims"):
+        dist.pca_fit(reference, 7)
+
+
+def test_full_rank_dims_leaves_room_for_a_bootstrap_resample():
+    assert dist.full_rank_dims(35, 512) == 17
+    assert dist.full_rank_dims(2000, 512) == 512
+    assert dist.full_rank_dims(2, 512) == 1
