@@ -62,6 +62,7 @@ class VaeTrainingConfig(Config):
     seed: int = Field(default=0, description="Seed of initialisation, batches and the scored validation subset.")
     max_val_images: int = Field(default=256, description="Validation images scored during training and in the metrics (fixed seeded subset).")
     frame_stride: int = Field(default=1, description="Video frames only: train on every k-th frame of each clip.")
+    crop_width: int = Field(default=96, description="Train on random windows of at most this many columns (0 = whole images; images no wider train whole); validation and encoding use whole images.")
     block_out_channels: list[int] = Field(default=[16, 32, 64], description="Channels per resolution level; n levels downsample by 2^(n-1) (64x64 -> 16x16 with 3).")
     layers_per_block: int = Field(default=1, description="ResNet layers per level in the encoder (decoder: one more).")
     latent_channels: int = Field(default=4, description="Channels of the latent.")

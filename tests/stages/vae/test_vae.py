@@ -259,14 +259,14 @@ def test_plateau_rule_counts_evaluations_without_a_relative_gain():
 
 
 def test_old_config_keeps_its_checkpoint_key():
-    # Computed by the code before the stopping rule existed (VaeTrainConfig() was 300 steps then):
-    # a config with the rule off must keep its key, so its stored checkpoints are reused.
-    old = VaeTrainConfig(steps=300, patience=0, min_delta=0.0)
+    # Computed by the code before the stopping rule and windows existed (VaeTrainConfig() was 300
+    # steps of whole images then): a config with both off keeps its key, so its checkpoints are reused.
+    old = VaeTrainConfig(steps=300, patience=0, min_delta=0.0, crop_width=0)
     assert vae_fit_key(AUDIO_VAE, "audio", "img0000000000000", ["000000", "000001"], old) == "5ad9da9ceaf5d6b8"
     assert vae_fit_key(FRAME_VAE, "frames", "frm0000000000000", ["000000"], old) == "d4605630a36c3f85"
     # min_delta means nothing without patience; with the rule on, the key changes
     assert vae_fit_key(AUDIO_VAE, "audio", "img0000000000000", ["000000", "000001"],
-                       VaeTrainConfig(steps=300, patience=0, min_delta=0.05)) == "5ad9da9ceaf5d6b8"
+                       VaeTrainConfig(steps=300, patience=0, min_delta=0.05, crop_width=0)) == "5ad9da9ceaf5d6b8"
     assert vae_fit_key(AUDIO_VAE, "audio", "img0000000000000", ["000000", "000001"],
                        VaeTrainConfig(steps=300, patience=3, min_delta=0.01)) != "5ad9da9ceaf5d6b8"
     assert VaeTrainConfig().patience > 0 and VaeTrainConfig().steps > 300  # the rule is the default
@@ -378,3 +378,34 @@ def test_latents_of_code_version_1_stay_readable(prepared, tmp_path):
     assert set(table.arrays) == {"audio"} and np.array_equal(table.arrays["audio"], old)
     with pytest.raises(ConfigError, match="no \\['frames'\\] latents"):
         read_latent_means(store, "demo", "oldlatents000000", ["frames"])
+
+
+def test_windowed_training_sees_every_column_and_leaves_whole_image_training_as_it_was():
+    from stages.vae.train import train_vae
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, size=(6, 8, 40, 3), dtype=np.uint8)
+    base = dict(steps=6, batch_size=2, eval_every=3, block_out_channels=(8, 16), norm_num_groups=4, max_val_images=2,
+                patience=0, mid_block_attention=False)
+    seen = []
+    from models import vae as vae_module
+
+    real_loss = vae_module.vae_loss
+
+    def recording_loss(vae, x, *args):  # records the widths the VAE trains on, then trains as usual
+        seen.append(tuple(x.shape[2:]))
+        return real_loss(vae, x, *args)
+
+    vae_module.vae_loss = recording_loss
+    try:
+        windowed = train_vae(wide[:4], wide[4:], VaeTrainConfig(**base, crop_width=16))
+        whole = train_vae(wide[:4], wide[4:], VaeTrainConfig(**base, crop_width=0))
+        narrow = train_vae(wide[:4], wide[4:], VaeTrainConfig(**base, crop_width=64))  # wider than the images
+    finally:
+        vae_module.vae_loss = real_loss
+    assert seen[:6] == [(8, 16)] * 6 and seen[6:] == [(8, 40)] * 12
+    # validation scores whole images; a window wider than the images is whole-image training
+    assert windowed.history[-1]["val_l1"] != whole.history[-1]["val_l1"]
+    assert narrow.history == whole.history
+    with pytest.raises(ValueError, match="crop_width"):
+        VaeTrainConfig(crop_width=10)  # not a multiple of the downsampling factor (4)
