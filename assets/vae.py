@@ -76,6 +76,16 @@ class VaeTrainingConfig(Config):
         return vae_train.VaeTrainConfig(**fields)
 
 
+class AudioVaeTrainingConfig(VaeTrainingConfig):
+    block_out_channels: list[int] = Field(default=list(vae_train.AudioVaeTrainConfig.block_out_channels),
+                                          description="Channels per resolution level; 4 levels: an 80 x 352 audio image -> 10 x 44 latents.")
+
+    def train_config(self) -> vae_train.VaeTrainConfig:
+        fields = self.model_dump()
+        fields.pop("pretrained_dir")
+        return vae_train.AudioVaeTrainConfig(**fields)
+
+
 class LatentConfig(Config):
     modalities: list[str] = Field(default=["audio", "frames"], description="Which latents to store: 'audio', 'frames' or both (clips lacking one are quarantined).")
     dtype: str = Field(default="float16", description="Stored dtype: float16 (decode error far below the VAE's own) or float32.")
@@ -171,7 +181,7 @@ def _fit(context, name: str, modality: str, config: VaeTrainingConfig, source: F
 )
 def audio_vae(
     context: AssetExecutionContext,
-    config: VaeTrainingConfig,
+    config: AudioVaeTrainingConfig,
     audio_images: FeatureRef,
     clip_manifest: ManifestRef,
     feature_store: FeatureStoreResource,

@@ -21,7 +21,7 @@ the stopping rule (``--patience``, ``--min-delta``) would have stopped it (the r
 the steps before it stops: same schedule, same batches). Controls: the audio image itself (no
 VAE: what the image alone loses), the mean training image and the untrained VAE (step 0).
 
-    nice -n 10 .venv/bin/python bench/bench_vae.py curve [--clips 300] [--size 64 | --height 80 --width 344]
+    nice -n 10 .venv/bin/python bench/bench_vae.py curve [--clips 300] [--size 64 | --height 80 --width 352]
         [--max-steps 600] [--eval-every 50] [--patience 4] [--min-delta 0.01] [--seeds 0 1]
 """
 
@@ -237,7 +237,7 @@ def curve(argv: list[str]) -> int:
     print(f"data: {len(train)} train / {len(val)} val audio images {list(train.images.shape[1:])} of the demo "
           f"({args.clips} clips; prepared in {time.perf_counter() - start:.0f} s)")
 
-    base = VaeTrainConfig()
+    base = VaeTrainConfig.for_modality("audio")
     overrides = {"steps": args.max_steps, "eval_every": args.eval_every, "patience": 0}
     if args.block_out_channels:
         overrides["block_out_channels"] = tuple(args.block_out_channels)

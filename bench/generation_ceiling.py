@@ -1,7 +1,7 @@
 """Where does the way back to sound lose what aiSFX hears? The ceiling of every generation metric.
 
     .venv/bin/python bench/generation_ceiling.py --store .data/features [--dataset demo] \
-        [--splits val test] [--shapes 64 128 256 80x344 160x344] [--no-oracle]
+        [--splits val test] [--shapes 64 128 256 80x352 160x352] [--no-oracle]
 
 Needs only the clip manifest (``refresh_features`` makes it, and ``make demo`` / ``make generate``
 too); the mel-latent row reads the stored ``mel_latents`` when the store has them (else computes
@@ -49,7 +49,7 @@ RESAMPLES = 1000
 
 
 def parse_shape(text: str) -> tuple[int, int]:
-    """'128' -> (128, 128) (square), '80x344' -> (80, 344) (height x width)."""
+    """'128' -> (128, 128) (square), '80x352' -> (80, 352) (height x width)."""
     if "x" in text:
         height, width = text.lower().split("x")
         return int(height), int(width)
@@ -102,7 +102,7 @@ def main() -> int:
     parser.add_argument("--store", required=True)
     parser.add_argument("--dataset", default="demo")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], help="choose on val, report test (the verdict uses the last)")
-    parser.add_argument("--shapes", nargs="+", default=["64", "128", "256", "80x344", "160x344"],
+    parser.add_argument("--shapes", nargs="+", default=["64", "128", "256", "80x352", "160x352"],
                         help="audio image shapes: N (square) or HxW")
     parser.add_argument("--default", default=None, help="the default audio image shape (the verdict's path); default: the feature's default")
     parser.add_argument("--latent-key", default=None, help="vae_latents key of the oracle row (default: the newest)")

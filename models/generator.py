@@ -32,7 +32,7 @@ class GeneratorConfig:
     cond_dim: int = 256
     latent_channels: int = 4
     latent_size: int = 16  # latent height (and width when latent_width is 0)
-    latent_width: int = 0  # 0: square latents; else the width (an 80 x 344 audio image gives 20 x 86)
+    latent_width: int = 0  # 0: square latents; else the width (an 80 x 352 audio image: 10 x 44 through the audio VAE)
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     norm_num_groups: int = 8

@@ -35,7 +35,7 @@ RATE_SAMPLE_SHARDS = 16
 # (every row is in the tar and in the zarr). The rest are rough orders of magnitude.
 DEFAULT_RATES: dict[str, tuple[float, float]] = {
     "mel_spectrograms": (1 / 192, 2 * 80 * 345 * 2),
-    "audio_images": (1 / 500, 2 * 80 * 344 * 3),  # the default shape, mel80
+    "audio_images": (1 / 500, 2 * 80 * 352 * 3),  # the default shape, mel80
     "mel_latents": (1 / 2000, 2 * 80 * 345 * 4),
     "audio_tower": (1 / 9.4, 2 * (512 * 4 + 4 * 512 * 2 + 69 * 4)),
     "frame_tower": (1 / 7.6, 2 * (1280 * 4 + 4 * 1280 * 2)),

@@ -61,13 +61,14 @@ class MelParams:
 # Named audio image shapes (height, width). "frame64" is the demo's video frame size (MM-LDM resizes
 # audio images to it); it keeps a third of what aiSFX recognises in a 4 s hifigan22k mel
 # (BENCHMARKS.md, "Decode-path ceiling"). The mel shapes keep the mel's own time axis: 345
-# frames of 4 s hifigan22k resized to 344, a multiple of 8 (a KL-VAE of up to 4 levels halves each side 3 times).
+# frames of 4 s hifigan22k resized to 352, a multiple of 16, so the audio VAE's 4 levels (8x) give
+# 10 x 44 latents whose sides the generator's UNet can halve once more.
 AUDIO_IMAGE_SHAPES: dict[str, tuple[int, int]] = {
     "frame64": (64, 64),
     "square128": (128, 128),
     "square256": (256, 256),
-    "mel80": (80, 344),  # n_mels x frames: no vertical resize
-    "mel160": (160, 344),  # 2x height
+    "mel80": (80, 352),  # n_mels x frames: no vertical resize
+    "mel160": (160, 352),  # 2x height
 }
 # The one place the default shape is written (the asset config reads it from here).
 DEFAULT_AUDIO_IMAGE_SHAPE = "mel80"

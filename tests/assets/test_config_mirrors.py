@@ -27,6 +27,7 @@ PAIRS = [
     (diffgap.DiffgapConfig, diffgap_train.DiffgapTrainConfig, set()),
     (diffgap.DiffgapEvalConfig, diffgap_eval.EvalConfig, {"seeds"}),  # one EvalConfig per seed
     (vae.VaeTrainingConfig, vae_train.VaeTrainConfig, {"pretrained_dir"}),  # chooses loading over training
+    (vae.AudioVaeTrainingConfig, vae_train.AudioVaeTrainConfig, {"pretrained_dir"}),
     (vae.LatentConfig, latents.LatentParams, set()),
     (generation.AudioGeneratorConfig, generation_train.GeneratorTrainConfig, {"spaces"}),  # one fit per space
     (generation.SamplingConfig, sample.SampleConfig, set()),

@@ -13,8 +13,8 @@ PINNED = {
     # every mel- and audio-tower-dependent key moved; at min_seconds=1.0 the old keys come back (below).
     "mel_spectrograms": "1ede3762acb5f644",  # was 101adc40b7c2c901
     # Re-keyed on purpose (issue 15): the default audio image went from 64 x 64 to the mel's own
-    # 80 x 344 ("mel80"); size=64 / shape="frame64" still give 001052448d0610a4 (below).
-    "audio_images": "e8e0016e49caf6c5",  # was 001052448d0610a4, before that af10ae07de3552e5
+    # 80 x 352 ("mel80"); size=64 / shape="frame64" still give 001052448d0610a4 (below).
+    "audio_images": "2df2a0fd0a8ff441",  # was 001052448d0610a4, before that af10ae07de3552e5
     "video_frames": "cfde3d0e85c8e5fb",
     "audio_tower": "b8649d3bb2d8df4c",  # was deb932265682b67b
     "frame_tower": "6c404cdd971fc6ae",
