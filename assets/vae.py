@@ -51,7 +51,7 @@ class VideoFramesConfig(Config):
 
 class VaeTrainingConfig(Config):
     pretrained_dir: str = Field(default="", description="Local folder of a diffusers AutoencoderKL to use instead of training (never downloaded); empty = train.")
-    steps: int = Field(default=1000, description="Most optimizer steps (AdamW, one-cycle schedule over them); the stopping rule (patience, min_delta) may end earlier; the best validation weights are kept.")
+    steps: int = Field(default=1000, description="Most optimizer steps (AdamW); the stopping rule (patience, min_delta, lr_drops) may end earlier; the best validation weights are kept. With patience 0: a one-cycle schedule over every step.")
     batch_size: int = Field(default=16, description="Images per step.")
     learning_rate: float = Field(default=1e-3, description="Peak learning rate.")
     kl_weight: float = Field(default=1e-5, description="Weight of the KL term per latent element, next to a per-pixel L1 in [-1, 1] units.")
@@ -59,6 +59,8 @@ class VaeTrainingConfig(Config):
     eval_every: int = Field(default=50, description="Validation L1 every this many steps.")
     patience: int = Field(default=3, description="Stop after this many evaluations (eval_every steps apart) in a row without a relative min_delta improvement of the best validation L1; 0 = run all steps (the checkpoint key of a config from before the rule).")
     min_delta: float = Field(default=0.01, description="Relative improvement of the best validation L1 that counts (0.01 = 1%).")
+    lr_drops: int = Field(default=2, description="With the rule on: plateaus that multiply the learning rate by lr_drop (constant after warm-up otherwise) before the next one stops the fit.")
+    lr_drop: float = Field(default=0.2, description="Factor of each learning-rate drop on a plateau.")
     seed: int = Field(default=0, description="Seed of initialisation, batches and the scored validation subset.")
     max_val_images: int = Field(default=256, description="Validation images scored during training and in the metrics (fixed seeded subset).")
     frame_stride: int = Field(default=1, description="Video frames only: train on every k-th frame of each clip.")

@@ -48,7 +48,8 @@ def test_materialize_train_store_latents_and_reuse(demo_source, tmp_path, monkey
     assert audio["reused"] is False and audio["source"] == "trained" and audio["steps"] == 30
     # 2 evaluations cannot reach the default patience of 3: the budget ran out, and the metadata says so
     assert audio["stopped_by"] == "max_steps" and audio["stop_reason"] == "the budget of 30 steps ran out"
-    assert audio["stopping_rule"] == {"metric": "val L1", "eval_every": 15, "patience": 3, "min_delta": 0.01, "max_steps": 30}
+    assert audio["stopping_rule"] == {"metric": "val L1", "eval_every": 15, "patience": 3, "min_delta": 0.01, "lr_drops": 2,
+                                      "lr_drop": 0.2, "max_steps": 30}
     assert audio["psnr_db"] > audio["psnr_db_untrained"] + 3 and audio["psnr_db"] > audio["psnr_db_mean_image"]
     assert audio["mel_l1"] < audio["metrics"]["untrained"]["mel_l1"] and audio["latent_shape"] == [4, 8, 8]
     assert "data:image/png;base64," in audio["preview"] and "| step |" in audio["loss_curve"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -285,14 +287,22 @@ def _stalled(patience: int, steps: int = 20) -> VaeTrainConfig:
 def test_training_stops_on_a_plateau_after_patience_evaluations():
     images = np.random.default_rng(0).integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8)
     lines = []
-    result = train_vae(images[:6], images[6:], _stalled(patience=3), log=lines.append)
+    no_drops = dataclasses.replace(_stalled(patience=3), lr_drops=0)
+    result = train_vae(images[:6], images[6:], no_drops, log=lines.append)
     # evaluations at steps 0, 2, 4, 6: the 3rd stale one (step 6 = patience x eval_every) stops it
-    assert (result.steps_run, result.stopped_by) == (6, "plateau")
+    assert (result.steps_run, result.stopped_by, result.lr_drop_steps) == (6, "plateau", ())
     assert [h["step"] for h in result.history] == [0, 2, 4, 6]
-    stopping = result.stopping(_stalled(patience=3))
+    stopping = result.stopping(no_drops)
     assert stopping["steps_run"] == 6 and stopping["rule"]["max_steps"] == 20
     assert "did not improve by 1.0%" in stopping["reason"] and "3 evaluations" in stopping["reason"]
     assert any("stopped at step 6 of 20" in line for line in lines)
+
+    # the default: each of the first two plateaus lowers the learning rate, the third stops the fit
+    lines.clear()
+    dropped = train_vae(images[:6], images[6:], _stalled(patience=3, steps=40), log=lines.append)
+    assert (dropped.steps_run, dropped.stopped_by, dropped.lr_drop_steps) == (18, "plateau", (6, 12))
+    assert sum("learning rate x0.2" in line for line in lines) == 2 and any("stopped at step 18 of 40" in line for line in lines)
+    assert "after 2 learning-rate drops" in dropped.stopping(_stalled(patience=3, steps=40))["reason"]
 
     everything = train_vae(images[:6], images[6:], _stalled(patience=0))
     assert (everything.steps_run, everything.stopped_by) == (20, "max_steps")
@@ -319,13 +329,16 @@ def test_a_stopped_fit_keeps_its_best_weights_not_its_last(prepared):
 
 def test_fit_records_the_steps_run_and_why_it_stopped(prepared):
     store, manifest = prepared["store"], prepared["manifest"]
-    config = VaeTrainConfig(**{**TINY.params(), "steps": 40, "learning_rate": 1e-12, "eval_every": 4, "patience": 2})
+    config = VaeTrainConfig(**{**TINY.params(), "steps": 40, "learning_rate": 1e-12, "eval_every": 4, "patience": 2, "lr_drops": 1})
     fit = fit_vae(store, manifest, AUDIO_VAE, "audio", prepared["image_key"], config)
     sidecar = fit.sidecar
-    assert sidecar["steps"] == 8 and sidecar["steps_run"] == 8  # stopped at 2 x 4 steps, not the budget of 40
+    # a drop after 2 x 4 steps, stopped after 2 x 4 more: 16 steps, not the budget of 40
+    assert sidecar["steps"] == 16 and sidecar["steps_run"] == 16
     stopping = sidecar["stopping"]
-    assert stopping["stopped_by"] == "plateau" and stopping["steps_run"] == 8 and "did not improve" in stopping["reason"]
-    assert stopping["rule"] == {"metric": "val L1", "eval_every": 4, "patience": 2, "min_delta": 0.01, "max_steps": 40}
+    assert stopping["stopped_by"] == "plateau" and stopping["steps_run"] == 16 and "did not improve" in stopping["reason"]
+    assert stopping["lr_drop_steps"] == [8]
+    assert stopping["rule"] == {"metric": "val L1", "eval_every": 4, "patience": 2, "min_delta": 0.01, "lr_drops": 1,
+                                "lr_drop": 0.2, "max_steps": 40}
     assert sidecar["train_config"]["patience"] == 2
 
 
