@@ -26,7 +26,7 @@ from stages.core.parallel import torch_threads
 from stages.features.spectral import get_preset
 from stages.core.results import CachedResult, cached_result, load_result
 from stages.core.store import FeatureStore, FeatureTable, feature_key
-from stages.ingest.manifest import ClipManifest
+from stages.ingest.manifest import ClipManifest, split_digest
 from stages.vae.train import (DEFAULT_BATCH, MODALITIES, MODALITY_INPUTS, comparison_png, decode_latents,
                                encode_scaled_posterior, load_vae)
 
@@ -253,8 +253,8 @@ LATENT_STATISTICS_CODE_VERSION = "1"
 
 
 def train_split_digest(manifest: ClipManifest) -> str:
-    """Hash of the train split's clip ids: the statistics change exactly when it does."""
-    return feature_key("split", {"split": "train"}, "", sorted(c.id for c in manifest.clips if c.split == "train"))
+    """The train split's digest (stages.ingest.manifest.split_digest): the statistics change exactly when it does."""
+    return split_digest(manifest.clips)
 
 
 def latent_statistics_key(vaes: Mapping[str, Mapping[str, Any]], latent_key: str, train_digest: str) -> str:

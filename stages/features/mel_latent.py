@@ -21,6 +21,7 @@ from stages.core.errors import ConfigError
 from stages.core.store import FeatureStore, feature_key
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, register_feature, registered_feature
 from stages.features.mel import MEL_FEATURE
+from stages.ingest.manifest import split_digest
 
 MEL_LATENT_FEATURE = "mel_latents"
 MEL_STATISTICS = "mel_statistics"
@@ -100,13 +101,6 @@ def denormalise(latents: np.ndarray, statistics: MelStatistics) -> np.ndarray:
 
 
 # ---- statistics in the store -----------------------------------------------------------------------
-
-def split_digest(clips, split: str = "train") -> str:
-    """Hash of what the mels of one split's clips are made of (id, media hash, span): it changes
-    when a clip of the split is added, removed or changed, and only then."""
-    members = sorted(f"{c.id}|{c.content_hash}|{c.start}|{c.end}" for c in clips if c.split == split)
-    return feature_key("split", {"split": split}, "", members)
-
 
 def statistics_key(mel_key: str, train_digest: str) -> str:
     return feature_key(MEL_STATISTICS, {"split": "train"}, MEL_STATISTICS_CODE_VERSION, [mel_key, train_digest])

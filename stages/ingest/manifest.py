@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field, fields
 from stages.ingest.decode import ClipError, iter_chunks
 from stages.core.ids import check_name
 from stages.ingest.sources import Rejected, SourceListing
-from stages.core.store import FeatureStore, StoreError, canonical_json, modified_time
+from stages.core.store import FeatureStore, StoreError, canonical_json, feature_key, modified_time
 
 MANIFEST_FOLDER = "clip_manifest"
 SPLIT_RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -437,3 +437,11 @@ def _newest_readable_version(store: FeatureStore, folder: str, latest: str) -> C
             continue
     raise StoreError(f"{store.url(latest)} is damaged and no clip manifest version in {store.url(folder)} "
                      "reads: remove the folder and refresh to rebuild the ledger")
+
+
+def split_digest(clips, split: str = "train") -> str:
+    """Hash of what one split's clips are (id, media hash, span): statistics fitted on the split
+    (mel statistics, latent statistics) are keyed by it, so it changes when a clip of the split is
+    added, removed or changed, and only then."""
+    members = sorted(f"{c.id}|{c.content_hash}|{c.start}|{c.end}" for c in clips if c.split == split)
+    return feature_key("split", {"split": split}, "", members)

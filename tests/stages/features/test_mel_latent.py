@@ -13,6 +13,7 @@ from stages.core.parallel import InProcessExecutor
 from stages.core.store import FeatureStore
 from stages.features import mel_latent as ML
 from stages.features.base import all_features, run_feature
+from stages.ingest.manifest import split_digest
 from stages.features.mel import MEL_CODE_VERSION, MEL_FEATURE, MelParams, compute_mel_shard
 from stages.ingest.manifest import ClipManifest, build_manifest
 from stages.ingest.sources import SourceConfig, read_source
@@ -117,7 +118,7 @@ def test_statistics_come_from_the_train_split_only(demo, store):
     train_clip = next(c for c in manifest.clips if c.split == "train")
     edited = ClipManifest("demo", 16, [dataclasses.replace(c, content_hash="1" * 32) if c is train_clip else c
                                        for c in manifest.clips])
-    assert ML.statistics_key(MEL.key(), ML.split_digest(edited.clips)) != key
+    assert ML.statistics_key(MEL.key(), split_digest(edited.clips)) != key
 
 
 def test_a_second_call_computes_nothing(demo, store):
