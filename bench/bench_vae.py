@@ -17,8 +17,10 @@ ratios. No asserts: a benchmark reports, it does not fail.
 (mels and audio images computed into a work folder, reused by a second run), for each seed: one
 fit over the whole ``--max-steps`` budget with the rule off, evaluated every ``--eval-every``
 steps (pixel L1, PSNR, mel L1 against the image's own mel and against the source mel), and where
-the stopping rule (``--patience``, ``--min-delta``) would have stopped it (the rule does not change
-the steps before it stops: same schedule, same batches). Controls: the audio image itself (no
+the stopping rule (``--patience``, ``--min-delta``) would have stopped it (with the rule off the fit
+follows the one-cycle schedule over the budget, so the marks say where a rule without learning-rate
+drops would stop; the default rule, which lowers the rate on its first two plateaus, trains
+differently after the first one: fit that config itself to see it). Controls: the audio image itself (no
 VAE: what the image alone loses), the mean training image and the untrained VAE (step 0).
 
     nice -n 10 .venv/bin/python bench/bench_vae.py curve [--clips 300] [--size 64 | --height 80 --width 352]
