@@ -22,6 +22,7 @@ import numpy as np
 
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, ShardResult, register_feature, registered_feature
 from stages.core.errors import ConfigError
+from stages.core.moments import AxisMoments
 from stages.core.parallel import torch_threads
 from stages.features.spectral import get_preset
 from stages.core.results import CachedResult, cached_result, load_result
@@ -263,29 +264,6 @@ def latent_statistics_key(vaes: Mapping[str, Mapping[str, Any]], latent_key: str
                        [*(f"{m}:{vaes[m]['key']}" for m in sorted(vaes)), latent_key, train_digest])
 
 
-class _ChannelMoments:
-    """Running float64 sums per channel (axis -3 of [..., C, h, w]) over shards."""
-
-    def __init__(self) -> None:
-        self.count, self.sums, self.squares, self.non_finite = 0, None, None, 0
-
-    def add(self, values: np.ndarray) -> None:
-        x = np.moveaxis(np.asarray(values, np.float64), -3, 0).reshape(values.shape[-3], -1)
-        self.non_finite += int(x.size - np.isfinite(x).sum())
-        sums, squares = x.sum(axis=1), (x * x).sum(axis=1)
-        self.sums = sums if self.sums is None else self.sums + sums
-        self.squares = squares if self.squares is None else self.squares + squares
-        self.count += x.shape[1]
-
-    def summary(self) -> dict[str, Any]:
-        mean = self.sums / self.count
-        var = np.maximum(self.squares / self.count - mean**2, 0.0)
-        overall_mean = float(mean.mean())  # channels have equal counts
-        overall_var = float(np.maximum(self.squares.sum() / (self.count * len(mean)) - overall_mean**2, 0.0))
-        return {"channel_mean": [float(v) for v in mean], "channel_std": [float(v) for v in np.sqrt(var)],
-                "mean": overall_mean, "std": overall_var**0.5}
-
-
 def compute_latent_statistics(store: FeatureStore, manifest: ClipManifest, latent_key: str) -> dict[str, dict]:
     """Per modality of a latent key: per-channel mean / std and the global mean / std of the train
     split's stored posterior means (already scaled by the VAE's factor), with ``scale`` = 1 / std
@@ -296,7 +274,8 @@ def compute_latent_statistics(store: FeatureStore, manifest: ClipManifest, laten
     train = {c.id for c in manifest.clips if c.split == "train"}
     if not train:
         raise ConfigError(f"dataset {manifest.dataset!r} has no train clips: latent statistics come from the train split only")
-    moments = {m: _ChannelMoments() for m in vaes}
+    moments: dict[str, AxisMoments | None] = {m: None for m in vaes}  # per latent channel (axis -3 of [..., C, h, w])
+    non_finite = {m: 0 for m in vaes}
     clips, shape = 0, {}
     for shard in store.committed_shards(manifest.dataset, LATENT_FEATURE, latent_key):
         table = read_latent_means(store, manifest.dataset, latent_key, shards=[shard])
@@ -304,16 +283,20 @@ def compute_latent_statistics(store: FeatureStore, manifest: ClipManifest, laten
         clips += len(rows)
         for m in vaes:
             if rows:
-                moments[m].add(table.arrays[m][rows])
-                shape[m] = list(table.arrays[m].shape[1:])
+                values = table.arrays[m][rows]
+                non_finite[m] += int(values.size - np.isfinite(values).sum())
+                moments[m] = AxisMoments.add(moments[m], values, axis=-3)
+                shape[m] = list(values.shape[1:])
     if not clips:
         raise ConfigError(f"{LATENT_FEATURE} key {latent_key} holds none of the {len(train)} train clips of {manifest.dataset!r}")
     out = {}
     for m, moment in moments.items():
-        if moment.non_finite:
-            raise ValueError(f"{LATENT_FEATURE} key {latent_key}: {moment.non_finite} NaN/Inf values in the train split's "
+        if non_finite[m]:
+            raise ValueError(f"{LATENT_FEATURE} key {latent_key}: {non_finite[m]} NaN/Inf values in the train split's "
                              f"{m} latents (the VAE diverged: retrain {vaes[m]['name']})")
-        summary = moment.summary()
+        overall_mean, overall_std = moment.overall()
+        summary = {"channel_mean": [float(v) for v in moment.mean], "channel_std": [float(v) for v in moment.std],
+                   "mean": overall_mean, "std": overall_std}
         if not summary["std"] > 0:
             raise ValueError(f"{LATENT_FEATURE} key {latent_key}: the train split's {m} latents are constant")
         scale = 1.0 / summary["std"]

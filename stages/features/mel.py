@@ -9,7 +9,7 @@ import numpy as np
 
 from stages.ingest.decode import AudioSpec, ClipLength, DecodeAhead, DecodedAhead, load_audio
 from stages.features.spectral import STFT_SUB_BATCH, MelSpectrogram, get_preset, mel_to_audio_image
-from stages.core.store import feature_key
+from stages.core.store import FeatureTable, feature_key
 from stages.core.errors import ConfigError
 from stages.features.base import (ShardFeature, ShardJob, ShardOutput, content_hash_meta, iter_decoded, register_feature,
                                   registered_feature)
@@ -160,6 +160,15 @@ class MelSpectrograms(ShardFeature):
         return ShardOutput(ok_ids, {"mel": mels}, quarantined, sample_meta=content_hash_meta(hashes))
 
 
+def read_mel_shard(job: ShardJob, store) -> tuple[dict, FeatureTable, list[dict]]:
+    """(shard manifest, mel rows, quarantine) of the cached mels a derived feature's job reads (its
+    one input key): the derived rows are the mel rows, quarantined with the same reasons."""
+    (mel_key,) = job.input_keys
+    mel_manifest = store.shard_manifest(job.dataset, MEL_FEATURE, mel_key, job.shard)
+    table = store.read_arrays(job.dataset, MEL_FEATURE, mel_key, shards=[job.shard], names=["mel"])
+    return mel_manifest, table, list(mel_manifest.get("quarantined", []))
+
+
 @register_feature
 class AudioImages(ShardFeature):
     name, code_version, params_type = AUDIO_IMAGE_FEATURE, AUDIO_IMAGE_CODE_VERSION, AudioImageParams
@@ -170,16 +179,13 @@ class AudioImages(ShardFeature):
 
     def extract(self, job: ShardJob, store) -> ShardOutput:
         """Audio images of one shard from its cached mels (no decoding)."""
-        (mel_key,) = job.input_keys
-        mel_manifest = store.shard_manifest(job.dataset, MEL_FEATURE, mel_key, job.shard)
-        table = store.read_arrays(job.dataset, MEL_FEATURE, mel_key, shards=[job.shard], names=["mel"])
+        mel_manifest, table, quarantined = read_mel_shard(job, store)
         preset = get_preset(mel_manifest["params"]["preset"])
         image = AudioImageParams.from_params(job.params)
         if len(table):
             images = mel_to_audio_image(table.arrays["mel"].astype(np.float32), preset, (image.height, image.width))
         else:
             images = np.zeros((0, image.height, image.width, 3), np.uint8)
-        quarantined = list(mel_manifest.get("quarantined", []))  # same rows as the mels, same reasons
         return ShardOutput(table.clip_ids, {"image": images}, quarantined, tar_encodings={"image": "png"})
 
 

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stages.core.errors import ConfigError
+from stages.core.moments import AxisMoments
 from stages.core.store import FeatureStore, feature_key
 from stages.features.base import ShardFeature, ShardJob, ShardOutput, register_feature, registered_feature
-from stages.features.mel import MEL_FEATURE
+from stages.features.mel import MEL_FEATURE, read_mel_shard
 from stages.ingest.manifest import split_digest
 
 MEL_LATENT_FEATURE = "mel_latents"
@@ -54,38 +55,15 @@ class MelStatistics:
 
 def bin_statistics(mels: np.ndarray) -> MelStatistics:
     """Mean and (population) std per mel bin over every frame of mels [N, n_mels, T]."""
-    return _Moments.of(mels).statistics()
+    mels = np.asarray(mels)
+    if mels.ndim != 3 or mels.shape[0] == 0 or mels.shape[2] == 0:
+        raise ValueError(f"need mels [N >= 1, n_mels, T >= 1] for statistics, got shape {mels.shape}")
+    return _statistics(AxisMoments.of(mels, axis=1), len(mels))
 
 
-@dataclass(frozen=True)
-class _Moments:
-    """Frame count, mean and sum of squared deviations per bin (float64): merged shard by shard
-    (Chan et al.), so the train split's statistics never hold all its mels in memory."""
-
-    count: int
-    clips: int
-    mean: np.ndarray
-    m2: np.ndarray
-
-    @classmethod
-    def of(cls, mels: np.ndarray) -> "_Moments":
-        mels = np.asarray(mels)
-        if mels.ndim != 3 or mels.shape[0] == 0 or mels.shape[2] == 0:
-            raise ValueError(f"need mels [N >= 1, n_mels, T >= 1] for statistics, got shape {mels.shape}")
-        x = mels.astype(np.float64)
-        mean = x.mean(axis=(0, 2))
-        return cls(mels.shape[0] * mels.shape[2], mels.shape[0], mean, ((x - mean[:, None]) ** 2).sum(axis=(0, 2)))
-
-    def merged(self, other: "_Moments") -> "_Moments":
-        count = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / count)
-        return _Moments(count, self.clips + other.clips, mean, m2)
-
-    def statistics(self) -> MelStatistics:
-        std = np.sqrt(self.m2 / self.count)
-        return MelStatistics(self.mean, np.where(std < MIN_STD, 1.0, std), int(self.clips), int(self.count))
+def _statistics(moments: AxisMoments, clips: int) -> MelStatistics:
+    std = moments.std
+    return MelStatistics(moments.mean, np.where(std < MIN_STD, 1.0, std), int(clips), int(moments.count))
 
 
 def normalise(mels: np.ndarray, statistics: MelStatistics) -> np.ndarray:
@@ -144,16 +122,16 @@ def ensure_statistics(store: FeatureStore, manifest, mel_key: str) -> tuple[str,
     if missing:
         raise ConfigError(f"mel key {mel_key} lacks {len(missing)} shards with train clips ({', '.join(missing[:3])}): "
                           f"materialize mel_spectrograms first")
-    moments = None
+    moments, clips = None, 0
     for shard in shards:
         table = store.read_arrays(manifest.dataset, MEL_FEATURE, mel_key, shards=[shard], names=["mel"])
         rows = [i for i, c in enumerate(table.clip_ids) if c in train]
         if rows:
-            part = _Moments.of(table.arrays["mel"][rows])
-            moments = part if moments is None else moments.merged(part)
+            moments = AxisMoments.add(moments, table.arrays["mel"][rows], axis=1)
+            clips += len(rows)
     if moments is None:  # every train clip was quarantined (undecodable, silent, too short)
         raise ConfigError(f"mel key {mel_key} holds none of the {len(train)} train clips of {manifest.dataset!r}")
-    statistics = moments.statistics()
+    statistics = _statistics(moments, clips)
     store.write_json(path, {"key": key, "mel_key": mel_key, "split": "train", "train_digest": digest,
                             "code_version": MEL_STATISTICS_CODE_VERSION, "statistics": statistics.to_json()})
     return key, statistics, True
@@ -186,12 +164,9 @@ class MelLatents(ShardFeature):
 
     def extract(self, job: ShardJob, store) -> ShardOutput:
         """Mel latents of one shard from its cached mels and the stored statistics."""
-        (mel_key,) = job.input_keys
-        mel_manifest = store.shard_manifest(job.dataset, MEL_FEATURE, mel_key, job.shard)
-        table = store.read_arrays(job.dataset, MEL_FEATURE, mel_key, shards=[job.shard], names=["mel"])
+        _, table, quarantined = read_mel_shard(job, store)
         statistics = load_statistics(store, job.dataset, job.params["statistics_key"])
         latents = normalise(table.arrays["mel"], statistics) if len(table) else np.zeros((0, len(statistics.mean), 0), np.float32)
-        quarantined = list(mel_manifest.get("quarantined", []))  # same rows as the mels, same reasons
         return ShardOutput(table.clip_ids, {"mel_latent": latents}, quarantined)
 
 

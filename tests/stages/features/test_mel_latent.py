@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stages.core.errors import ConfigError
+from stages.core.moments import AxisMoments
 from stages.core.parallel import InProcessExecutor
 from stages.core.store import FeatureStore
 from stages.features import mel_latent as ML
@@ -158,7 +159,7 @@ def test_bin_statistics_by_hand():
     np.testing.assert_allclose(stats.std[0], np.sqrt(5.0))  # (9 + 1 + 1 + 9) / 4
     assert stats.std[1] == 1.0  # a constant bin keeps std 1: its latent is the offset from the mean
     assert (stats.clips, stats.frames) == (2, 4)
-    halves = ML._Moments.of(mels[:1]).merged(ML._Moments.of(mels[1:])).statistics()
+    halves = ML._statistics(AxisMoments.of(mels[:1], axis=1).merged(AxisMoments.of(mels[1:], axis=1)), clips=2)
     np.testing.assert_allclose(halves.mean, stats.mean)
     np.testing.assert_allclose(halves.std, stats.std)
     z = ML.normalise(mels, stats)
