@@ -36,7 +36,7 @@ from stages.ingest.manifest import load_manifest
 # Output(data_version=...) is marked beta; it is how the UI shows which features are stale.
 warnings.filterwarnings("ignore", message=r"Parameter `data_version`")
 
-GROUPS = ("ingest", "features", "towers", "embeddings", "diffgap", "vae", "generation")
+GROUPS = ("ingest", "features", "towers", "embeddings", "diffgap", "vae", "generation", "cmmd")
 # Transient storage errors (an S3 hiccup) are worth one more try; everything committed is reused.
 SHARD_RETRY = RetryPolicy(max_retries=1, delay=5)
 QUARANTINE_ROWS_SHOWN = 50
@@ -248,14 +248,16 @@ def check_feature(store: FeatureStore, ref: refs.FeatureRef, name: str, expected
 
 
 def feature_asset(feature_name: str, *, config_type: type | None, params: Callable[[Any, dict], Any],
-                  report: Callable | None = None, device: bool = False, name: str | None = None):
+                  report: Callable | None = None, device: bool = False, name: str | None = None,
+                  group: str | None = None):
     """The asset of one registered per-shard feature.
 
     ``params(config, inputs)`` builds the feature's params object (with ``.params()`` and
     ``.key(*input_keys)``) from the run config and the input feature refs; ``report(context,
     store, ref, metadata, inputs, params, written)`` adds the feature's own metadata (previews of
     ``written``, the shards this run wrote). The asset computes the missing shards through
-    ``compute_feature`` and returns a FeatureRef.
+    ``compute_feature`` and returns a FeatureRef. ``name`` / ``group``: a second asset of the same
+    feature (other parameters, another key) under its own name, in its own group's jobs.
     """
     feature = registered_feature(feature_name)
     inputs = tuple(feature.inputs)
@@ -287,7 +289,7 @@ def feature_asset(feature_name: str, *, config_type: type | None, params: Callab
         body.__annotations__["config"] = config_type
     body.__name__ = body.__qualname__ = name or feature.name
     return dataset_asset(
-        name=name or feature.name, group=feature.group, kinds=feature.kinds, description=feature.description,
+        name=name or feature.name, group=group or feature.group, kinds=feature.kinds, description=feature.description,
         code_version=f"{feature.name}-{feature.code_version}", ins={**{n: AssetIn(n) for n in inputs}},
         retry_policy=SHARD_RETRY,
     )(body)

@@ -1,6 +1,6 @@
 """Dagster wiring: assets, checks, jobs, schedule, sensor, resources. No logic lives here.
 
-Assets sit in groups (ingest, features, towers, embeddings, diffgap, vae, generation) and every
+Assets sit in groups (ingest, features, towers, embeddings, diffgap, vae, generation, cmmd) and every
 job is a group selection with its upstream, so a new asset joins the jobs of its group. Every
 asset is partitioned by dataset; a job run without a partition works on the default dataset.
 """
@@ -25,13 +25,13 @@ from dagster import (
     sensor,
 )
 
-from assets import contrastive, diffgap, features, generation, towers, vae
+from assets import cmmd, contrastive, diffgap, features, generation, towers, vae
 from assets.datasets import DATASETS, PARTITION_TAG, DatasetLeaseResource
 from assets.io import StoreIOManager
 from assets.resources import ClipSourceResource, default_dataset, resources_from_env
 from stages.core.errors import ConfigError
 
-ASSET_MODULES = [features, towers, contrastive, diffgap, vae, generation]
+ASSET_MODULES = [features, towers, contrastive, diffgap, vae, generation, cmmd]
 ALL_ASSETS = load_assets_from_modules(ASSET_MODULES)
 ALL_CHECKS = load_asset_checks_from_modules(ASSET_MODULES)
 
@@ -65,6 +65,9 @@ train_diffgap = _job("train_diffgap", ("features", "embeddings", "diffgap"),
 train_vae = _job("train_vae", ("vae",), "KL-VAEs on audio images and video frames, and the latents of every clip.")
 generate_audio = _job("generate_audio", ("vae", "generation"),  # "vae": latent_statistics, beside the generator's inputs
                       "Everything text/video-to-audio generation needs, the generator, WAVs and Tables I/II.")
+train_cmmd = _job("train_cmmd", ("cmmd",),
+                  "From nothing: manifest -> mels -> mel latents; frames -> frame VAE -> frames at 8.613 fps -> their latents -> "
+                  "CMMD (joint video-audio diffusion) -> V2A / A2V evaluation, WAVs and mp4s.")
 
 
 @op(description="Nothing: no resource, no input, no output.")
@@ -125,7 +128,7 @@ except ConfigError as exc:
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[refresh_features, train_diffgap, train_vae, generate_audio, no_op],
+    jobs=[refresh_features, train_diffgap, train_vae, generate_audio, train_cmmd, no_op],
     schedules=[daily_feature_refresh],
     sensors=[new_media_sensor],
     resources=RESOURCES,

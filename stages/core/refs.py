@@ -100,6 +100,21 @@ class GeneratorRef:
     embedding_keys: dict = field(default_factory=dict)  # space -> embedding feature key
 
 
+@ref_type
+@dataclass(frozen=True)
+class CmmdRef:
+    """A CMMD checkpoint and the cached features it was trained on."""
+
+    dataset: str
+    key: str
+    mel_latent_key: str
+    frame_latent_key: str
+    frames_key: str
+    frame_vae_key: str
+    scaling_factor: float
+    variant: str = "CMMD"
+
+
 # ---- JSON ---------------------------------------------------------------------------------------
 
 def encode(value: Any) -> Any:

@@ -646,3 +646,28 @@ def generate_demo(out_dir, spec: DemoSpec = DemoSpec()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir / INDEX_FILE
+
+
+def known_event_times(clip_uris: dict[str, str]) -> dict[str, tuple[float, ...]]:
+    """The sound-onset times (s) the demo rendered, which are its visual events' times, per clip id,
+    read from the clips.jsonl beside the clips' media folder; {} for clips that are not local
+    demo media (a real collection has no known event times)."""
+    found: dict[str, tuple[float, ...]] = {}
+    indexes: dict[Path, dict[str, tuple[float, ...]]] = {}
+    for clip_id, uri in clip_uris.items():
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if "://" in path:
+            continue
+        index_path = Path(path).resolve().parent.parent / INDEX_FILE
+        if index_path not in indexes:
+            rows: dict[str, tuple[float, ...]] = {}
+            if index_path.is_file():
+                for line in index_path.read_text().splitlines():
+                    if line.strip():
+                        row = json.loads(line)
+                        if "event_times" in row:
+                            rows[row["id"]] = tuple(float(t) for t in row["event_times"])
+            indexes[index_path] = rows
+        if clip_id in indexes[index_path]:
+            found[clip_id] = indexes[index_path][clip_id]
+    return found

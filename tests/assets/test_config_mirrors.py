@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
-from assets import contrastive, diffgap, features, generation, towers, vae
+from assets import cmmd, contrastive, diffgap, features, generation, towers, vae
+from stages.cmmd import evaluate as cmmd_eval
+from stages.cmmd import train as cmmd_train
 from stages.diffgap import evaluate as diffgap_eval
 from stages.diffgap import train as diffgap_train
 from stages.embeddings import heads
@@ -31,10 +33,14 @@ PAIRS = [
     (vae.LatentConfig, latents.LatentParams, set()),
     (generation.AudioGeneratorConfig, generation_train.GeneratorTrainConfig, {"spaces"}),  # one fit per space
     (generation.SamplingConfig, sample.SampleConfig, set()),
+    (cmmd.CmmdConfig, cmmd_train.CmmdTrainConfig, set()),
+    (cmmd.CmmdEvalConfig, cmmd_eval.CmmdEvalConfig, set()),
 ]
 
 
 def _plain(value):
+    if dataclasses.is_dataclass(value):  # a nested stage config is a dict in the run config
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -1,0 +1,1 @@
+"""CMMD (issue 16): joint video-audio diffusion on cached features."""
