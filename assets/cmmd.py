@@ -90,7 +90,7 @@ class CmmdConfig(Config):
     audio_levels: list[int] = Field(default=[64, 96, 128], description="Audio U-Net channels per level.")
     video_patch: int = Field(default=2, description="Space-to-depth factor of the frame latents before the first conv.")
     seed: int = Field(default=0, description="Seed of initialisation, windows, negatives and noise.")
-    threads: int = Field(default=2, description="torch threads (speed only).")
+    threads: int = Field(default=1, description="torch threads (speed only); 1 is robust on a busy machine (two spin at every OpenMP barrier), 2 faster on an idle one.")
     checkpoint_every: int = Field(default=250, description="Progress save every this many steps (resume after a kill).")
     update_steps: int = Field(default=500, description="Warm start on new shards: steps on new + replayed clips.")
     replay_fraction: float = Field(default=0.5, description="Share of each warm-start batch drawn from clips seen before.")
@@ -156,7 +156,7 @@ class CmmdEvalConfig(Config):
     length_factor: int = Field(default=1, description="2: sample twice the training window, as the paper's test setting (clips long enough only).")
     tasks: list[str] = Field(default=["V2A", "A2V"], description="V2A (video -> audio) and/or A2V (audio -> video).")
     batch_size: int = Field(default=16, description="Clips per sampling batch (speed only).")
-    threads: int = Field(default=2, description="torch threads (speed only).")
+    threads: int = Field(default=1, description="torch threads (speed only); 1 is robust on a busy machine (two spin at every OpenMP barrier), 2 faster on an idle one.")
 
     def params(self) -> cmmd_eval.CmmdEvalConfig:
         return cmmd_eval.CmmdEvalConfig(**self.model_dump())

@@ -61,7 +61,7 @@ class CmmdEvalConfig:
     length_factor: int = 1  # 2: sample twice the training window (the paper's test setting); clips long enough only
     tasks: tuple[str, ...] = ("V2A", "A2V")
     batch_size: int = 16
-    threads: int = 2
+    threads: int = 1  # as CmmdTrainConfig.threads
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance", tuple(float(g) for g in self.guidance))
