@@ -162,7 +162,7 @@ class CmmdEvalConfig(Config):
         return cmmd_eval.CmmdEvalConfig(**self.model_dump())
 
 
-@dataset_asset(group="cmmd", kinds=("pytorch",), code_version="cmmd_evaluation-1",
+@dataset_asset(group="cmmd", kinds=("pytorch",), code_version="cmmd_evaluation-2",
                description="CMMD V2A and A2V on the test split: beat / onset / event hit rates, FAD (aiSFX) per set and per sample, "
                            "FVD / KVD (EffNet-lite0), against ground truth and a control; WAVs, mp4s and previews in the store.")
 def cmmd_evaluation(
@@ -179,7 +179,8 @@ def cmmd_evaluation(
         eval_config = config.params()
     except ValueError as exc:
         raise Failure(f"bad cmmd_evaluation config: {exc}") from None
-    key = feature_key("cmmd_evaluation", eval_config.params(), "1", [cmmd.key, cmmd.frames_key, clip_manifest.digest])
+    key = feature_key("cmmd_evaluation", eval_config.params(), "2",  # 2: precision columns
+                      [cmmd.key, cmmd.frames_key, clip_manifest.digest])
     folder = store.path(manifest.dataset, "generated", "cmmd", key)
 
     def compute():

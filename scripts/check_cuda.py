@@ -230,6 +230,38 @@ def check_generator(device: str, steps: int, rng: np.random.Generator, size: Siz
            "(unit-std latents)", rate["cpu"], rate[device])
 
 
+@guarded("cmmd")
+def check_cmmd(device: str, steps: int, rng: np.random.Generator, size: Sizes) -> None:
+    from stages.cmmd.data import ClipWindows, valid_frame_counts
+    from stages.cmmd.evaluate import generate
+    from stages.cmmd.train import CmmdTrainConfig, train_cmmd
+
+    n, h = size.clips, size.latent_size
+    frames = rng.normal(size=(n, 20, 4, h, h)).astype(np.float32)
+    data = ClipWindows([f"c{i}" for i in range(n)], frames, rng.normal(size=(n, 80, 200)).astype(np.float32),
+                       valid_frame_counts(frames), ["train"] * n)
+    levels = dict(video_levels=(8, 16), audio_levels=(16, 16)) if size is TINY else {}
+    config = CmmdTrainConfig(steps=1, batch_size=min(12, n // 2), checkpoint_every=0, **levels)
+    first = {d: train_cmmd(data, config, device=d).history[-1]["loss"] for d in ("cpu", device)}
+    runs = {d: train_cmmd(data, replace(config, steps=steps), device=d) for d in ("cpu", device)}
+    final = {d: r.history[-1]["loss"] for d, r in runs.items()}
+    ok = relative(first["cpu"], first[device]) < 1e-3 and relative(final["cpu"], final[device]) < 0.25
+    record("cmmd fit", ok, f"step-1 loss {first['cpu']:.5f} vs {first[device]:.5f}; after {steps} steps "
+           f"{final['cpu']:.4f} vs {final[device]:.4f}", steps / runs["cpu"].seconds, steps / runs[device].seconds)
+    model = runs["cpu"].model
+    video = np.ascontiguousarray(frames[: size.samples, :16].transpose(0, 2, 1, 3, 4))
+    out, rate = {}, {}
+    for where in ("cpu", device):
+        model.to(where)
+        start = time.perf_counter()
+        out[where] = generate(model, video, "video", size.sample_steps, 0.05, seed=0, device=where)
+        rate[where] = len(video) / (time.perf_counter() - start)
+    model.to("cpu")
+    diff = float(np.abs(out["cpu"] - out[device]).max())
+    record("cmmd sample v2a guided", diff < 5e-2, f"{len(video)} clips, {size.sample_steps} DDIM steps, lambda 0.05: "
+           f"max |diff| {diff:.2e} (unit-std mel latents)", rate["cpu"], rate[device])
+
+
 @guarded("rows")
 def check_rows(device: str, rng: np.random.Generator) -> None:
     import models.devices as devices
@@ -310,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     check_diffgap(args.device, args.steps, rng, size)
     check_generator(args.device, args.steps, rng, size)
     check_vae(args.device, args.steps, rng, size)
+    check_cmmd(args.device, args.steps, rng, size)
     if not args.skip_towers:
         with tempfile.TemporaryDirectory() as folder:
             check_towers(args.device, Path(folder))
