@@ -359,8 +359,10 @@ def sample_conditional(model: JointUNet, scheduler, known: torch.Tensor, known_i
             if guidance > 0:
                 x0_known = abar.sqrt() * known_n - (1 - abar).sqrt() * pred_known
                 error = (known - x0_known).pow(2).sum()
-                grad, = torch.autograd.grad(error, x_in)
-                x0_unknown = x0_unknown - guidance * abar.sqrt() * grad
+                # allow_unused: without fusion the known stream never sees x_n, the gradient is zero
+                grad, = torch.autograd.grad(error, x_in, allow_unused=True)
+                if grad is not None:
+                    x0_unknown = x0_unknown - guidance * abar.sqrt() * grad
         x = (abar_next.sqrt() * x0_unknown + (1 - abar_next).sqrt() * eps_unknown).detach()
         if on_step is not None:
             on_step(i + 1)
