@@ -6,7 +6,8 @@
 Needs only the clip manifest (``refresh_features`` makes it, and ``make demo`` / ``make generate``
 too); the mel-latent row reads the stored ``mel_latents`` when the store has them (else computes
 them the same way, in-process), and the oracle row needs an audio VAE and its ``vae_latents``
-(``dagster job execute -j train_vae``; the newest vae_latents key is used, or ``--latent-key``).
+(``dagster job execute -j train_vae``; the newest vae_latents key is used, or ``--latent-key K [K ...]``:
+one oracle row per key, e.g. audio VAE variants from ``bench/fit_audio_vae.py``, each with its verdict).
 
 On each split's real audio (22.05 kHz, the vocoder's rate), every stage of every decode path:
 
@@ -105,7 +106,8 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=["64", "128", "256", "80x352", "160x352"],
                         help="audio image shapes: N (square) or HxW")
     parser.add_argument("--default", default=None, help="the default audio image shape (the verdict's path); default: the feature's default")
-    parser.add_argument("--latent-key", default=None, help="vae_latents key of the oracle row (default: the newest)")
+    parser.add_argument("--latent-key", nargs="+", default=None,
+                        help="vae_latents key(s) of the oracle row(s) (default: the newest); the verdict is for the last")
     parser.add_argument("--no-oracle", action="store_true")
     parser.add_argument("--no-mel-latent", action="store_true")
     parser.add_argument("--max-clips", type=int, default=None, help="at most this many clips per split (first by id)")
@@ -161,13 +163,14 @@ def main() -> int:
         # mel-latent statistics of the train split, as the mel_latents feature computes them
         train_mels = np.asarray(MelSpectrogram(preset)(train_audio), np.float32)
         statistics = mel_latent.bin_statistics(train_mels.astype(mel_params.dtype))
-        oracle = None if args.no_oracle else newest_oracle(store, args.dataset, args.latent_key)
-        decoder = None
-        if oracle is not None:
+        oracles = [] if args.no_oracle else [o for o in (newest_oracle(store, args.dataset, key) for key in (args.latent_key or [None]))
+                                             if o is not None]
+        decoders = []
+        if oracles:
             from stages.generation.sample import SampleConfig, make_decoder
 
-            decoder = make_decoder(store, args.dataset, oracle[1], SampleConfig(threads=args.threads))
-        verdict = None
+            decoders = [make_decoder(store, args.dataset, oracle[1], SampleConfig(threads=args.threads)) for oracle in oracles]
+        verdicts = {}
         for split in args.splits:
             ids, real, reference = real_outputs(split)
             truth = np.array([labels[c] for c in ids])
@@ -180,10 +183,10 @@ def main() -> int:
             if not args.no_mel_latent:
                 stages.append(("mel -> mel latent -> inverse -> HiFi-GAN",
                                lambda: vocoder(mel_latent.denormalise(mel_latent.normalise(stored, statistics), statistics))))
-            if decoder is not None:
+            for oracle, decoder in zip(oracles, decoders):
                 latents = read_oracle_latents(store, args.dataset, oracle[0], ids)
                 stages.append((f"stored VAE latent -> audio VAE -> mel -> HiFi-GAN (oracle; VAE {oracle[1]['key']})",
-                               lambda: decoder(latents)["audio"]))
+                               lambda decoder=decoder, latents=latents: decoder(latents)["audio"]))
             fd_dims = distribution.full_rank_dims(len(ids), reference["pooled"].shape[-1])
             fad_dims = distribution.full_rank_dims(len(ids) * reference["per_second"].shape[1], reference["per_second"].shape[-1])
             pooled_pca = distribution.pca_fit(train_out["pooled"], fd_dims)
@@ -218,16 +221,17 @@ def main() -> int:
                     print(f"| {name} | {_ci(acc, 1)} | (reference) | (reference) | (reference) | {time.perf_counter() - t0:.0f} |", flush=True)
                     continue
                 print(f"| {name} | {_ci(acc, 1)} | {_ci(fd, 1)} | {_ci(kid, 3)} | {_ci(fad, 1)} | {time.perf_counter() - t0:.0f} |", flush=True)
-            oracle_row = next((r for n, r in rows.items() if n.startswith("stored VAE latent")), None)
-            if oracle_row is not None:
-                verdict = (100 * oracle_row[0].value / max(rows["real audio"][0].value, 1e-9),
-                           oracle_row[1].value / max(rows["mel -> HiFi-GAN"][1].value, 1e-9), split)
+            for oracle in oracles:  # the last split's rows win: choose on val, report test
+                oracle_row = next(r for n, r in rows.items() if n.startswith("stored VAE latent") and oracle[1]["key"] in n)
+                verdicts[oracle[0]] = (100 * oracle_row[0].value / max(rows["real audio"][0].value, 1e-9),
+                                       oracle_row[1].value / max(rows["mel -> HiFi-GAN"][1].value, 1e-9), split)
     print(f"\n({time.perf_counter() - started:.0f} s; default audio image {shape_name(default_shape)}"
-          + (f"; oracle latents {oracle[0]}" if oracle else "; no audio VAE latents in the store: no oracle row") + ")")
-    if verdict is None:
+          + (f"; oracle latents {', '.join(o[0] for o in oracles)}" if oracles else "; no audio VAE latents in the store: no oracle row") + ")")
+    if not verdicts:
         print("oracle keeps n/a% of real audio's class accuracy (FD n/a x mel -> HiFi-GAN)")
-    else:
-        print(f"oracle keeps {verdict[0]:.0f}% of real audio's class accuracy (FD {verdict[1]:.2f} x mel -> HiFi-GAN)")
+    for key, (acc, fd, split) in verdicts.items():
+        print(("" if len(verdicts) == 1 else f"{split}, vae_latents {key}: ")
+              + f"oracle keeps {acc:.0f}% of real audio's class accuracy (FD {fd:.2f} x mel -> HiFi-GAN)")
     return 0
 
 

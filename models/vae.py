@@ -269,9 +269,25 @@ def spectral_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (torch.log1p(fx) - torch.log1p(fy)).abs().mean()
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, spectral_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L1 reconstruction (of a posterior sample) + kl_weight * KL per latent element (+ spectral).
-    The parts are detached 0-d tensors: ``float()`` them when needed (on CUDA that waits for the step)."""
+def gradient_l1(x: torch.Tensor, y: torch.Tensor, scales: int = 3) -> torch.Tensor:
+    """L1 between the finite differences of two image batches along height and width, at ``scales``
+    resolutions (each a 2x average pool of the last): on an audio image (rows = mel bins, columns =
+    frames) the frequency differences carry harmonics and formants and the time differences carry
+    onsets, the texture a pixel L1 lets a VAE smooth away at little cost."""
+    total = x.new_zeros(())
+    for level in range(scales):
+        if level:
+            if min(x.shape[-2:]) < 4:
+                break
+            x, y = torch.nn.functional.avg_pool2d(x, 2), torch.nn.functional.avg_pool2d(y, 2)
+        for dim in (-2, -1):
+            total = total + (torch.diff(x, dim=dim) - torch.diff(y, dim=dim)).abs().mean()
+    return total
+
+
+def vae_forward_loss(vae, x: torch.Tensor, kl_weight: float, spectral_weight: float = 0.0, gradient_weight: float = 0.0,
+                     gradient_scales: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """``vae_loss`` and the reconstruction it scored (with its graph: an adversarial term uses it)."""
     posterior = vae.encode(x).latent_dist
     z = posterior.sample()
     y = vae.decode(z).sample
@@ -283,4 +299,64 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, spectral_weight: float = 0.
         spectral = spectral_l1(y, x)
         loss = loss + spectral_weight * spectral
         parts["spectral"] = spectral.detach()
+    if gradient_weight:
+        gradient = gradient_l1(x, y, gradient_scales)
+        loss = loss + gradient_weight * gradient
+        parts["gradient"] = gradient.detach()
+    return loss, parts, y
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, spectral_weight: float = 0.0, gradient_weight: float = 0.0,
+             gradient_scales: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L1 reconstruction (of a posterior sample) + kl_weight * KL per latent element (+ spectral,
+    + multi-scale gradient L1). The parts are detached 0-d tensors: ``float()`` them when needed
+    (on CUDA that waits for the step)."""
+    loss, parts, _ = vae_forward_loss(vae, x, kl_weight, spectral_weight, gradient_weight, gradient_scales)
     return loss, parts
+
+
+# ---- an adversarial patch loss (LDM / taming's AutoencoderKL training) ----------------------------
+
+class PatchDiscriminator(torch.nn.Module):
+    """A PatchGAN discriminator (pix2pix; taming's ``NLayerDiscriminator``): strided 4x4 convolutions,
+    one real/fake logit per overlapping patch. ``layers`` strided levels (2: patches of 34 px, about
+    0.4 s x 34 mel bins of an 80-row audio image). GroupNorm instead of BatchNorm, so a patch's
+    logit does not depend on the rest of its batch."""
+
+    def __init__(self, channels: int = 32, layers: int = 2, in_channels: int = 3):
+        super().__init__()
+        if channels < 4 or channels % 4 or layers < 1:
+            raise ValueError(f"discriminator channels must be a multiple of 4 (>= 4) and layers >= 1, got {channels}, {layers}")
+        act = lambda: torch.nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
+        blocks: list[torch.nn.Module] = [torch.nn.Conv2d(in_channels, channels, 4, 2, 1), act()]
+        width = channels
+        for level in range(1, layers + 1):
+            out = channels * min(2**level, 8)
+            stride = 2 if level < layers else 1
+            blocks += [torch.nn.Conv2d(width, out, 4, stride, 1, bias=False), torch.nn.GroupNorm(4, out), act()]
+            width = out
+        blocks.append(torch.nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = torch.nn.Sequential(*blocks)
+        for module in self.modules():  # pix2pix's init: N(0, 0.02) convolutions, N(1, 0.02) norms
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, torch.nn.GroupNorm):
+                torch.nn.init.normal_(module.weight, 1.0, 0.02)
+                torch.nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))), as LDM trains its discriminator."""
+    return 0.5 * (torch.relu(1.0 - logits_real).mean() + torch.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_adversarial_weight(reconstruction_loss: torch.Tensor, generator_loss: torch.Tensor, last_layer: torch.Tensor,
+                                limit: float = 1e4) -> torch.Tensor:
+    """||d rec / d W|| / (||d g / d W|| + 1e-4) at the decoder's last layer W (LDM's adaptive
+    weight): the adversarial gradient there is scaled to the size of the reconstruction gradient."""
+    rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    gen_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, limit).detach()

@@ -67,6 +67,21 @@ class VaeTrainConfig:
     learning_rate: float = 1e-3
     kl_weight: float = 1e-5  # per latent element, next to a per-pixel L1 in [-1, 1] units
     spectral_weight: float = 0.0
+    # A multi-scale gradient loss (models.vae.gradient_l1): L1 on the height and width differences
+    # of the image at `gradient_scales` resolutions, so a VAE cannot smooth away onsets and
+    # harmonics at little cost in pixel L1 (0 = off; off, the two fields stay out of the key).
+    gradient_weight: float = 0.0
+    gradient_scales: int = 3
+    # An adversarial PatchGAN loss (LDM's AutoencoderKL training): from step `adversarial_start` on,
+    # a discriminator (`discriminator_channels`, `discriminator_layers`) learns real from
+    # reconstructed training windows by a hinge loss, and the VAE adds `adversarial_weight` x its
+    # generator loss, scaled by LDM's adaptive weight when `adaptive_weight`. The stopping rule
+    # and the kept best weights start afresh when it starts. 0 = off (out of the key, as before).
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0
+    adaptive_weight: bool = True
+    discriminator_channels: int = 32
+    discriminator_layers: int = 2
     eval_every: int = 50
     # Stop after `patience` evaluations in a row that did not lower the best validation L1 by a
     # relative `min_delta` (3 x 50 steps without a 1% gain); patience 0 = no rule, run all `steps`
@@ -110,6 +125,12 @@ class VaeTrainConfig:
         factor = 2 ** (len(self.block_out_channels) - 1)
         if self.crop_width < 0 or self.crop_width % factor:
             raise ValueError(f"crop_width must be 0 or a positive multiple of the VAE's downsampling factor {factor}, got {self.crop_width}")
+        if self.gradient_weight < 0 or self.gradient_scales < 1 or self.adversarial_weight < 0:
+            raise ValueError("gradient_weight and adversarial_weight must be >= 0 and gradient_scales >= 1")
+        if self.adversarial_weight and not 0 <= self.adversarial_start < max(self.steps, 1):
+            raise ValueError(f"adversarial_start must lie in [0, steps) = [0, {self.steps}), got {self.adversarial_start}")
+        if self.discriminator_channels < 4 or self.discriminator_channels % 4 or self.discriminator_layers < 1:
+            raise ValueError("discriminator_channels must be a multiple of 4 and discriminator_layers >= 1")
         if self.patience < 0 or not 0 <= self.min_delta < 1:
             raise ValueError(f"patience must be >= 0 and min_delta in [0, 1), got {self.patience} and {self.min_delta}")
         if self.lr_drops < 0 or not 0 < self.lr_drop < 1:
@@ -147,6 +168,14 @@ class VaeTrainConfig:
                 fields.pop(name)
         if not self.crop_width:
             fields.pop("crop_width")
+        # the new losses, off, leave the key of a config from before them
+        if not self.gradient_weight:
+            for name in ("gradient_weight", "gradient_scales"):
+                fields.pop(name)
+        if not self.adversarial_weight:
+            for name in ("adversarial_weight", "adversarial_start", "adaptive_weight", "discriminator_channels",
+                         "discriminator_layers"):
+                fields.pop(name)
         return fields
 
 
@@ -319,7 +348,8 @@ def train_vae(
 def _train_vae(train, val, config, device, init_state, log, label="vae", on_eval=None) -> VaeTrainResult:
     import torch
     from models.devices import DeviceRows
-    from models.vae import build_vae, images_to_tensor, vae_loss
+    from models import vae as vae_module
+    from models.vae import build_vae, images_to_tensor
 
     if len(train) < 1:
         raise ValueError("need at least 1 training image")
@@ -347,6 +377,7 @@ def _train_vae(train, val, config, device, init_state, log, label="vae", on_eval
             schedule = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=config.learning_rate, total_steps=config.steps, pct_start=pct_start, anneal_strategy="cos"
             )
+    adversary = _Adversary(vae, config, device) if config.adversarial_weight and config.steps else None
     vae.train()
     batch = min(config.batch_size, len(train))
     # uint8 images on the device when they fit, else pinned on the host (models.devices)
@@ -367,23 +398,41 @@ def _train_vae(train, val, config, device, init_state, log, label="vae", on_eval
         if window:
             starts = offsets.integers(0, width - window + 1, size=len(batch_images))
             batch_images = torch.stack([batch_images[i, :, int(s) : int(s) + window] for i, s in enumerate(starts)])
-        loss, parts = vae_loss(vae, images_to_tensor(batch_images, device), config.kl_weight, config.spectral_weight)
+        x = images_to_tensor(batch_images, device)
+        adversarial = adversary is not None and step > config.adversarial_start
+        if adversary is None and not config.gradient_weight:  # as before the new losses (tests record this call)
+            loss, parts = vae_module.vae_loss(vae, x, config.kl_weight, config.spectral_weight)
+        else:
+            loss, parts, y = vae_module.vae_forward_loss(vae, x, config.kl_weight, config.spectral_weight,
+                                                         config.gradient_weight, config.gradient_scales)
+            if adversarial:
+                loss = adversary.generator_term(loss, y, parts)
         losses.add(step, loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+        if adversarial:
+            adversary.discriminator_step(x, y, parts)
         steps_run = step
         plateau = False
         if step % config.eval_every == 0 or step == config.steps:
             losses.check()
             current = reconstruction_l1(vae, scored)
-            history.append({"step": step, "train_l1": round(float(parts["l1"]), 5), "train_kl": round(float(parts["kl"]), 4),
-                            "val_l1": round(current, 5), **_extra(on_eval, step, vae)})
+            row = {"step": step, "train_l1": round(float(parts["l1"]), 5), "train_kl": round(float(parts["kl"]), 4),
+                   "val_l1": round(current, 5)}
+            row.update({f"train_{k}": round(float(v), 5) for k, v in parts.items() if k not in ("l1", "kl")})
+            history.append({**row, **_extra(on_eval, step, vae)})
             vae.train()  # reconstruction_l1 (and on_eval) leave it in eval mode
-            if current < best[0]:
+            counting = adversary is None or step > config.adversarial_start
+            if counting and adversary is not None and not adversary.counted:
+                # The adversarial phase starts: its weights are the ones to keep, so the best and the
+                # rule start afresh (the pre-adversarial weights have lower L1 but blur).
+                adversary.counted = True
+                best, rule = (math.inf, step, None), PlateauRule(config.patience, config.min_delta)
+            if counting and current < best[0]:
                 best = (current, step, {k: v.detach().clone() for k, v in vae.state_dict().items()})
-            plateau = rule.update(current) and step < config.steps
+            plateau = counting and rule.update(current) and step < config.steps
             if plateau and len(drop_steps) < config.lr_drops:
                 drop[0] *= config.lr_drop
                 drop_steps.append(step)
@@ -403,6 +452,47 @@ def _train_vae(train, val, config, device, init_state, log, label="vae", on_eval
     vae.eval()
     return VaeTrainResult(vae, history, best[1], best[0], time.perf_counter() - start, val_source, steps_run, stopped_by,
                           tuple(drop_steps))
+
+
+class _Adversary:
+    """The discriminator of an adversarial VAE fit and its optimizer (LDM: hinge loss, Adam with
+    betas (0.5, 0.9) at the VAE's learning rate), built in the fit's seeded scope after the VAE."""
+
+    def __init__(self, vae, config: VaeTrainConfig, device: str):
+        import torch
+        from models.vae import PatchDiscriminator
+
+        self.vae, self.config = vae, config
+        self.model = PatchDiscriminator(config.discriminator_channels, config.discriminator_layers).to(device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate, betas=(0.5, 0.9))
+        self.counted = False
+
+    def generator_term(self, loss, reconstruction, parts: dict):
+        """``loss`` + weight x the generator's hinge loss -mean D(x_hat) (D's weights are not stepped here)."""
+        from models.vae import adaptive_adversarial_weight
+
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        generator = -self.model(reconstruction).mean()
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        weight = self.config.adversarial_weight
+        if self.config.adaptive_weight:
+            adaptive = adaptive_adversarial_weight(loss, generator, self.vae.decoder.conv_out.weight)
+            parts["adaptive_weight"] = adaptive
+            weight = weight * adaptive
+        parts["generator"] = generator.detach()
+        return loss + weight * generator
+
+    def discriminator_step(self, real, reconstruction, parts: dict) -> None:
+        from models.vae import hinge_discriminator_loss
+
+        loss = hinge_discriminator_loss(self.model(real), self.model(reconstruction.detach()))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        parts["discriminator"] = loss.detach()
 
 
 def _extra(on_eval, step: int, vae) -> dict:

@@ -10,15 +10,20 @@ import pytest
 import torch
 
 from models.vae import (
+    PatchDiscriminator,
     PretrainedVaeError,
     VaeConfig,
+    adaptive_adversarial_weight,
     build_vae,
     decode,
     encode,
+    gradient_l1,
+    hinge_discriminator_loss,
     images_to_tensor,
     load_pretrained_vae,
     spectral_l1,
     tensor_to_images,
+    vae_forward_loss,
     vae_loss,
 )
 
@@ -68,6 +73,39 @@ def test_loss_backpropagates_with_every_term():
     assert float(spectral_l1(x, x)) == 0.0
     blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
     assert float(spectral_l1(x, blurred)) > 0.01
+
+
+def test_gradient_loss_sees_blur_that_costs_little_pixel_l1():
+    x = images_to_tensor(_images(2))
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    assert float(gradient_l1(x, x)) == 0.0
+    # on noise, a 3x3 blur moves the differences more than the pixels themselves
+    assert float(gradient_l1(x, blurred, scales=1)) > 2 * float((x - blurred).abs().mean())
+    assert float(gradient_l1(x, blurred, scales=3)) > float(gradient_l1(x, blurred, scales=1))
+    vae = build_vae(TINY, seed=0)
+    loss, parts, y = vae_forward_loss(vae, x, kl_weight=1e-5, gradient_weight=0.5)
+    assert set(parts) == {"l1", "kl", "gradient"} and y.shape == x.shape
+    assert float(loss.detach()) == pytest.approx(float(parts["l1"] + 1e-5 * parts["kl"] + 0.5 * parts["gradient"]), rel=1e-5)
+    assert set(vae_loss(vae, x, kl_weight=1e-5)[1]) == {"l1", "kl"}  # off by default
+
+
+def test_patch_discriminator_and_its_losses():
+    disc = PatchDiscriminator(channels=8, layers=2)
+    x = images_to_tensor(_images(2, size=32))
+    logits = disc(x)
+    assert logits.shape == (2, 1, 6, 6)  # one logit per overlapping patch
+    confident = torch.full((4,), 2.0)
+    assert float(hinge_discriminator_loss(confident, -confident)) == 0.0  # both sides past the margin
+    assert float(hinge_discriminator_loss(-confident, confident)) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PatchDiscriminator(channels=6)
+    # the adaptive weight scales the adversarial gradient at the last layer to the reconstruction's
+    vae = build_vae(TINY, seed=0)
+    loss, _, y = vae_forward_loss(vae, x, kl_weight=1e-5)
+    generator = -disc(y).mean()
+    weight = adaptive_adversarial_weight(loss, generator, vae.decoder.conv_out.weight)
+    doubled = adaptive_adversarial_weight(loss, 2 * generator, vae.decoder.conv_out.weight)
+    assert float(weight) > 0 and float(doubled) == pytest.approx(float(weight) / 2, rel=1e-3)
 
 
 def test_pretrained_folder_round_trip(tmp_path):

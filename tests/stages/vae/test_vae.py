@@ -278,6 +278,40 @@ def test_old_config_keeps_its_checkpoint_key():
         VaeTrainConfig(min_delta=1.0)
 
 
+def test_the_new_losses_off_keep_every_checkpoint_key():
+    # The gradient and adversarial losses are off by default: their fields (and any value they
+    # take while off) leave the key as it was; turning one on is another model.
+    old = VaeTrainConfig(steps=300, patience=0, min_delta=0.0, crop_width=0)
+    key = lambda config: vae_fit_key(AUDIO_VAE, "audio", "img0000000000000", ["000000", "000001"], config)  # noqa: E731
+    assert key(dataclasses.replace(old, gradient_scales=5, adversarial_start=100, adaptive_weight=False,
+                                   discriminator_channels=64, discriminator_layers=3)) == "5ad9da9ceaf5d6b8"
+    assert len({key(old), key(dataclasses.replace(old, gradient_weight=1.0)),
+                key(dataclasses.replace(old, adversarial_weight=0.5, adversarial_start=100))}) == 3
+    assert key(dataclasses.replace(old, adversarial_weight=0.5, adversarial_start=100)) != key(
+        dataclasses.replace(old, adversarial_weight=0.5, adversarial_start=200))
+    with pytest.raises(ValueError, match="adversarial_start"):
+        VaeTrainConfig(steps=100, adversarial_weight=0.5, adversarial_start=100)  # would never start
+
+
+def test_adversarial_fit_trains_a_discriminator_and_keeps_weights_from_its_phase():
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 16, 32, 3), dtype=np.uint8)
+    base = dict(steps=8, batch_size=4, eval_every=2, block_out_channels=(8, 16), norm_num_groups=4, max_val_images=4,
+                crop_width=16, mid_block_attention=False)
+    plain = train_vae(images[:6], images[6:], VaeTrainConfig(**base))
+    adversarial = train_vae(images[:6], images[6:], VaeTrainConfig(**base, adversarial_weight=0.5, adversarial_start=4,
+                                                                   gradient_weight=1.0))
+    rows = {h["step"]: h for h in adversarial.history}
+    # before the start: the same steps as the plain fit (the discriminator is built after the VAE's
+    # weights, from the same seed) but for the gradient term; after it, both adversarial parts
+    assert "train_discriminator" not in rows[4] and "train_gradient" in rows[4]
+    assert {"train_discriminator", "train_generator", "train_adaptive_weight"} <= set(rows[6]) and rows[6]["train_adaptive_weight"] > 0
+    assert adversarial.best_step > 4  # the best weights are from the adversarial phase, even if L1 was lower before
+    assert adversarial.history[-1]["val_l1"] != plain.history[-1]["val_l1"]
+    again = train_vae(images[:6], images[6:], VaeTrainConfig(**base, adversarial_weight=0.5, adversarial_start=4,
+                                                             gradient_weight=1.0))
+    assert again.history == adversarial.history  # seeded: the discriminator too
+
+
 def _stalled(patience: int, steps: int = 20) -> VaeTrainConfig:
     # A learning rate so small that validation L1 cannot improve by 1%: every evaluation is stale.
     return VaeTrainConfig(steps=steps, batch_size=4, learning_rate=1e-12, eval_every=2, patience=patience, min_delta=0.01,
