@@ -44,6 +44,7 @@ class HeadTrainingConfig(Config):
     dropout: float = Field(default=0.1, description="Dropout inside the projection MLPs.")
     temporal_negatives: bool = Field(default=True, description="CAVP: other seconds of the same clip are negatives too (Diff-Foley).")
     revision: str = Field(default="", description="Change to retrain on the current data; otherwise new shards reuse the trained head.")
+    source_dataset: str = Field(default="", description="A pretrained space: fit (or reuse) the heads on this other dataset of the store (its train/val splits, its towers, which a run on it must have made) and freeze them; this dataset's clips are embedded in that space. Empty: this dataset.")
 
 
 def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: ManifestRef, towers: dict, feature_store,
@@ -51,10 +52,12 @@ def _train(context, kind: str, config: HeadTrainingConfig, manifest_ref: Manifes
     store = feature_store.writable_store()
     manifest = load_manifest(store, manifest_ref.dataset, manifest_ref.digest)
     settings = config.model_dump()
-    revision = settings.pop("revision")
+    revision, source = settings.pop("revision"), settings.pop("source_dataset")
     train_config = heads.HeadTrainConfig(**settings)
     tower_keys = {ref.feature: ref.key for ref in towers.values()}
     reason = heads.missing_input_reason(store, manifest, kind, tower_keys)
+    if source and source != manifest.dataset and not reason:
+        return _pretrained_space(context, kind, source, manifest, tower_keys, train_config, revision, store, device)
     if reason:
         space = space_of_head(kind)
         # The one place this is said: downstream assets pass the SkippedSpace on quietly.
@@ -129,6 +132,35 @@ def cavp_head(
                   {"audio": audio_tower, "video": frame_tower}, feature_store, device)
 
 
+def _pretrained_space(context, kind: str, source: str, manifest, tower_keys: dict, train_config, revision: str, store,
+                      device: DeviceResource) -> Output:
+    """The heads of ``source`` (fitted there on its own train split, or reused: the key leaves the
+    dataset out, so the heads a run on ``source`` trained with this config are the ones used),
+    frozen for this dataset: its clips are embedded in that space by the embedding asset."""
+    from assets.io import latest_output
+
+    source_manifest_ref = latest_output(store, source, "clip_manifest")
+    source_manifest = load_manifest(store, source, source_manifest_ref.digest)
+    source_towers = {feature: latest_output(store, source, feature).key for feature in tower_keys}
+    reason = heads.missing_input_reason(store, source_manifest, kind, source_towers)
+    if reason:
+        raise Failure(f"{kind}: source dataset {source!r} cannot fill this space: {reason}")
+    try:
+        fitted = heads.fit_head(store, source_manifest, kind, source_towers, train_config, revision, log=context.log.info,
+                                device=device.device())
+    except (ValueError, FloatingPointError) as exc:
+        raise Failure(f"{kind} training on {source!r} failed: {exc}") from None
+    context.log.info(f"{kind}: the space of dataset {source!r} ({fitted.key}, {'reused' if fitted.reused else 'trained'} "
+                     f"on its {fitted.sidecar['clips_train']} train clips), frozen for {manifest.dataset!r}")
+    return Output(
+        HeadRef(manifest.dataset, kind, fitted.key, tower_keys, head_dataset=source),
+        data_version=DataVersion(f"{source}:{fitted.key}"),
+        metadata={"checkpoint_key": fitted.key, "source_dataset": source, "reused": fitted.reused,
+                  "checkpoint_url": MetadataValue.path(fitted.sidecar["url"]),
+                  "clips_train": fitted.sidecar["clips_train"], "source_tower_keys": MetadataValue.json(source_towers)},
+    )
+
+
 def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature_store, compute) -> Output:
     if isinstance(head, SkippedSpace):
         return skipped_output(head)
@@ -144,12 +176,14 @@ def _embed(context, kind: str, head: HeadRef, manifest_ref: ManifestRef, feature
         params, key, inputs = params_obj.params(), params_obj.key(), ()
     else:
         extractor = registered_feature(feature)
-        params = {"head": kind, "head_key": head.key, "tower_keys": head.tower_keys}
+        params = heads.embedding_params(kind, head.key, head.tower_keys, head.head_dataset)
         inputs = (head.key, *sorted(head.tower_keys.values()))
         key = feature_key(feature, params, extractor.code_version, inputs)
     run, ref, metadata, _ = compute_feature(context, store, manifest_ref.dataset, manifest_ref.digest, extractor, key, params,
                                          compute, input_keys=tuple(inputs))
     metadata["head_key"] = head.key or f"pretrained:{head.pretrained_dir}"
+    if head.head_dataset:
+        metadata["space_source_dataset"] = head.head_dataset
     return Output(ref, data_version=data_version(run), metadata=metadata)
 
 
@@ -198,7 +232,8 @@ def retrieval_evaluation(
         if isinstance(embeddings, SkippedSpace):
             skipped.append(embeddings)
         else:
-            spaces[kind] = {"embedding_key": embeddings.key, "head_key": head.key, "tower_keys": head.tower_keys}
+            spaces[kind] = {"embedding_key": embeddings.key, "head_key": head.key, "tower_keys": head.tower_keys,
+                            "head_dataset": head.head_dataset}
     try:
         rows = head_retrieval.evaluate_retrieval(store, manifest, spaces, split=config.split, seed=config.seed)
     except ValueError as exc:

@@ -30,6 +30,17 @@ def _asset_name(context) -> str:
     return check_name("__".join(context.asset_key.path), "asset name")
 
 
+def latest_output(store, dataset: str, asset: str):
+    """The latest committed output of ``asset`` in another dataset (a pretrained space, a model
+    evaluated across datasets); a Failure naming what to run when there is none."""
+    path = posixpath.join(store.path(check_name(dataset, "dataset")), OUTPUTS_FOLDER, f"{check_name(asset, 'asset name')}.json")
+    if not store.exists(path):
+        raise Failure(f"{asset} of dataset {dataset!r} has not been materialized in {store.url_root}: run it on "
+                      f"that dataset first (e.g. `dagster job execute -j train_diffgap --tags "
+                      f"'{{\"dagster/partition\": \"{dataset}\"}}'`)")
+    return refs.decode(store.read_json(path)["value"])
+
+
 class StoreIOManager(ConfigurableIOManager):
     """Stores each asset output as JSON beside its dataset in the feature store."""
 

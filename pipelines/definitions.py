@@ -25,13 +25,13 @@ from dagster import (
     sensor,
 )
 
-from assets import cmmd, contrastive, diffgap, features, generation, towers, vae
+from assets import cmmd, contrastive, diffgap, features, generation, study, towers, vae
 from assets.datasets import DATASETS, PARTITION_TAG, DatasetLeaseResource
 from assets.io import StoreIOManager
 from assets.resources import ClipSourceResource, default_dataset, resources_from_env
 from stages.core.errors import ConfigError
 
-ASSET_MODULES = [features, towers, contrastive, diffgap, vae, generation, cmmd]
+ASSET_MODULES = [features, towers, contrastive, diffgap, vae, generation, study, cmmd]
 ALL_ASSETS = load_assets_from_modules(ASSET_MODULES)
 ALL_CHECKS = load_asset_checks_from_modules(ASSET_MODULES)
 
@@ -62,6 +62,12 @@ refresh_features = _job("refresh_features", ("features",),
 train_diffgap = _job("train_diffgap", ("features", "embeddings", "diffgap"),
                      "From nothing: manifest -> features -> tower features -> CLAP/CAVP heads and embeddings -> "
                      "DiffGAP in both spaces -> retrieval evaluation and ablations.")
+study_diffgap = _job("study_diffgap", ("study",),
+                     "Where DiffGAP helps: manifest -> tower features -> diffgap_study (heads and DiffGAP fitted per "
+                     "training in memory, each training a cached result; see README 'DiffGAP: where it helps').")
+evaluate_transfer = _job("evaluate_transfer", ("transfer",),
+                         "Another dataset's heads and DiffGAP models on this dataset without retraining "
+                         "(config: ops.diffgap_transfer.config.model_dataset).")
 train_vae = _job("train_vae", ("vae",), "KL-VAEs on audio images and video frames, and the latents of every clip.")
 generate_audio = _job("generate_audio", ("vae", "generation"),  # "vae": latent_statistics, beside the generator's inputs
                       "Everything text/video-to-audio generation needs, the generator, WAVs and Tables I/II.")
@@ -128,7 +134,7 @@ except ConfigError as exc:
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[refresh_features, train_diffgap, train_vae, generate_audio, train_cmmd, no_op],
+    jobs=[refresh_features, train_diffgap, study_diffgap, evaluate_transfer, train_vae, generate_audio, train_cmmd, no_op],
     schedules=[daily_feature_refresh],
     sensors=[new_media_sensor],
     resources=RESOURCES,

@@ -65,6 +65,8 @@ fi
 if [ "$want_test" -eq 1 ]; then
   # A real PostgreSQL server for the instance-storage test (the test starts its own).
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
+  # espeak-ng synthesises the speech collection (stages/ingest/speech.py) its tests build.
+  command -v espeak-ng >/dev/null 2>&1 || apt_install espeak-ng
 fi
 if [ "$want_bench" -eq 1 ]; then
   # The naive baseline (librosa.load on mp4) decodes through audioread, which runs ffmpeg.

@@ -59,8 +59,15 @@ class HeadRef:
     dataset: str
     kind: str
     key: str
-    tower_keys: dict = field(default_factory=dict)
+    tower_keys: dict = field(default_factory=dict)  # the tower features it reads in ``dataset``
     pretrained_dir: str = ""
+    # The dataset whose train split the head was fitted on and where its checkpoint lives, when not
+    # ``dataset``: a pretrained space, frozen, that this dataset's clips are embedded in.
+    head_dataset: str = ""
+
+    @property
+    def source_dataset(self) -> str:
+        return self.head_dataset or self.dataset
 
 
 @ref_type

@@ -62,12 +62,17 @@ def _generate(model, condition, direction, steps, sampler, samples, seed, projec
     return np.concatenate(out) if out else np.zeros((0, condition.shape[-1]), np.float32)
 
 
-def blended_metrics(query: np.ndarray, gallery: np.ndarray, predicted: np.ndarray, weight: float) -> dict:
-    """Rank the gallery by (1 - w) * sim(query, g) + w * sim(predicted target, g)."""
+def blended_ranks(query: np.ndarray, gallery: np.ndarray, predicted: np.ndarray, weight: float) -> np.ndarray:
+    """1-based rank of each query's match when the gallery is ranked by
+    (1 - w) * sim(query, g) + w * sim(predicted target, g)."""
     from stages.evaluation.retrieval import match_ranks
 
-    scores = (1 - weight) * (query @ gallery.T) + weight * (predicted @ gallery.T)
-    ranks = match_ranks(scores)
+    return match_ranks((1 - weight) * (query @ gallery.T) + weight * (predicted @ gallery.T))
+
+
+def blended_metrics(query: np.ndarray, gallery: np.ndarray, predicted: np.ndarray, weight: float) -> dict:
+    """Rank the gallery by (1 - w) * sim(query, g) + w * sim(predicted target, g)."""
+    ranks = blended_ranks(query, gallery, predicted, weight)
     return {
         "R@1": float(100 * np.mean(ranks <= 1)), "R@5": float(100 * np.mean(ranks <= 5)),
         "R@10": float(100 * np.mean(ranks <= 10)), "mean_rank": float(ranks.mean()),
@@ -91,6 +96,46 @@ def fit_ridge(condition: np.ndarray, target: np.ndarray, alpha: float) -> np.nda
 
 
 RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def choose_ridge(data: "SplitData", direction: int) -> tuple[np.ndarray, float, float]:
+    """The ridge control of one direction: (map, alpha, blend weight), alpha and weight chosen on
+    the validation split (best R@1, then mean rank), the map fitted on the train split."""
+    train_q, train_g = data.train.condition_target(direction)
+    val_q, val_g = data.val.condition_target(direction)
+    best = None
+    for alpha in RIDGE_ALPHAS:
+        val_pred = normalize(val_q @ fit_ridge(train_q, train_g, alpha))
+        weight = choose_blend(val_q, val_g, val_pred)
+        score = blended_metrics(val_q, val_g, val_pred, weight)
+        key = (-score["R@1"], score["mean_rank"])
+        if best is None or key < best[0]:
+            best = (key, alpha, weight)
+    _, alpha, weight = best
+    return fit_ridge(train_q, train_g, alpha), alpha, weight
+
+
+def direction_ranks(direction: int, data: "SplitData", model: Denoiser | None, *, steps: int = 50, sampler: str = "ddim",
+                    samples: Sequence[int] = (16,), seed: int = 0) -> dict[str, dict]:
+    """Per-query ranks on the test split of one direction, for paired tests: {method: {"ranks",
+    "blend_weight"}} for the base encoder, the ridge control and DiffGAP with each sample count k
+    ("DiffGAP k=16"; blend weights chosen on the validation split, as in evaluate_direction; and
+    "DiffGAP k=16 generated only", w = 1)."""
+    val_q, val_g = data.val.condition_target(direction)
+    test_q, test_g = data.test.condition_target(direction)
+    ridge, _, ridge_weight = choose_ridge(data, direction)
+    out = {
+        "base encoder": {"ranks": blended_ranks(test_q, test_g, test_q, 0.0), "blend_weight": 0.0},
+        "ridge control": {"ranks": blended_ranks(test_q, test_g, normalize(test_q @ ridge), ridge_weight),
+                          "blend_weight": ridge_weight},
+    }
+    for k in (samples if model is not None else ()):
+        val_pred = generate(model, val_q, direction, steps, sampler, k, seed)
+        weight = choose_blend(val_q, val_g, val_pred)
+        test_pred = generate(model, test_q, direction, steps, sampler, k, seed + 1)
+        out[f"DiffGAP k={k}"] = {"ranks": blended_ranks(test_q, test_g, test_pred, weight), "blend_weight": weight}
+        out[f"DiffGAP k={k} generated only"] = {"ranks": blended_ranks(test_q, test_g, test_pred, 1.0), "blend_weight": 1.0}
+    return out
 
 
 @dataclass
@@ -127,18 +172,7 @@ def evaluate_direction(
 
     if include_controls:
         rows.append(row("base encoder", retrieval_metrics(test_q, test_g), None))
-        train_q, train_g = data.train.condition_target(direction)
-        best = None
-        for alpha in RIDGE_ALPHAS:
-            ridge = fit_ridge(train_q, train_g, alpha)
-            val_pred = normalize(val_q @ ridge)
-            weight = choose_blend(val_q, val_g, val_pred)
-            score = blended_metrics(val_q, val_g, val_pred, weight)
-            key = (-score["R@1"], score["mean_rank"])
-            if best is None or key < best[0]:
-                best = (key, alpha, weight)
-        _, alpha, weight = best
-        ridge = fit_ridge(train_q, train_g, alpha)
+        ridge, alpha, weight = choose_ridge(data, direction)
         rows.append(row(f"ridge control (alpha {alpha:g})", blended_metrics(test_q, test_g, normalize(test_q @ ridge), weight), weight))
     if model is not None:
         val_pred = generate(model, val_q, direction, steps, sampler, samples, seed)
@@ -274,3 +308,34 @@ def ablation_settings() -> dict:
     """What the ablation tables vary (part of their result key)."""
     return {"sampling_steps": list(ABLATION_SAMPLING_STEPS), "bst_intervals": ABLATION_INTERVALS,
             "tables": ["V", "VI", "VII"]}
+
+
+# ---- a model evaluated on another dataset ---------------------------------------------------------
+
+def cross_dataset_split(model_pairs: EmbeddingPairs, eval_pairs: EmbeddingPairs, split: str = "test") -> SplitData:
+    """The model's own train / val pairs (ridge control fitted, blend weights chosen there: nothing
+    is fitted or chosen on the other dataset) and the other dataset's ``split`` as the test set;
+    both in the model's space (the other dataset embedded with the model's heads)."""
+    data = SplitData(model_pairs.subset("train"), model_pairs.subset("val"), eval_pairs.subset(split))
+    for name, part in (("train", data.train), ("val", data.val), (split, data.test)):
+        if len(part) < 2:
+            raise ValueError(f"split {name!r} has {len(part)} clips with embeddings; need at least 2")
+    return data
+
+
+def transfer_result_key(config: Mapping[str, Any], model_dataset: str, models: Sequence[DiffgapRef | SkippedSpace],
+                        eval_manifest: ClipManifest, eval_embedding_keys: Mapping[str, str]) -> tuple[str, dict]:
+    """The key of a cross-dataset evaluation: it names both datasets, the models' checkpoints and
+    embedding keys (in the model's dataset), the evaluated dataset's splits and its embedding keys
+    in the model's space."""
+    inputs = [f"model_dataset:{model_dataset}", f"eval_dataset:{eval_manifest.dataset}",
+              f"eval:splits:{splits_digest(eval_manifest)}"]
+    for ref in models:
+        if isinstance(ref, SkippedSpace):
+            inputs.append(f"{ref.space}:skipped:{ref.reason}")
+        else:
+            inputs += [f"{ref.space}:checkpoint:{ref.key}", f"{ref.space}:embeddings:{ref.embedding_key}",
+                       f"{ref.space}:eval_embeddings:{eval_embedding_keys.get(ref.space, '')}"]
+    params = {"config": dict(config), "diffgap_code_version": DIFFGAP_CODE_VERSION}
+    key = feature_key("diffgap_transfer", params, EVALUATION_CODE_VERSION, inputs)
+    return key, {"params": params, "code_version": EVALUATION_CODE_VERSION, "inputs": inputs}

@@ -305,6 +305,16 @@ def fit_head(store: FeatureStore, manifest: ClipManifest, kind: str, tower_keys:
                             on_new_shards=NewShards.REUSE)
 
 
+def embedding_params(kind: str, head_key: str, tower_keys: Mapping[str, str], head_dataset: str = "") -> dict:
+    """What an embedding feature's key hashes. ``head_dataset``: the dataset whose train split the
+    head was fitted on, when it is not the embedded one (a pretrained space); it enters the params
+    only then, so a dataset's own embeddings keep their key."""
+    params = {"head": kind, "head_key": head_key, "tower_keys": dict(tower_keys)}
+    if head_dataset:
+        params["head_dataset"] = head_dataset
+    return params
+
+
 class _HeadEmbeddings(ShardFeature):
     """Embed one shard's tower features with a trained head; clips missing an input are quarantined."""
 
@@ -329,7 +339,8 @@ class _HeadEmbeddings(ShardFeature):
             if clip_id not in clip_ids
         ]
         if clip_ids:
-            model = load_head(store, job.dataset, kind, head_key)
+            # A space trained on another dataset (a pretrained space) has its checkpoint there.
+            model = load_head(store, job.params.get("head_dataset") or job.dataset, kind, head_key)
             out = embed(model, kind, {name: np.stack([r[i] for i in clip_ids]) for name, r in rows.items()})
         else:
             out = {}

@@ -42,7 +42,7 @@ def evaluate_retrieval(
     is a T->A query, and A->T hits when any of the clip's captions is in the top k.
 
     ``heads`` maps a head kind to {"embedding_key", "head_key" (or "" for a pretrained model),
-    "tower_keys"}.
+    "tower_keys", optionally "head_dataset" (where a head trained on another dataset lives)}.
     """
     import torch
     from models.contrastive import HeadConfig
@@ -65,7 +65,8 @@ def evaluate_retrieval(
         methods["random embeddings"] = {name: normalize(rng.normal(size=(len(ids), dim))) for name in methods["trained"]}
         untrained = None
         if info.get("head_key"):
-            _, sidecar = load_checkpoint(store, manifest.dataset, kind, info["head_key"])
+            head_dataset = info.get("head_dataset") or manifest.dataset  # a pretrained space lives in its source
+            _, sidecar = load_checkpoint(store, head_dataset, kind, info["head_key"])
             torch.manual_seed(seed)
             untrained = build_head(kind, sidecar["input_dims"], HeadConfig(**sidecar["head_config"]))
             towers = paired_features(store, manifest, kind, info["tower_keys"])
@@ -79,7 +80,7 @@ def evaluate_retrieval(
             if info.get("head_key") and any(len(c) > 1 for c in captions):
                 owners["text"] = np.array([i for i, own in enumerate(captions) for _ in own])
                 flat = [text for own in captions for text in own]
-                for method, text in _caption_embeddings(store, manifest.dataset, info["head_key"], flat, untrained, rng).items():
+                for method, text in _caption_embeddings(store, head_dataset, info["head_key"], flat, untrained, rng).items():
                     methods[method]["text"] = text
                 texts = {"text": [(t,) for t in flat], "audio": captions}
             else:  # one text per clip: the one its embedding was made from

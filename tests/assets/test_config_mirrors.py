@@ -25,7 +25,8 @@ PAIRS = [
     (towers.AudioTowerConfig, tower_stage.AudioTowerParams, set()),
     (towers.FrameTowerConfig, tower_stage.FrameTowerParams, set()),
     (vae.VideoFramesConfig, frames.FrameParams, set()),
-    (contrastive.HeadTrainingConfig, heads.HeadTrainConfig, {"revision"}),  # revision only re-keys the checkpoint
+    # revision only re-keys the checkpoint; source_dataset says which dataset it is fitted on
+    (contrastive.HeadTrainingConfig, heads.HeadTrainConfig, {"revision", "source_dataset"}),
     (diffgap.DiffgapConfig, diffgap_train.DiffgapTrainConfig, set()),
     (diffgap.DiffgapEvalConfig, diffgap_eval.EvalConfig, {"seeds"}),  # one EvalConfig per seed
     (vae.VaeTrainingConfig, vae_train.VaeTrainConfig, {"pretrained_dir"}),  # chooses loading over training

@@ -49,6 +49,7 @@ def demo_keys() -> dict[str, str]:
         AudioTowerParams().key(), FrameTowerParams().key(), TextTowerParams().key())
     head = default_config("clap_head")
     revision = head.pop("revision")
+    assert head.pop("source_dataset") == ""  # the default: the dataset's own space (keys as before)
     train = heads.HeadTrainConfig(**head)
     towers = {"clap_head": ("audio_tower", "text_tower"), "cavp_head": ("audio_tower", "frame_tower")}
     for kind, space, feature in (("clap_head", "clap", "clap_embeddings"), ("cavp_head", "cavp", "cavp_embeddings")):
