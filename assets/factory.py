@@ -36,7 +36,7 @@ from stages.ingest.manifest import load_manifest
 # Output(data_version=...) is marked beta; it is how the UI shows which features are stale.
 warnings.filterwarnings("ignore", message=r"Parameter `data_version`")
 
-GROUPS = ("ingest", "features", "towers", "embeddings", "diffgap", "vae", "generation", "study", "transfer", "cmmd")
+GROUPS = ("ingest", "features", "towers", "embeddings", "diffgap", "vae", "generation", "study", "transfer", "cmmd", "mmldm")
 # Transient storage errors (an S3 hiccup) are worth one more try; everything committed is reused.
 SHARD_RETRY = RetryPolicy(max_retries=1, delay=5)
 QUARANTINE_ROWS_SHOWN = 50

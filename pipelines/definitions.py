@@ -25,13 +25,13 @@ from dagster import (
     sensor,
 )
 
-from assets import cmmd, contrastive, diffgap, features, generation, study, towers, vae
+from assets import cmmd, contrastive, diffgap, features, generation, mmldm, study, towers, vae
 from assets.datasets import DATASETS, PARTITION_TAG, DatasetLeaseResource
 from assets.io import StoreIOManager
 from assets.resources import ClipSourceResource, default_dataset, resources_from_env
 from stages.core.errors import ConfigError
 
-ASSET_MODULES = [features, towers, contrastive, diffgap, vae, generation, study, cmmd]
+ASSET_MODULES = [features, towers, contrastive, diffgap, vae, generation, study, cmmd, mmldm]
 ALL_ASSETS = load_assets_from_modules(ASSET_MODULES)
 ALL_CHECKS = load_asset_checks_from_modules(ASSET_MODULES)
 
@@ -74,6 +74,9 @@ generate_audio = _job("generate_audio", ("vae", "generation"),  # "vae": latent_
 train_cmmd = _job("train_cmmd", ("cmmd",),
                   "From nothing: manifest -> mels -> mel latents; frames -> frame VAE -> frames at 8.613 fps -> their latents -> "
                   "CMMD (joint video-audio diffusion) -> V2A / A2V evaluation, WAVs and mp4s.")
+train_mmldm = _job("train_mmldm", ("mmldm",),
+                   "From nothing: manifest -> mels -> audio images; frames -> KL-VAEs -> their latents -> MM-LDM autoencoder -> "
+                   "its latents -> DiT -> svg / a2v / v2a evaluation and sounding mp4s.")
 
 
 @op(description="Nothing: no resource, no input, no output.")
@@ -134,7 +137,7 @@ except ConfigError as exc:
 defs = Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[refresh_features, train_diffgap, study_diffgap, evaluate_transfer, train_vae, generate_audio, train_cmmd, no_op],
+    jobs=[refresh_features, train_diffgap, study_diffgap, evaluate_transfer, train_vae, generate_audio, train_cmmd, train_mmldm, no_op],
     schedules=[daily_feature_refresh],
     sensors=[new_media_sensor],
     resources=RESOURCES,

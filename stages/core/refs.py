@@ -122,6 +122,29 @@ class CmmdRef:
     variant: str = "CMMD"
 
 
+@ref_type
+@dataclass(frozen=True)
+class MmldmAutoencoderRef:
+    """An MM-LDM autoencoder checkpoint and the KL-VAE latents it was fitted on."""
+
+    dataset: str
+    key: str
+    vae_latent_key: str
+    variant: str = "MM-LDM autoencoder"
+
+
+@ref_type
+@dataclass(frozen=True)
+class MmldmRef:
+    """An MM-LDM DiT checkpoint, its autoencoder and the cached latents it was trained on."""
+
+    dataset: str
+    key: str
+    autoencoder_key: str
+    mmldm_latent_key: str
+    vae_latent_key: str
+
+
 # ---- JSON ---------------------------------------------------------------------------------------
 
 def encode(value: Any) -> Any:

@@ -205,6 +205,7 @@ def all_features() -> dict[str, ShardFeature]:
     """Every registered feature (importing the packages that register them)."""
     import stages.embeddings  # noqa: F401
     import stages.features  # noqa: F401
+    import stages.mmldm.latents  # noqa: F401
 
     return FEATURES
 

@@ -1,0 +1,73 @@
+"""The MM-LDM chain through Dagster on the demo media, tiny configs: KL-VAEs -> vae_latents ->
+mmldm_autoencoder -> mmldm_latents -> mmldm (DiT) -> mmldm_evaluation; a re-run reuses every
+checkpoint, shard and the cached evaluation; sounding mp4s and previews land in the store."""
+
+from __future__ import annotations
+
+import av
+import pytest
+from dagster import DagsterInstance
+
+from assets.features import audio_images, clip_manifest, mel_spectrograms
+from assets.mmldm import MMLDM_ASSETS
+from assets.resources import ClipSourceResource
+from assets.vae import audio_vae, frame_vae, vae_latents, video_frames
+from stages.core.store import FeatureStore
+from stages.mmldm.latents import MMLDM_LATENT_FEATURE
+from tests.fixtures.dagster_results import materialization_metadata
+from tests.fixtures.tiny import materialize_dataset, resources
+
+TINY_VAE = {"steps": 20, "batch_size": 8, "learning_rate": 2e-3, "eval_every": 10, "block_out_channels": [16, 32, 32],
+            "norm_num_groups": 4, "max_val_images": 32}
+RUN_CONFIG = {"ops": {
+    "audio_images": {"config": {"size": 32}},
+    "video_frames": {"config": {"fps": 2.0, "size": 32}},
+    "audio_vae": {"config": {**TINY_VAE, "crop_width": 0}},
+    "frame_vae": {"config": {**TINY_VAE, "frame_stride": 2}},
+    "mmldm_autoencoder": {"config": {"steps": 4, "batch_size": 4, "latent_channels": 4, "encoder_channels": 16,
+                                     "decoder_channels": [16, 16], "semantic_dim": 16, "checkpoint_every": 2}},
+    "mmldm": {"config": {"steps": 5, "batch_size": 4, "hidden": 32, "depth": 1, "heads": 2, "checkpoint_every": 2}},
+    "mmldm_evaluation": {"config": {"steps": 2, "decoder_steps": 2, "max_clips": 3, "phi": [1.0, 2.0]}},
+}}
+ASSETS = [clip_manifest, mel_spectrograms, audio_images, video_frames, audio_vae, frame_vae, vae_latents, *MMLDM_ASSETS]
+
+
+@pytest.fixture
+def demo_source(demo_dataset):
+    return ClipSourceResource(kind="jsonl", path=str(demo_dataset), dataset="demo", shard_size=16)
+
+
+def test_mmldm_chain_trains_evaluates_and_reuses(demo_source, tmp_path):
+    instance = DagsterInstance.ephemeral()
+    found = {"clip_source": demo_source, **resources(tmp_path)}
+    first = materialize_dataset(ASSETS, found, instance=instance, run_config=RUN_CONFIG)
+    assert first.success
+    autoencoder = materialization_metadata(first, "mmldm_autoencoder")
+    assert autoencoder["status"] == "trained" and autoencoder["steps_run"] == 4 and autoencoder["classes"] >= 2
+    assert {"audio_mse", "frames_mse", "audio_to_video_r1", "class_accuracy"} <= set(autoencoder["metrics"])
+    model = materialization_metadata(first, "mmldm")
+    assert model["status"] == "trained" and model["steps_run"] == 5
+    store = FeatureStore(str(tmp_path))
+    latents = materialization_metadata(first, "mmldm_latents")
+    table = store.read_arrays("demo", MMLDM_LATENT_FEATURE, latents["key"] if "key" in latents else store.resolve_key("demo", MMLDM_LATENT_FEATURE, None))
+    assert table.arrays["audio_mean"].shape[1:] == (4, 4, 4) and table.arrays["video_mean"].shape[1:] == (4, 4, 4)
+    assert (table.arrays["audio_std"] > 0).all()
+
+    evaluation = materialization_metadata(first, "mmldm_evaluation")
+    assert evaluation["reused"] is False and evaluation["clips"] == 3
+    text = evaluation["table"]
+    for row in ("ground truth (KL-VAE reconstruction)", "MM-LDM autoencoder reconstruction", "control", "| MM-LDM | svg |",
+                "| MM-LDM | a2v | 2 |", "| MM-LDM | v2a | 1 |"):
+        assert row in text
+    assert "FAD (aiSFX)" in text and "FVD (EffNet-lite0)" in text and "KVD (EffNet-lite0)" in text
+    assert any(k.startswith("preview svg") for k in evaluation)
+    mp4s = sorted(store.fs.glob(evaluation["folder"].replace("file://", "") + "/*.mp4"))
+    assert len(mp4s) == 3 * (1 + 1 + 1 + 2 + 2)  # 3 clips x (KL-VAE, autoencoder, svg, a2v x 2, v2a x 2); none of the control
+    with av.open(mp4s[0]) as container:  # a sounding video
+        assert {s.type for s in container.streams} == {"video", "audio"}
+
+    again = materialize_dataset(ASSETS, found, instance=instance, run_config=RUN_CONFIG)
+    assert again.success
+    assert materialization_metadata(again, "mmldm_autoencoder")["status"] == "reused"
+    assert materialization_metadata(again, "mmldm")["status"] == "reused"
+    assert materialization_metadata(again, "mmldm_evaluation")["reused"] is True
