@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from assets import cmmd, contrastive, diffgap, features, generation, towers, vae
+from assets import cmmd, contrastive, diffgap, features, generation, mmldm, towers, vae
 from stages.cmmd import evaluate as cmmd_eval
 from stages.cmmd import train as cmmd_train
 from stages.diffgap import evaluate as diffgap_eval
@@ -16,6 +16,9 @@ from stages.features import frames, latents, mel
 from stages.features import towers as tower_stage
 from stages.generation import sample
 from stages.generation import train as generation_train
+from stages.mmldm import evaluate as mmldm_eval
+from stages.mmldm import latents as mmldm_latents
+from stages.mmldm import train as mmldm_train
 from stages.vae import train as vae_train
 
 PAIRS = [
@@ -36,6 +39,10 @@ PAIRS = [
     (generation.SamplingConfig, sample.SampleConfig, set()),
     (cmmd.CmmdConfig, cmmd_train.CmmdTrainConfig, set()),
     (cmmd.CmmdEvalConfig, cmmd_eval.CmmdEvalConfig, set()),
+    (mmldm.MmldmAutoencoderConfig, mmldm_train.AutoencoderTrainConfig, set()),
+    (mmldm.MmldmLatentConfig, mmldm_latents.MmldmLatentParams, set()),
+    (mmldm.MmldmDitConfig, mmldm_train.DitTrainConfig, set()),
+    (mmldm.MmldmEvalConfig, mmldm_eval.MmldmEvalConfig, set()),
 ]
 
 
