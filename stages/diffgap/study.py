@@ -40,7 +40,8 @@ from stages.embeddings.spaces import get_space
 from stages.evaluation.retrieval import normalize
 from stages.ingest.manifest import ClipManifest
 
-STUDY_CODE_VERSION = "1"
+STUDY_CODE_VERSION = "1"  # of the cells (trainings): a change retrains every cell
+ROWS_VERSION = "2"  # of the table assembled from the cells: a change re-reads them, retrains nothing
 CELL_RESULT = "diffgap_study_cell"
 
 
@@ -240,12 +241,12 @@ def study_rows(config: StudyConfig, target: str, cells: Mapping[tuple, dict]) ->
                 "train clips": trained[0]["clips_train"], "test queries": trained[0]["clips_test"],
                 "matched cos": float(np.mean([c["gap_test"]["matched_cosine"] for c in trained])),
                 "base R@1": recall["base encoder"]["mean"], "base std": recall["base encoder"]["std"],
-                "ridge R@1": recall["ridge control"]["mean"], "DiffGAP R@1": recall[diffgap]["mean"],
+                "ridge R@1": recall["ridge control"]["mean"], "ridge std": recall["ridge control"]["std"], "DiffGAP R@1": recall[diffgap]["mean"],
                 "DiffGAP std": recall[diffgap]["std"], "blend w": float(np.mean(weights)),
                 "generated only R@1": generated["mean"],
                 "DiffGAP-base": vs_base["gain"], "DiffGAP-base std": vs_base["gain_std"], "DiffGAP-base p": vs_base["p"],
                 "DiffGAP wins": f"{vs_base['wins']}/{vs_base['trainings']}", "within SE": vs_base["within_se"],
-                "ridge-base": ridge_base["gain"], "ridge-base p": ridge_base["p"],
+                "ridge-base": ridge_base["gain"], "ridge-base std": ridge_base["gain_std"], "ridge-base p": ridge_base["p"],
                 "DiffGAP-ridge": vs_ridge["gain"], "DiffGAP-ridge std": vs_ridge["gain_std"], "DiffGAP-ridge p": vs_ridge["p"],
             })
     return rows
@@ -253,7 +254,7 @@ def study_rows(config: StudyConfig, target: str, cells: Mapping[tuple, dict]) ->
 
 TABLE_COLUMNS = ["direction", "axis", "value", "trainings", "train clips", "test queries", "matched cos", "base R@1",
                  "ridge R@1", "DiffGAP R@1", "blend w", "generated only R@1", "DiffGAP-base", "DiffGAP-base p", "DiffGAP wins", "ridge-base",
-                 "DiffGAP-ridge", "DiffGAP-ridge p"]
+                 "ridge-base p", "DiffGAP-ridge", "DiffGAP-ridge p"]
 
 
 def _fmt(value, std=None) -> str:
@@ -273,14 +274,12 @@ def markdown(rows: Sequence[dict]) -> str:
         cells = []
         for column in TABLE_COLUMNS:
             value = row[column]
-            if column in ("base R@1", "DiffGAP R@1"):
-                std = row["base std" if column == "base R@1" else "DiffGAP std"]
+            if column in ("base R@1", "ridge R@1", "DiffGAP R@1"):
+                std = row.get(column.split()[0] + " std", float("nan"))  # rows of ROWS_VERSION 1 lack "ridge std"
                 cells.append(f"{value:.1f} ± {std:.1f}" if np.isfinite(std) else f"{value:.1f}")
-            elif column in ("DiffGAP-base", "DiffGAP-ridge"):
-                std = row[f"{column} std"]
+            elif column in ("DiffGAP-base", "DiffGAP-ridge", "ridge-base"):
+                std = row.get(f"{column} std", float("nan"))
                 cells.append(f"{value:+.1f} ± {std:.1f}" if np.isfinite(std) else f"{value:+.1f}")
-            elif column == "ridge-base":
-                cells.append(f"{value:+.1f}")
             elif column.endswith(" p"):
                 cells.append(f"{value:.2f}" if np.isfinite(value) else "-")
             else:
