@@ -81,8 +81,12 @@ def diffgap_study(context: AssetExecutionContext, config: DiffgapStudyConfig, cl
         store.write_bytes(png_path, png)
         metadata["plot"] = MetadataValue.md(f"![DiffGAP gain]({'data:image/png;base64,' + base64.b64encode(png).decode()})")
         metadata["plot_png"] = MetadataValue.path(store.url(png_path))
-    else:
-        metadata["plot"] = MetadataValue.md("matplotlib is not installed: the gains are in the table\n\n" + table)
+    else:  # no matplotlib: the same plot as SVG
+        svg = study.plot_svg(rows).encode()
+        svg_path = posixpath.join(store.path(dataset, "evaluations", "diffgap_study"), f"{key}.svg")
+        store.write_bytes(svg_path, svg)
+        metadata["plot"] = MetadataValue.md(f"![DiffGAP gain]({'data:image/svg+xml;base64,' + base64.b64encode(svg).decode()})")
+        metadata["plot_svg"] = MetadataValue.path(store.url(svg_path))
     context.log.info(f"DiffGAP study on {dataset!r} ({'reused' if result.reused else 'computed'}, key {key}):\n{table}")
     return Output(rows, data_version=DataVersion(key), metadata=metadata)
 

@@ -30,3 +30,14 @@ def test_every_row_has_the_ridge_control_with_its_spread_and_paired_test():
     values = dict(zip(columns, (c.strip() for c in first.strip("|").split("|"))))
     assert values["ridge R@1"] == "62.5 ± 17.7" and values["ridge-base"] == "+12.5 ± 17.7" and values["ridge-base p"] == "0.50"
     assert values["test queries"] == "4" and values["trainings"] == "2"
+
+
+def test_the_svg_plot_has_a_panel_per_axis_and_a_point_per_row():
+    import xml.dom.minidom
+
+    config = study.StudyConfig(seeds=(0, 1), fractions=(1.0,), head_steps=(10,), samples=(2,))
+    rows = study.study_rows(config, "demo", {("demo", 10, 1.0, seed): _cell(seed) for seed in (0, 1)})
+    svg = xml.dom.minidom.parseString(study.plot_svg(rows))
+    assert len(svg.getElementsByTagName("circle")) == len(rows)
+    titles = {t.firstChild.data for t in svg.getElementsByTagName("text") if t.getAttribute("font-weight") == "bold"}
+    assert titles == {"train fraction", "head steps", "samples k", "space from"}
