@@ -47,7 +47,7 @@ def _towers(store, dataset: str, space: str, refs: dict) -> study.DatasetTowers:
     return study.DatasetTowers(dataset, manifest, {feature: refs[feature].key for feature in features})
 
 
-@dataset_asset(group="study", kinds=("pytorch",), code_version=f"diffgap_study-{study.STUDY_CODE_VERSION}",
+@dataset_asset(group="study", kinds=("pytorch",), code_version=f"diffgap_study-{study.STUDY_CODE_VERSION}.rows{study.ROWS_VERSION}",
                description="Where DiffGAP helps: R@1 of base encoder, ridge control and DiffGAP over several trainings against train-set size, head steps (space tightness), sample count k and the space's source dataset, with paired tests. Each training is a cached result.")
 def diffgap_study(context: AssetExecutionContext, config: DiffgapStudyConfig, clip_manifest: ManifestRef,
                   audio_tower: FeatureRef, text_tower: FeatureRef, frame_tower: FeatureRef,
@@ -61,7 +61,7 @@ def diffgap_study(context: AssetExecutionContext, config: DiffgapStudyConfig, cl
     for name, towers in sources.items():
         if not towers.features(store, get_space(params.space).head).clip_ids:
             raise Failure(f"diffgap_study: dataset {name!r} has no clip with both inputs of the {params.space} space")
-    key = feature_key("diffgap_study", params.params(), study.STUDY_CODE_VERSION,
+    key = feature_key("diffgap_study", params.params(), f"{study.STUDY_CODE_VERSION}.rows{study.ROWS_VERSION}",
                       sorted({item for towers in sources.values() for item in towers.identity()}))
 
     def compute() -> dict:
@@ -81,8 +81,12 @@ def diffgap_study(context: AssetExecutionContext, config: DiffgapStudyConfig, cl
         store.write_bytes(png_path, png)
         metadata["plot"] = MetadataValue.md(f"![DiffGAP gain]({'data:image/png;base64,' + base64.b64encode(png).decode()})")
         metadata["plot_png"] = MetadataValue.path(store.url(png_path))
-    else:
-        metadata["plot"] = MetadataValue.md("matplotlib is not installed: the gains are in the table\n\n" + table)
+    else:  # no matplotlib: the same plot as SVG
+        svg = study.plot_svg(rows).encode()
+        svg_path = posixpath.join(store.path(dataset, "evaluations", "diffgap_study"), f"{key}.svg")
+        store.write_bytes(svg_path, svg)
+        metadata["plot"] = MetadataValue.md(f"![DiffGAP gain]({'data:image/svg+xml;base64,' + base64.b64encode(svg).decode()})")
+        metadata["plot_svg"] = MetadataValue.path(store.url(svg_path))
     context.log.info(f"DiffGAP study on {dataset!r} ({'reused' if result.reused else 'computed'}, key {key}):\n{table}")
     return Output(rows, data_version=DataVersion(key), metadata=metadata)
 
@@ -109,6 +113,7 @@ def diffgap_transfer(context: AssetExecutionContext, config: DiffgapTransferConf
     from stages.core.refs import HeadRef
     from stages.diffgap import evaluate as diffgap_eval
     from stages.diffgap import train as diffgap_train
+    from stages.embeddings import heads
     from stages.embeddings.spaces import SPACES, SkippedSpace
 
     store = feature_store.writable_store()
@@ -124,6 +129,10 @@ def diffgap_transfer(context: AssetExecutionContext, config: DiffgapTransferConf
         if isinstance(model, SkippedSpace) or isinstance(head, SkippedSpace) or head.pretrained_dir:
             reason = model.reason if isinstance(model, SkippedSpace) else "a pretrained ClapModel space (embed with it here)"
             models.append(SkippedSpace(dataset, space.name, f"{source}: {reason}"))
+            continue
+        missing = heads.missing_input_reason(store, manifest, space.head, {f: towers[f] for f in space.towers})
+        if missing:  # e.g. a dataset without video evaluated with a model dataset's CAVP space
+            models.append(SkippedSpace(dataset, space.name, f"{dataset}: {missing}"))
             continue
         frozen = HeadRef(dataset, space.head, head.key, {f: towers[f] for f in space.towers}, head_dataset=head.source_dataset)
         embeddings[space.name] = _embed(context, space.head, frozen, clip_manifest, feature_store, compute).value

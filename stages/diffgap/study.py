@@ -40,7 +40,8 @@ from stages.embeddings.spaces import get_space
 from stages.evaluation.retrieval import normalize
 from stages.ingest.manifest import ClipManifest
 
-STUDY_CODE_VERSION = "1"
+STUDY_CODE_VERSION = "1"  # of the cells (trainings): a change retrains every cell
+ROWS_VERSION = "2"  # of the table assembled from the cells: a change re-reads them, retrains nothing
 CELL_RESULT = "diffgap_study_cell"
 
 
@@ -240,12 +241,12 @@ def study_rows(config: StudyConfig, target: str, cells: Mapping[tuple, dict]) ->
                 "train clips": trained[0]["clips_train"], "test queries": trained[0]["clips_test"],
                 "matched cos": float(np.mean([c["gap_test"]["matched_cosine"] for c in trained])),
                 "base R@1": recall["base encoder"]["mean"], "base std": recall["base encoder"]["std"],
-                "ridge R@1": recall["ridge control"]["mean"], "DiffGAP R@1": recall[diffgap]["mean"],
+                "ridge R@1": recall["ridge control"]["mean"], "ridge std": recall["ridge control"]["std"], "DiffGAP R@1": recall[diffgap]["mean"],
                 "DiffGAP std": recall[diffgap]["std"], "blend w": float(np.mean(weights)),
                 "generated only R@1": generated["mean"],
                 "DiffGAP-base": vs_base["gain"], "DiffGAP-base std": vs_base["gain_std"], "DiffGAP-base p": vs_base["p"],
                 "DiffGAP wins": f"{vs_base['wins']}/{vs_base['trainings']}", "within SE": vs_base["within_se"],
-                "ridge-base": ridge_base["gain"], "ridge-base p": ridge_base["p"],
+                "ridge-base": ridge_base["gain"], "ridge-base std": ridge_base["gain_std"], "ridge-base p": ridge_base["p"],
                 "DiffGAP-ridge": vs_ridge["gain"], "DiffGAP-ridge std": vs_ridge["gain_std"], "DiffGAP-ridge p": vs_ridge["p"],
             })
     return rows
@@ -253,7 +254,7 @@ def study_rows(config: StudyConfig, target: str, cells: Mapping[tuple, dict]) ->
 
 TABLE_COLUMNS = ["direction", "axis", "value", "trainings", "train clips", "test queries", "matched cos", "base R@1",
                  "ridge R@1", "DiffGAP R@1", "blend w", "generated only R@1", "DiffGAP-base", "DiffGAP-base p", "DiffGAP wins", "ridge-base",
-                 "DiffGAP-ridge", "DiffGAP-ridge p"]
+                 "ridge-base p", "DiffGAP-ridge", "DiffGAP-ridge p"]
 
 
 def _fmt(value, std=None) -> str:
@@ -273,14 +274,12 @@ def markdown(rows: Sequence[dict]) -> str:
         cells = []
         for column in TABLE_COLUMNS:
             value = row[column]
-            if column in ("base R@1", "DiffGAP R@1"):
-                std = row["base std" if column == "base R@1" else "DiffGAP std"]
+            if column in ("base R@1", "ridge R@1", "DiffGAP R@1"):
+                std = row.get(column.split()[0] + " std", float("nan"))  # rows of ROWS_VERSION 1 lack "ridge std"
                 cells.append(f"{value:.1f} ± {std:.1f}" if np.isfinite(std) else f"{value:.1f}")
-            elif column in ("DiffGAP-base", "DiffGAP-ridge"):
-                std = row[f"{column} std"]
+            elif column in ("DiffGAP-base", "DiffGAP-ridge", "ridge-base"):
+                std = row.get(f"{column} std", float("nan"))
                 cells.append(f"{value:+.1f} ± {std:.1f}" if np.isfinite(std) else f"{value:+.1f}")
-            elif column == "ridge-base":
-                cells.append(f"{value:+.1f}")
             elif column.endswith(" p"):
                 cells.append(f"{value:.2f}" if np.isfinite(value) else "-")
             else:
@@ -318,3 +317,51 @@ def plot_png(rows: Sequence[dict]) -> bytes | None:
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def plot_svg(rows: Sequence[dict]) -> str:
+    """The same gains as ``plot_png`` drawn as SVG without matplotlib (what the UI shows when it is
+    not installed): one panel per axis, DiffGAP - base (dots, bars = std over trainings) and ridge -
+    base (crosses, dashed) per direction, R@1 points against the axis' values."""
+    axes_names = list(dict.fromkeys(r["axis"] for r in rows))
+    directions = list(dict.fromkeys(r["direction"] for r in rows))
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+
+    def finite(value) -> float:
+        return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else 0.0
+
+    values = [finite(r["DiffGAP-base"]) + s * finite(r["DiffGAP-base std"]) for r in rows for s in (-1, 1)]
+    values += [finite(r["ridge-base"]) for r in rows] + [0.0]
+    low, high = min(values) - 1, max(values) + 1
+    width, height, pad = 260, 200, 36
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(axes_names)}" height="{height + 40}" '
+           'font-family="sans-serif" font-size="10">']
+
+    def y(value: float) -> float:
+        return pad / 2 + (high - value) / (high - low) * (height - pad)
+
+    for panel, name in enumerate(axes_names):
+        left = panel * width + pad
+        out.append(f'<text x="{left + (width - pad) / 2}" y="10" text-anchor="middle" font-weight="bold">{name}</text>')
+        out.append(f'<line x1="{left}" y1="{y(0):.1f}" x2="{left + width - pad - 10}" y2="{y(0):.1f}" stroke="grey"/>')
+        for tick in (low, 0.0, high):
+            out.append(f'<text x="{left - 4}" y="{y(tick) + 3:.1f}" text-anchor="end">{tick:+.0f}</text>')
+        for d, direction in enumerate(directions):
+            sub = [r for r in rows if r["axis"] == name and r["direction"] == direction]
+            step = (width - pad - 20) / max(1, len(sub))
+            colour = colours[d % len(colours)]
+            xs = [left + 10 + step * (i + 0.5) + 4 * d for i in range(len(sub))]
+            ridge = " ".join(f"{x:.1f},{y(finite(r['ridge-base'])):.1f}" for x, r in zip(xs, sub))
+            out.append(f'<polyline points="{ridge}" fill="none" stroke="{colour}" stroke-dasharray="3,2"/>')
+            for x, r in zip(xs, sub):
+                gain, std = finite(r["DiffGAP-base"]), finite(r["DiffGAP-base std"])
+                out.append(f'<line x1="{x:.1f}" y1="{y(gain - std):.1f}" x2="{x:.1f}" y2="{y(gain + std):.1f}" stroke="{colour}"/>')
+                out.append(f'<circle cx="{x:.1f}" cy="{y(gain):.1f}" r="3" fill="{colour}"/>')
+                ry = y(finite(r["ridge-base"]))
+                out.append(f'<text x="{x:.1f}" y="{ry + 3:.1f}" text-anchor="middle" fill="{colour}">x</text>')
+                if d == 0:
+                    out.append(f'<text x="{x:.1f}" y="{height - 4}" text-anchor="middle">{r["value"]}</text>')
+    legend = "   ".join(f"{d}: DiffGAP-base (dot, std bar) / ridge-base (x, dashed)" for d in directions)
+    out.append(f'<text x="4" y="{height + 20}">R@1 gain over the base encoder (points). {legend}</text>')
+    out.append("</svg>")
+    return "".join(out)

@@ -119,3 +119,35 @@ def test_pretrained_space_cross_dataset_evaluation_and_study(two_datasets, tmp_p
                                 run_config=more)
     assert materialization_metadata(third, "diffgap_study")["reused"] is False
     assert len(store.fs.glob(f"{store.path('other', 'evaluations', 'diffgap_study_cell')}/*.json")) == 12
+
+
+def test_transfer_to_a_dataset_without_video_skips_the_video_space(demo_dataset, tmp_path):
+    """The demo's models (both spaces) on a WAV-only dataset: CLAP is evaluated, CAVP is a skipped
+    row saying why (it failed the run before: no test clip in the CAVP space)."""
+    import soundfile as sf
+
+    from tests.fixtures.media import tone
+
+    rows = [json.loads(line) for line in demo_dataset.read_text().splitlines()]
+    media = demo_dataset.parent
+    for i, row in enumerate(rows):
+        row["split"] = ("val", "test", "train", "train", "train")[i % 5]
+        row["path"] = str(media / row["path"])
+    demo = tmp_path / "demo.jsonl"
+    demo.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    audio_rows = []
+    for i, row in enumerate(rows[:20]):
+        wav = tmp_path / f"clip_{i}.wav"
+        sf.write(wav, tone(2.0, 16000, freq=200 + 40 * i), 16000)
+        audio_rows.append({"id": f"wav_{i}", "path": str(wav), "caption": row.get("caption", "a tone"), "split": row["split"]})
+    sounds = tmp_path / "sounds.jsonl"
+    sounds.write_text("".join(json.dumps(row) + "\n" for row in audio_rows))
+    paths = {"demo": demo, "sounds": sounds}
+    instance = DagsterInstance.ephemeral()
+    assert materialize_dataset(TOWERS + SPACE, _resources(tmp_path, paths, "demo"), instance=instance,
+                               run_config=_config(TOWERS + SPACE)).success
+    run = materialize_dataset(TOWERS + [study.diffgap_transfer], _resources(tmp_path, paths, "sounds"), instance=instance,
+                              selection=TOWERS + [study.diffgap_transfer], run_config=_config([study.diffgap_transfer]))
+    assert run.success
+    table = materialization_metadata(run, "diffgap_transfer")["table"]
+    assert "skipped: sounds: no clip has video" in table and "| T->A | base encoder | demo | sounds |" in table
