@@ -262,6 +262,33 @@ def check_cmmd(device: str, steps: int, rng: np.random.Generator, size: Sizes) -
            f"max |diff| {diff:.2e} (unit-std mel latents)", rate["cpu"], rate[device])
 
 
+@guarded("mmldm")
+def check_mmldm(device: str, steps: int, rng: np.random.Generator, size: Sizes) -> None:
+    from stages.mmldm.train import (AutoencoderTrainConfig, ClipLatents, DitTrainConfig, SemanticLatents, train_autoencoder,
+                                    train_dit)
+
+    n, h = size.clips, size.latent_size
+    latents = ClipLatents([f"c{i}" for i in range(n)], rng.normal(size=(n, 4, h, h)).astype(np.float32),
+                          rng.normal(size=(n, 4, 4, h, h)).astype(np.float32), rng.integers(0, 3, n), ["train"] * n, ["a", "b", "c"])
+    tiny = dict(latent_channels=4, encoder_channels=16, decoder_channels=(16, 16), semantic_dim=16) if size is TINY else {}
+    config = AutoencoderTrainConfig(steps=1, batch_size=min(12, n // 2), checkpoint_every=0, **tiny)
+    first = {d: train_autoencoder(latents, config, device=d).history[-1]["mse"] for d in ("cpu", device)}
+    runs = {d: train_autoencoder(latents, replace(config, steps=steps), device=d) for d in ("cpu", device)}
+    final = {d: r.history[-1]["mse"] for d, r in runs.items()}
+    ok = relative(first["cpu"], first[device]) < 1e-3 and relative(final["cpu"], final[device]) < 0.25
+    record("mmldm autoencoder fit", ok, f"step-1 decoder MSE {first['cpu']:.5f} vs {first[device]:.5f}; after {steps} steps "
+           f"{final['cpu']:.4f} vs {final[device]:.4f}", steps / runs["cpu"].seconds, steps / runs[device].seconds)
+    c = runs["cpu"].model.config
+    z = SemanticLatents([f"c{i}" for i in range(n)], rng.normal(size=(n, *c.audio_latent_shape)).astype(np.float32),
+                        np.full((n, *c.audio_latent_shape), 0.1, np.float32), rng.normal(size=(n, *c.video_latent_shape)).astype(np.float32),
+                        np.full((n, *c.video_latent_shape), 0.1, np.float32), ["train"] * n)
+    dit_config = DitTrainConfig(steps=steps, batch_size=min(16, n // 2), checkpoint_every=0, **(dict(hidden=32, depth=1, heads=2) if size is TINY else {}))
+    dits = {d: train_dit(z, dit_config, {"audio": 1.0, "video": 1.0}, device=d) for d in ("cpu", device)}
+    loss = {d: r.history[-1]["loss"] for d, r in dits.items()}
+    record("mmldm dit fit", relative(loss["cpu"], loss[device]) < 0.25, f"after {steps} steps loss {loss['cpu']:.4f} vs {loss[device]:.4f}",
+           steps / dits["cpu"].seconds, steps / dits[device].seconds)
+
+
 @guarded("rows")
 def check_rows(device: str, rng: np.random.Generator) -> None:
     import models.devices as devices
@@ -343,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     check_generator(args.device, args.steps, rng, size)
     check_vae(args.device, args.steps, rng, size)
     check_cmmd(args.device, args.steps, rng, size)
+    check_mmldm(args.device, args.steps, rng, size)
     if not args.skip_towers:
         with tempfile.TemporaryDirectory() as folder:
             check_towers(args.device, Path(folder))

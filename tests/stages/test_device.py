@@ -48,9 +48,10 @@ def test_check_cuda_script_runs_with_the_cpu_as_its_device():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
     for check in ("clap_head fit", "cavp_head fit", "vae fit", "vae encode/decode", "diffgap fit", "diffgap sample ddim",
-                  "diffgap sample ddpm", "generator fit", "generator sample ddim", "training rows", "cmmd fit", "cmmd sample v2a guided"):
+                  "diffgap sample ddpm", "generator fit", "generator sample ddim", "training rows", "cmmd fit", "cmmd sample v2a guided",
+                  "mmldm autoencoder fit", "mmldm dit fit"):
         assert any(line.startswith(f"PASS  {check}:") for line in lines), (check, done.stdout)
-    assert "12/12 checks passed" in lines[-1]
+    assert "14/14 checks passed" in lines[-1]
 
 
 def test_check_cuda_script_refuses_a_device_it_cannot_use_in_one_line():
