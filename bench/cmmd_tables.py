@@ -8,6 +8,8 @@ and the chosen lambda; mean +- std over trainings, with ground truth and a contr
     nice -n 10 .venv/bin/python bench/cmmd_tables.py --store .data/features --choose-lambda 0 0.01 0.05 0.2
     # the tables on test over 3 trainings
     nice -n 10 .venv/bin/python bench/cmmd_tables.py --store .data/features --seeds 0 1 2
+    # sampling twice the training window (the paper's test setting), CMMD seed 0
+    nice -n 10 .venv/bin/python bench/cmmd_tables.py --store .data/features --seeds 0 --variants CMMD --length-factor 2
 
 Checkpoints and evaluations are stored (reused by a second run); ``--steps`` trains each model for
 fewer steps than the asset's default (say so when you report it).
@@ -38,6 +40,8 @@ def main() -> None:
                         help="evaluate seed-0 CMMD on the val split at these lambdas and print the best (V2A onset F1 at 100 ms)")
     parser.add_argument("--max-clips", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--length-factor", type=int, default=1,
+                        help="sample this many times the training window (2: the paper's test setting; only clips that long)")
     args = parser.parse_args()
 
     from stages.cmmd import evaluate as cmmd_eval
@@ -76,7 +80,7 @@ def main() -> None:
 
     def evaluate(fitted, split: str, guidance) -> list[dict]:
         config = cmmd_eval.CmmdEvalConfig(split=split, max_clips=args.max_clips, steps=args.ddim_steps, guidance=guidance,
-                                          threads=args.threads)
+                                          length_factor=args.length_factor, threads=args.threads)
         from stages.core.results import cached_result
         from stages.core.store import feature_key
 
@@ -110,7 +114,8 @@ def main() -> None:
             # ground truth / control / real rows do not depend on the model: keep one training's
             rows += [r for r in found if r["model"] in VARIANTS or seed == args.seeds[0] and variant == args.variants[0]]
     print(f"\n## CMMD on the test split, {len(args.seeds)} trainings per variant (seeds {args.seeds}), "
-          f"{args.ddim_steps} DDIM steps{f', {args.steps} training steps' if args.steps else ''}\n")
+          f"{args.ddim_steps} DDIM steps{f', {args.steps} training steps' if args.steps else ''}"
+          f"{f', sampled at {args.length_factor}x the training window' if args.length_factor != 1 else ''}\n")
     for task in ("V2A", "A2V"):
         print(f"### {task}\n\n" + cmmd_eval.table_markdown(rows, task) + "\n")
 
