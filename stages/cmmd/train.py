@@ -20,6 +20,7 @@ from stages.core.checkpoints import load_module, restore_optimizer
 from stages.core.lineage import NewShards, Progress, Start, Trained, fit_with_lineage
 from stages.core.parallel import torch_threads
 from stages.core.progress import LossWindow
+from stages.core.training import batch_rows, warmup_cosine
 from stages.core.progress import Progress as ProgressLog
 from stages.core.store import FeatureStore, feature_key
 from stages.ingest.manifest import ClipManifest
@@ -148,9 +149,7 @@ def train_cmmd(train: ClipWindows, config: CmmdTrainConfig, init_state: Mapping 
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         warm = init_state is not None and new_rows is not None
         total = config.update_steps if warm else config.steps
-        warmup = max(1, total // 20)
-        lr_at = lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, max(0, i + 1 - warmup) / max(1, total - warmup)))) + 1e-2
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        schedule = warmup_cosine(optimizer, total)
         first, history, kinds = 1, [], {}
         restored = progress.load()
         if restored is not None:
@@ -177,11 +176,7 @@ def train_cmmd(train: ClipWindows, config: CmmdTrainConfig, init_state: Mapping 
         for step in range(first, total + 1):
             rng = np.random.default_rng([config.seed, step])
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            if warm and len(rows_old):
-                n_old = int(round(batch * config.replay_fraction))
-                rows = np.concatenate([rng.choice(rows_new, batch - n_old), rng.choice(rows_old, n_old)])
-            else:
-                rows = rng.choice(rows_new, batch, replace=len(rows_new) < batch)
+            rows = batch_rows(rng, rows_new, rows_old, batch, warm, config.replay_fraction)
             drawn = draw_batch(train, rows, config.window_frames, rng, negatives)
             for name, count in drawn.kinds.items():
                 kinds[name] = kinds.get(name, 0) + count

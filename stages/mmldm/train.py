@@ -24,6 +24,7 @@ from stages.core.checkpoints import load_module, restore_optimizer
 from stages.core.lineage import NewShards, Progress, Start, Trained, fit_with_lineage
 from stages.core.parallel import torch_threads
 from stages.core.progress import LossWindow
+from stages.core.training import batch_rows, warmup_cosine
 from stages.core.progress import Progress as ProgressLog
 from stages.core.store import FeatureStore, feature_key
 from stages.ingest.manifest import ClipManifest
@@ -81,14 +82,6 @@ def load_clip_latents(store: FeatureStore, manifest: ClipManifest, vae_latent_ke
     order = [rows[c] for c in ids]
     return ClipLatents(ids, table.arrays["audio"][order].astype(np.float32), table.arrays["frames"][order].astype(np.float32),
                        np.array([class_index.get(index[c].label, -1) for c in ids], np.int64), [index[c].split for c in ids], classes)
-
-
-def _schedule(optimizer, total: int):
-    import torch
-
-    warmup = max(1, total // 20)
-    lr_at = lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, max(0, i + 1 - warmup) / max(1, total - warmup)))) + 1e-2
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
 
 def _restore(progress: Progress, model, optimizer, schedule, log, label: str, total: int) -> tuple[int, list]:
@@ -195,7 +188,7 @@ def train_autoencoder(train: ClipLatents, config: AutoencoderTrainConfig, progre
         model.to(device)
         scheduler = make_scheduler(model_config.num_train_timesteps, model_config.beta_schedule)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-        schedule = _schedule(optimizer, config.steps)
+        schedule = warmup_cosine(optimizer, config.steps)
         d_optimizer = None
         if discriminator is not None:
             discriminator.to(device)
@@ -453,7 +446,7 @@ def train_dit(train: SemanticLatents, config: DitTrainConfig, scales: Mapping[st
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         warm = init_state is not None and new_rows is not None
         total = config.update_steps if warm else config.steps
-        schedule = _schedule(optimizer, total)
+        schedule = warmup_cosine(optimizer, total)
         first, history = _restore(progress, model, optimizer, schedule, log, label, total)
         rows_new = np.asarray(new_rows) if warm else np.arange(len(train))
         rows_old = np.setdiff1d(np.arange(len(train)), rows_new)
@@ -466,11 +459,7 @@ def train_dit(train: SemanticLatents, config: DitTrainConfig, scales: Mapping[st
         for step in range(first, total + 1):
             rng = np.random.default_rng([config.seed, step])
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            if warm and len(rows_old):
-                n_old = int(round(batch * config.replay_fraction))
-                rows = np.concatenate([rng.choice(rows_new, batch - n_old), rng.choice(rows_old, n_old)])
-            else:
-                rows = rng.choice(rows_new, batch, replace=len(rows_new) < batch)
+            rows = batch_rows(rng, rows_new, rows_old, batch, warm, config.replay_fraction)
             z_a, z_v = train.audio_mean[rows], train.video_mean[rows]
             if config.sample_posterior:
                 z_a = z_a + train.audio_std[rows] * rng.standard_normal(z_a.shape, dtype=np.float32)
