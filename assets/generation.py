@@ -38,6 +38,7 @@ class AudioGeneratorConfig(Config):
     attention: bool = Field(default=False, description="Self-attention in the lowest-resolution UNet blocks.")
     clip_sample_range: float = Field(default=6.0, description="DDIM clamps each x0 estimate to +-this (scaled latents have unit std); 0 = off.")
     prediction_type: str = Field(default="epsilon", description="epsilon (default; generalised better to held-out demo clips) or v_prediction (fits its condition faster, over-fits the 238 demo clips).")
+    patch: int = Field(default=0, description="Space-to-depth factor of the latents before the UNet; 0 = auto (2 for the f = 4 audio VAE's 20 x 88 latents, so a step costs what 10 x 44 did; 1 for 10 x 44).")
 
     def train_config(self) -> generation_train.GeneratorTrainConfig:
         fields = self.model_dump()

@@ -37,6 +37,7 @@ class MmldmAutoencoderConfig(Config):
     adversarial_start: int = Field(default=0, description="Step from which the discriminator trains.")
     discriminator_lr: float = Field(default=2e-4, description="The discriminator's learning rate.")
     latent_channels: int = Field(default=8, description="C of z_a [C, 5, 22] and z_v [C, 8, 8].")
+    audio_factor: int = Field(default=0, description="f_a; 0 = auto: 4 (the paper's) on 20 x 88 audio KL latents, 2 on 10 x 44, so z_a is [C, 5, 22] on either.")
     encoder_channels: int = Field(default=48, description="Width of the modal-specific encoders.")
     decoder_channels: list[int] = Field(default=[48, 96], description="The shared signal decoder's U-Net levels.")
     semantic_dim: int = Field(default=64, description="D of the semantic tokens s_a, s_v.")

@@ -87,7 +87,9 @@ class VaeTrainingConfig(Config):
 
 class AudioVaeTrainingConfig(VaeTrainingConfig):
     block_out_channels: list[int] = Field(default=list(vae_train.AudioVaeTrainConfig.block_out_channels),
-                                          description="Channels per resolution level; 4 levels: an 80 x 352 audio image -> 10 x 44 latents.")
+                                          description="Channels per resolution level; 3 levels: an 80 x 352 audio image -> 20 x 88 latents (4 levels: 10 x 44).")
+    max_val_images: int = Field(default=vae_train.AudioVaeTrainConfig.max_val_images,
+                                description="Validation images scored during training and in the metrics (fixed seeded subset).")
 
     def train_config(self) -> vae_train.VaeTrainConfig:
         fields = self.model_dump()

@@ -49,12 +49,12 @@ def _tuple(values) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class AutoencoderConfig:
     kl_channels: int = 4  # channels of the KL-VAE latents (both modalities)
-    audio_hw: tuple[int, int] = (10, 44)  # the audio image's KL latent (80 x 352 image, f = 8)
+    audio_hw: tuple[int, int] = (10, 44)  # the audio image's KL latent (80 x 352 image: 10 x 44 at f = 8, 20 x 88 at f = 4)
     frame_hw: tuple[int, int] = (16, 16)  # one frame's KL latent (64 x 64 frame, f = 8)
     frames: int = 16  # frames per clip (the paper: F = 16)
     latent_channels: int = 8  # C of z_a and z_v (the paper: 16 at 8^2 / 16^2; half here: 5 x 22 and 8 x 8 positions)
-    # f_a and f_v: the paper's 4 and 2 at 32 x 32 KL latents; here the KL latents are 10 x 44 and 16 x 16, so
-    # 2 and 2 (f_a = 4 would leave a 3 x 11 audio latent: too coarse in frequency for the decoder to use).
+    # f_a and f_v: the paper's 4 and 2 at 32 x 32 KL latents; here 4 on the f = 4 audio VAE's 20 x 88 and 2 on
+    # 16 x 16 frames (stages.mmldm.train picks f_a so z_a is 5 x 22; on an f = 8 VAE's 10 x 44 that is 2).
     audio_factor: int = 2
     video_factor: int = 2
     encoder_channels: int = 48  # the video encoder sees every frame: its width is most of a step's cost

@@ -61,8 +61,8 @@ class MelParams:
 # Named audio image shapes (height, width). "frame64" is the demo's video frame size (MM-LDM resizes
 # audio images to it); it keeps a third of what aiSFX recognises in a 4 s hifigan22k mel
 # (BENCHMARKS.md, "Decode-path ceiling"). The mel shapes keep the mel's own time axis: 345
-# frames of 4 s hifigan22k resized to 352, a multiple of 16, so the audio VAE's 4 levels (8x) give
-# 10 x 44 latents whose sides the generator's UNet can halve once more.
+# frames of 4 s hifigan22k resized to 352, a multiple of 16, so the audio VAE's 3 levels (4x) give
+# 20 x 88 latents (an 8x VAE: 10 x 44) whose sides the generator's UNet can halve again.
 AUDIO_IMAGE_SHAPES: dict[str, tuple[int, int]] = {
     "frame64": (64, 64),
     "square128": (128, 128),

@@ -65,9 +65,15 @@ class GeneratorTrainConfig:
     attention: bool = False
     clip_sample_range: float = 6.0
     prediction_type: str = "epsilon"
+    # Space-to-depth factor of the latents before the UNet (models.generator.GeneratorConfig.patch);
+    # 0 = auto: 2 when the latent's shorter side is 16 or more (the f = 4 audio VAE's 20 x 88), else 1
+    # (10 x 44), so a step costs about the same for either VAE.
+    patch: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        if self.patch < 0:
+            raise ValueError(f"patch must be >= 0 (0 = auto), got {self.patch}")
         if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0 or not 0 <= self.condition_dropout < 1:
             raise ValueError("need steps, batch_size >= 1, learning_rate > 0 and 0 <= condition_dropout < 1")
 
@@ -76,13 +82,20 @@ class GeneratorTrainConfig:
 
         return GeneratorConfig(cond_dim=cond_dim, latent_channels=latent_channels, latent_size=latent_size,
                                latent_width=0 if latent_width == latent_size else latent_width,
+                               patch=self.patch or self.auto_patch(latent_size, latent_width or latent_size),
                                block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
                                norm_num_groups=self.norm_num_groups, attention=self.attention,
                                clip_sample_range=self.clip_sample_range, prediction_type=self.prediction_type)
 
+    def auto_patch(self, height: int, width: int) -> int:
+        down = 2 ** (len(self.block_out_channels) - 1)
+        return 2 if min(height, width) >= 16 and not height % (2 * down) and not width % (2 * down) else 1
+
     def params(self) -> dict:
         params = {**asdict(self), "block_out_channels": list(self.block_out_channels)}
         params.pop("threads")  # does not change the weights' meaning
+        if not self.patch:  # auto follows from the latents (their key is in the generator's): the key of before
+            params.pop("patch")
         return params
 
 

@@ -84,6 +84,14 @@ def load_clip_latents(store: FeatureStore, manifest: ClipManifest, vae_latent_ke
                        np.array([class_index.get(index[c].label, -1) for c in ids], np.int64), [index[c].split for c in ids], classes)
 
 
+def auto_audio_factor(audio_hw: Sequence[int]) -> int:
+    """AutoencoderTrainConfig.audio_factor = 0: 4 where it divides both sides and leaves >= 5 rows, else 2, else 1."""
+    height, width = (int(s) for s in audio_hw)
+    if not height % 4 and not width % 4 and height // 4 >= 5:
+        return 4
+    return 2 if not height % 2 and not width % 2 else 1
+
+
 def _restore(progress: Progress, model, optimizer, schedule, log, label: str, total: int) -> tuple[int, list]:
     restored = progress.load()
     if restored is None:
@@ -115,6 +123,9 @@ class AutoencoderTrainConfig:
     adversarial_start: int = 0  # step from which the discriminator trains and the term counts
     discriminator_lr: float = 2e-4
     latent_channels: int = 8
+    # f_a: 0 = auto: 4 (the paper's) where it divides the audio KL latent and leaves 5 rows or more, else 2
+    # (else 1): 4 on the f = 4 audio VAE's 20 x 88 and 2 on an f = 8 VAE's 10 x 44, z_a [C, 5, 22] on both.
+    audio_factor: int = 0
     encoder_channels: int = 48
     decoder_channels: tuple[int, ...] = (48, 96)
     semantic_dim: int = 64
@@ -139,6 +150,7 @@ class AutoencoderTrainConfig:
 
         return AutoencoderConfig(kl_channels=latents.audio.shape[1], audio_hw=latents.audio.shape[2:], frame_hw=latents.frames.shape[3:],
                                  frames=latents.frames.shape[1], latent_channels=self.latent_channels,
+                                 audio_factor=self.audio_factor or auto_audio_factor(latents.audio.shape[2:]),
                                  encoder_channels=self.encoder_channels, decoder_channels=self.decoder_channels,
                                  semantic_dim=self.semantic_dim, classes=len(latents.classes), class_embedding=self.class_embedding,
                                  semantic=self.semantic, shared_decoder=self.shared_decoder)
@@ -147,6 +159,8 @@ class AutoencoderTrainConfig:
         params = asdict(self)
         params.pop("threads")
         params["decoder_channels"] = list(self.decoder_channels)
+        if not self.audio_factor:  # auto follows from the KL latents (their key is in this one's)
+            params.pop("audio_factor")
         return params
 
     @property

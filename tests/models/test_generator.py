@@ -88,3 +88,28 @@ def test_learns_a_conditional_toy_distribution():
     out = sample_latents(model, cond, steps=20, guidance_scale=2.0, generator=torch.Generator().manual_seed(3))
     means = out.mean(dim=(1, 2, 3)).numpy()
     assert np.all(means[0::2] > 0.3) and np.all(means[1::2] < -0.3), means
+
+
+def test_patched_generator_keeps_the_latent_shape_and_its_positions():
+    """patch 2 (the f = 4 audio VAE's 20 x 88): the UNet runs on 10 x 44 x 16 and the model's input
+    and output stay 20 x 88 x 4, the 2 x 2 blocks of the latent as the UNet's channels (an exact
+    space-to-depth, not a resize); auto picks 2 only where the latent is large enough."""
+    from stages.generation.train import GeneratorTrainConfig
+
+    config = GeneratorTrainConfig(block_out_channels=(8, 16), norm_num_groups=4)
+    assert config.generator_config(6, 2, 20, 88).patch == 2 and config.generator_config(6, 2, 10, 44).patch == 1
+    assert "patch" not in config.params() and GeneratorTrainConfig(patch=1).params()["patch"] == 1  # auto keeps old keys
+    assert "patch" not in GeneratorConfig(patch=1).params()
+    torch.manual_seed(0)
+    model = LatentGenerator(GeneratorConfig(cond_dim=6, latent_channels=2, latent_size=8, latent_width=16, patch=2,
+                                            block_out_channels=(8,), norm_num_groups=4))
+    assert model.unet.config.in_channels == 8 and tuple(model.unet.config.sample_size) == (4, 8)
+    z, t, c = torch.randn(2, 2, 8, 16), torch.tensor([10, 900]), torch.randn(2, 6)
+    with torch.no_grad():
+        out = model(z, t, c)
+        blocks = z.reshape(2, 2, 4, 2, 8, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 8, 4, 8)  # [C, dy, dx] channels
+        inner = model.unet(blocks, t, class_labels=model.cond_proj(c)).sample
+    assert out.shape == z.shape
+    assert torch.allclose(out, inner.reshape(2, 2, 2, 2, 4, 8).permute(0, 1, 4, 2, 5, 3).reshape(2, 2, 8, 16))
+    with pytest.raises(ValueError, match="patch"):
+        GeneratorConfig(latent_size=10, latent_width=44, patch=2, block_out_channels=(8, 16), norm_num_groups=4)
