@@ -90,6 +90,8 @@ class AudioVaeTrainingConfig(VaeTrainingConfig):
                                           description="Channels per resolution level; 3 levels: an 80 x 352 audio image -> 20 x 88 latents (4 levels: 10 x 44).")
     max_val_images: int = Field(default=vae_train.AudioVaeTrainConfig.max_val_images,
                                 description="Validation images scored during training and in the metrics (fixed seeded subset).")
+    gradient_weight: float = Field(default=vae_train.AudioVaeTrainConfig.gradient_weight,
+                                   description="Weight of the multi-scale gradient L1 (harmonics and onsets a pixel L1 lets the VAE smooth away); 0 = off.")
 
     def train_config(self) -> vae_train.VaeTrainConfig:
         fields = self.model_dump()

@@ -15,6 +15,7 @@ On each split's real audio (22.05 kHz, the vocoder's rate), every stage of every
     mel -> HiFi-GAN                                        (the vocoder alone)
     mel -> audio image (each shape) -> mel -> HiFi-GAN     (the MM-LDM image, no VAE)
     mel -> mel latent -> exact inverse -> HiFi-GAN         (CMMD's latent-spectrogram space)
+    sensitivity: mel blurred / mel + noise -> HiFi-GAN     (what the metrics punish: blur, not noise)
     stored VAE latent -> audio VAE -> mel -> HiFi-GAN      (the oracle of Tables I / II)
 
 Columns (each with a 95% bootstrap interval over clips, 1000 paired resamples):
@@ -110,6 +111,7 @@ def main() -> int:
                         help="vae_latents key(s) of the oracle row(s) (default: the newest); the verdict is for the last")
     parser.add_argument("--no-oracle", action="store_true")
     parser.add_argument("--no-mel-latent", action="store_true")
+    parser.add_argument("--no-sensitivity", action="store_true", help="leave out the blurred-mel and noisy-mel rows")
     parser.add_argument("--max-clips", type=int, default=None, help="at most this many clips per split (first by id)")
     parser.add_argument("--cache", default=".data/bench_cache", help="folder for the real clips' aiSFX outputs ('' = none)")
     parser.add_argument("--threads", type=int, default=2)
@@ -180,6 +182,15 @@ def main() -> int:
             for shape in shapes:
                 stages.append((f"mel -> image {shape_name(shape)} -> mel -> HiFi-GAN",
                                lambda shape=shape: vocoder(audio_image_to_mel(mel_to_audio_image(stored, preset, shape), preset, stored.shape[-1]))))
+            if not args.no_sensitivity:
+                # What aiSFX's class probe is sensitive to: a slight blur of the mel (what an L1-trained
+                # VAE does) against noise of about the same mel L1 (a VAE that keeps the texture).
+                from scipy.ndimage import gaussian_filter
+
+                noise = np.random.default_rng(0).normal(0.0, 0.4, stored.shape).astype(np.float32)
+                stages.append(("sensitivity: mel blurred (Gaussian, 0.7 bins x frames) -> HiFi-GAN",
+                               lambda: vocoder(gaussian_filter(stored, (0, 0.7, 0.7)))))
+                stages.append(("sensitivity: mel + Gaussian noise (sd 0.4 nats) -> HiFi-GAN", lambda: vocoder(stored + noise)))
             if not args.no_mel_latent:
                 stages.append(("mel -> mel latent -> inverse -> HiFi-GAN",
                                lambda: vocoder(mel_latent.denormalise(mel_latent.normalise(stored, statistics), statistics))))
