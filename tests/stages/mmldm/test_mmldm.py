@@ -170,3 +170,21 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     assert saved["step"] == 2 and resumed.resumed_from == 2 and resumed.steps_run == 2
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_audio_factor_auto_gives_the_same_z_a_on_either_audio_vae():
+    """f_a = 0 (auto): 4, the paper's, on the 4x audio VAE's 20 x 88 KL latent and 2 on an 8x VAE's
+    10 x 44, so z_a is 5 x 22 either way; a set f_a is kept, and auto stays out of the key."""
+    from stages.mmldm.train import AutoencoderTrainConfig, ClipLatents, auto_audio_factor
+
+    assert (auto_audio_factor((20, 88)), auto_audio_factor((10, 44)), auto_audio_factor((8, 8)), auto_audio_factor((5, 22))) == (4, 2, 2, 1)
+    config = AutoencoderTrainConfig(latent_channels=4, encoder_channels=16, decoder_channels=(16, 16), semantic_dim=16)
+    assert "audio_factor" not in config.params() and AutoencoderTrainConfig(audio_factor=2).params()["audio_factor"] == 2
+    for hw in ((20, 88), (10, 44)):
+        latents = ClipLatents(["a", "b"], np.zeros((2, 4, *hw), np.float32), np.zeros((2, 4, 4, 8, 8), np.float32),
+                              np.array([0, 1]), ["train"] * 2, ["x", "y"])
+        model_config = config.model_config(latents)
+        assert model_config.audio_latent_shape == (4, 5, 22)
+        mean, _ = build_autoencoder(model_config).audio_encoder(torch.zeros(1, 4, *hw))
+        assert tuple(mean.shape) == (1, 4, 5, 22)
+    assert AutoencoderTrainConfig(audio_factor=2).model_config(latents).audio_factor == 2
