@@ -48,7 +48,7 @@ class GeneratorConfig:
     prediction_type: str = "epsilon"
     # Space-to-depth before the UNet (pixel_unshuffle by `patch`, pixel_shuffle after): a 20 x 88 x 4
     # latent (the f = 4 audio VAE) enters as 10 x 44 x 16, so a step costs what a 10 x 44 latent's
-    # did (the convolutions' cost is in the spatial size; 1.58 against 0.38 CPU-s at 20 x 88 unpatched).
+    # did (a training step, batch 32, one thread: 0.58 s patched, 2.35 unpatched, 0.54 on 10 x 44).
     patch: int = 1
 
     def __post_init__(self) -> None:
