@@ -186,8 +186,9 @@ class AudioVaeTrainConfig(VaeTrainConfig):
     fewer values) smoothed the mel's fine texture, and aiSFX classifies these sounds by it: a
     Gaussian blur of 0.7 mel bins / frames alone drops the label probe from 97% to 69% (noise of the
     same L1 keeps 89%); its oracle kept 17% of real audio's class accuracy on test, this one (with
-    the gradient loss below) 57% on test, 72% on val (BENCHMARKS.md, "The way back to sound"). The generator patches 20 x 88 into 10 x 44 x 16
-    (GeneratorTrainConfig.patch), so it costs no more; MM-LDM takes f_a = 4 on it (the paper's).
+    the gradient loss below) 57% on test, 72% on val (BENCHMARKS.md, "The way back to sound"). The
+    generator patches 20 x 88 into 10 x 44 x 16 (GeneratorTrainConfig.patch), so it costs no more;
+    MM-LDM takes f_a = 4 on it (the paper's).
     64 validation images per evaluation (not 256): at 20 x 88 an evaluation of 256 cost about a
     minute on one thread, as much as 50 training steps."""
 
