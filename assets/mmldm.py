@@ -36,6 +36,8 @@ class MmldmAutoencoderConfig(Config):
     adversarial_weight: float = Field(default=0.0, description="lambda_gan of Eq. (3) (the paper's 0.1); 0 = off, the CPU default.")
     adversarial_start: int = Field(default=0, description="Step from which the discriminator trains.")
     discriminator_lr: float = Field(default=2e-4, description="The discriminator's learning rate.")
+    decoder_weighting: str = Field(default="x0", description="The signal decoder's noise MSE over timesteps: eps (the paper's), min_snr, or x0 (eps + the x0 MSE truncated at snr_gamma: steps spent where the content must come from z).")
+    snr_gamma: float = Field(default=200.0, description="gamma of the x0 weighting (200, chosen on val) or of min_snr (Hang et al. use 5).")
     latent_channels: int = Field(default=8, description="C of z_a [C, 5, 22] and z_v [C, 8, 8].")
     audio_factor: int = Field(default=0, description="f_a; 0 = auto: 4 (the paper's) on 20 x 88 audio KL latents, 2 on 10 x 44, so z_a is [C, 5, 22] on either.")
     encoder_channels: int = Field(default=48, description="Width of the modal-specific encoders.")

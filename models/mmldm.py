@@ -402,13 +402,46 @@ class AutoencoderTerms:
     frame_rows: torch.Tensor | None = None
 
 
+DECODER_WEIGHTINGS = ("eps", "min_snr", "x0")
+
+
+def decoder_loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
+    """Per-sample weights of the decoder's epsilon MSE at timesteps ``t``, normalised to mean 1 over
+    uniform t (so the loss keeps its scale and the gradient clip its meaning). The network predicts
+    epsilon in every case (Eq. 3 / Eq. 8); only where the steps are spent changes:
+
+    - "eps": 1 (the paper's plain noise MSE). The eps error at high noise is tiny while the x0 it
+      implies is off by that error x 1 / sqrt(SNR) (x 37 at t = T - 1 of LDM's schedule), and
+      sampling starts there: the decoder fits the low-noise detail and never learns to use z.
+    - "min_snr": min(SNR, gamma) / SNR (Hang et al. 2023, min-SNR-gamma for eps): low noise counts less.
+    - "x0": 1 + min(1 / SNR, gamma): the eps MSE plus the x0 MSE it implies, truncated at gamma: the
+      steps go to the high-noise end, where the content must come from z, and low noise keeps a share."""
+    abar = alphas_cumprod.float()
+    snr = abar / (1 - abar)
+    if weighting == "eps":
+        table = torch.ones_like(snr)
+    elif weighting == "min_snr":
+        table = snr.clamp(max=gamma) / snr
+    elif weighting == "x0":
+        table = 1 + (1 / snr).clamp(max=gamma)
+    else:
+        raise ValueError(f"decoder weighting must be one of {DECODER_WEIGHTINGS}, got {weighting!r}")
+    return (table / table.mean())[t]
+
+
+def _weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return ((prediction - target).pow(2).flatten(1).mean(1) * weights).mean()
+
+
 def autoencoder_loss(model: MmldmAutoencoder, scheduler, x_a: torch.Tensor, x_v: torch.Tensor, labels: torch.Tensor | None,
                      frame_rows: torch.Tensor, generator: torch.Generator | None, *, cl_weight: float, co_weight: float,
-                     kl_weight: float, keep_x0: bool = False) -> AutoencoderTerms:
+                     kl_weight: float, keep_x0: bool = False, weighting: str = "eps", snr_gamma: float = 5.0) -> AutoencoderTerms:
     """Eq. (3) without the adversarial term (``adversarial_terms`` adds it): the decoder's noise MSE
-    on the audio latent and on ``frame_rows`` [B, k] frames per clip, + lambda_cl CE + lambda_co Eq. (1)
-    + lambda_kl (KL_a + KL_v). Posterior samples z = mean + std eps feed the projectors and decoder.
-    ``labels`` < 0 (or None) have no class: left out of the CE."""
+    on the audio latent and on ``frame_rows`` [B, k] frames per clip (weighted over timesteps by
+    ``decoder_loss_weights``), + lambda_cl CE + lambda_co Eq. (1) + lambda_kl (KL_a + KL_v). Posterior
+    samples z = mean + std eps feed the projectors and decoder. ``labels`` < 0 (or None) have no
+    class: left out of the CE. ``mse`` in the result is the unweighted noise MSE (comparable across
+    weightings)."""
     b, k = frame_rows.shape
     device = x_a.device
     (mu_a, lv_a), (mu_v, lv_v) = model.encode(x_a, x_v)
@@ -428,10 +461,15 @@ def autoencoder_loss(model: MmldmAutoencoder, scheduler, x_a: torch.Tensor, x_v:
     eps_a = model.decoder_of(AUDIO)(xt_a, t_a, z_a, audio_ctx)
     eps_v = model.decoder_of(VIDEO)(xt_v, t_v, z_v.repeat_interleave(k, 0), video_ctx.repeat_interleave(k, 0), frame_rows.flatten())
     mse = 0.5 * (F.mse_loss(eps_a, n_a) + F.mse_loss(eps_v, n_v))
+    if weighting == "eps":
+        decoder = mse
+    else:
+        decoder = 0.5 * (_weighted_mse(eps_a, n_a, decoder_loss_weights(abar, t_a, weighting, snr_gamma))
+                         + _weighted_mse(eps_v, n_v, decoder_loss_weights(abar, t_v, weighting, snr_gamma)))
     semantic = model.config.semantic
     contrastive = model.contrastive_head.loss(s_a, s_v) if semantic else torch.zeros((), device=device)
     kl = kl_divergence(mu_a, lv_a) + kl_divergence(mu_v, lv_v)
-    loss = mse + co_weight * contrastive + kl_weight * kl
+    loss = decoder + co_weight * contrastive + kl_weight * kl
     classification, accuracy = None, None
     if semantic and logits is not None and labels is not None and bool((labels >= 0).any()):
         known = labels >= 0

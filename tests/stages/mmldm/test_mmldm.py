@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.mmldm import (AutoencoderConfig, DitConfig, Discriminator, adversarial_terms, autoencoder_loss, build_autoencoder,
-                          build_dit, contrastive_loss, decode_clips, dit_loss, guided_noise, kl_divergence, make_scheduler,
+                          build_dit, contrastive_loss, decode_clips, decoder_loss_weights, dit_loss, guided_noise, kl_divergence, make_scheduler,
                           patchify, sample_dit, task_draw, unpatchify)
 
 TINY_AE = dict(audio_hw=(8, 8), frame_hw=(8, 8), frames=4, latent_channels=4, encoder_channels=16, decoder_channels=(16, 16),
@@ -131,6 +131,41 @@ def test_autoencoder_loss_terms_and_ablations():
     assert torch.isfinite(loss_d) and torch.isfinite(loss_ae)
     loss_ae.backward()
     assert model.decoder.out[-1].weight.grad is not None  # the adversarial term trains the decoder
+
+
+def test_decoder_loss_weightings_move_the_steps_to_high_noise_and_keep_the_scale():
+    abar = make_scheduler(1000, "scaled_linear").alphas_cumprod
+    every_t = torch.arange(1000)
+    assert torch.equal(decoder_loss_weights(abar, every_t, "eps", 5.0), torch.ones(1000))
+    low, high = torch.tensor([20]), torch.tensor([990])
+    for weighting in ("min_snr", "x0"):
+        w = decoder_loss_weights(abar, every_t, weighting, 20.0)
+        assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)  # mean 1 over uniform t: the loss keeps its scale
+        assert bool((w[1:] >= w[:-1] - 1e-6).all())  # more noise never counts less
+        assert float(decoder_loss_weights(abar, high, weighting, 20.0) / decoder_loss_weights(abar, low, weighting, 20.0)) > 10
+    # "x0" = the eps MSE + the x0 MSE it implies, truncated at gamma: at t = 500 (1 / SNR = 2.0) 3 / mean
+    table = 1 + ((1 - abar) / abar).clamp(max=20.0)
+    assert float(decoder_loss_weights(abar, torch.tensor([500]), "x0", 20.0)) == pytest.approx(float(table[500] / table.mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="weighting"):
+        decoder_loss_weights(abar, low, "v", 5.0)
+    # the weighted loss trains; terms.mse stays the plain noise MSE (the same draws give the same mse)
+    x_a, x_v, labels = _batch()
+    rows = torch.tensor([[0, 3], [1, 2], [2, 0], [3, 1]])
+    model = build_autoencoder(AutoencoderConfig(**TINY_AE))
+    plain, weighted = (autoencoder_loss(model, make_scheduler(1000, "scaled_linear"), x_a, x_v, labels, rows, torch.Generator().manual_seed(0),
+                                        cl_weight=0.0, co_weight=0.0, kl_weight=0.0, weighting=w, snr_gamma=20.0) for w in ("eps", "x0"))
+    assert float(plain.mse) == pytest.approx(float(weighted.mse))
+    assert float(plain.loss) != pytest.approx(float(weighted.loss))
+    weighted.loss.backward()
+    assert model.decoder.out[-1].weight.grad is not None
+    # "eps" (the paper's, the weighting of every autoencoder before the field) keeps those keys
+    from stages.mmldm.train import AutoencoderTrainConfig
+
+    assert not {"decoder_weighting", "snr_gamma"} & set(AutoencoderTrainConfig(decoder_weighting="eps").params())
+    assert AutoencoderTrainConfig().params()["decoder_weighting"] == "x0"
+    assert AutoencoderTrainConfig(snr_gamma=200).params() == AutoencoderTrainConfig(snr_gamma=200.0).params()
+    with pytest.raises(ValueError, match="decoder_weighting"):
+        AutoencoderTrainConfig(decoder_weighting="v")
 
 
 def test_decoder_uses_its_latent_and_frame_index():
