@@ -461,7 +461,7 @@ def autoencoder_loss(model: MmldmAutoencoder, scheduler, x_a: torch.Tensor, x_v:
     eps_a = model.decoder_of(AUDIO)(xt_a, t_a, z_a, audio_ctx)
     eps_v = model.decoder_of(VIDEO)(xt_v, t_v, z_v.repeat_interleave(k, 0), video_ctx.repeat_interleave(k, 0), frame_rows.flatten())
     mse = 0.5 * (F.mse_loss(eps_a, n_a) + F.mse_loss(eps_v, n_v))
-    if weighting == "eps":
+    if weighting == "eps":  # the same loss as the weights of 1 would give, in the same float order: old fits reproduce
         decoder = mse
     else:
         decoder = 0.5 * (_weighted_mse(eps_a, n_a, decoder_loss_weights(abar, t_a, weighting, snr_gamma))
