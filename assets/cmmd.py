@@ -90,7 +90,7 @@ class CmmdConfig(Config):
     audio_levels: list[int] = Field(default=[64, 96, 128], description="Audio U-Net channels per level.")
     video_patch: int = Field(default=2, description="Space-to-depth factor of the frame latents before the first conv.")
     seed: int = Field(default=0, description="Seed of initialisation, windows, negatives and noise.")
-    threads: int = Field(default=1, description="torch threads (speed only); 1 is robust on a busy machine (two spin at every OpenMP barrier), 2 faster on an idle one.")
+    threads: int = Field(default=0, description="Torch threads (speed only, not in the key); 0 = tuned while it trains by timing its own steps (2 on an idle 2-core machine, 1 beside another job); N = fixed.")
     checkpoint_every: int = Field(default=250, description="Progress save every this many steps (resume after a kill).")
     update_steps: int = Field(default=500, description="Warm start on new shards: steps on new + replayed clips.")
     replay_fraction: float = Field(default=0.5, description="Share of each warm-start batch drawn from clips seen before.")

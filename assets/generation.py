@@ -31,7 +31,7 @@ class AudioGeneratorConfig(Config):
     learning_rate: float = Field(default=5e-4, description="Peak learning rate.")
     condition_dropout: float = Field(default=0.1, description="Probability of replacing the condition by the learned null condition (classifier-free guidance training).")
     seed: int = Field(default=0, description="Seed of initialisation, batches and noise.")
-    threads: int = Field(default=2, description="torch threads while training.")
+    threads: int = Field(default=0, description="Torch threads (speed only, not in the key); 0 = tuned while it trains by timing its own steps (2 on an idle 2-core machine, 1 beside another job); N = fixed.")
     block_out_channels: list[int] = Field(default=[32, 64], description="UNet channels per resolution level (latents 16x16 -> 8x8 with two levels).")
     layers_per_block: int = Field(default=1, description="ResNet layers per UNet level.")
     norm_num_groups: int = Field(default=8, description="GroupNorm groups; must divide every block_out_channels entry.")

@@ -47,7 +47,7 @@ class MmldmAutoencoderConfig(Config):
     semantic: bool = Field(default=True, description="The shared semantic space (False: Table 5's base autoencoder).")
     shared_decoder: bool = Field(default=True, description="One signal decoder for both modalities (False: two).")
     seed: int = Field(default=0, description="Seed of initialisation, batches and noise.")
-    threads: int = Field(default=1, description="torch threads (speed only).")
+    threads: int = Field(default=0, description="Torch threads (speed only, not in the key); 0 = tuned while it trains by timing its own steps (2 on an idle 2-core machine, 1 beside another job); N = fixed.")
     checkpoint_every: int = Field(default=200, description="Progress save every this many steps (resume after a kill).")
 
     def train_config(self) -> mmldm_train.AutoencoderTrainConfig:
@@ -136,7 +136,7 @@ class MmldmDitConfig(Config):
     conditional_share: float = Field(default=0.05, description="Share of training samples for each conditional task, a2v and v2a (the paper's 5%).")
     sample_posterior: bool = Field(default=True, description="Train on posterior samples (mean + std eps), not the means.")
     seed: int = Field(default=0, description="Seed of initialisation, batches, tasks and noise.")
-    threads: int = Field(default=1, description="torch threads (speed only).")
+    threads: int = Field(default=0, description="Torch threads (speed only, not in the key); 0 = tuned while it trains by timing its own steps (2 on an idle 2-core machine, 1 beside another job); N = fixed.")
     checkpoint_every: int = Field(default=250, description="Progress save every this many steps.")
     update_steps: int = Field(default=500, description="Warm start on new shards: steps on new + replayed clips.")
     replay_fraction: float = Field(default=0.5, description="Share of each warm-start batch drawn from clips seen before.")
@@ -194,7 +194,7 @@ class MmldmEvalConfig(Config):
     tasks: list[str] = Field(default=["svg", "a2v", "v2a"], description="svg (joint), a2v, v2a.")
     seed: int = Field(default=0, description="Seed of the sampling noise.")
     batch_size: int = Field(default=16, description="Clips per sampling batch (speed only).")
-    threads: int = Field(default=1, description="torch threads (speed only).")
+    threads: int = Field(default=0, description="Torch threads (speed only); 0 = tuned on its own DDIM steps (2 on an idle 2-core machine, 1 beside another job); N = fixed.")
 
     def params(self) -> mmldm_eval.MmldmEvalConfig:
         return mmldm_eval.MmldmEvalConfig(**self.model_dump())

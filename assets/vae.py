@@ -77,7 +77,7 @@ class VaeTrainingConfig(Config):
     latent_channels: int = Field(default=4, description="Channels of the latent.")
     norm_num_groups: int = Field(default=4, description="GroupNorm groups; must divide every block_out_channels entry (keep >= 4 channels per group).")
     mid_block_attention: bool = Field(default=True, description="Self-attention in the middle block (at the latent resolution).")
-    threads: int = Field(default=1, description="Torch threads while fitting (speed only; 0 = all cores); 1 is robust on a busy machine.")
+    threads: int = Field(default=0, description="Torch threads (speed only, not in the key); 0 = tuned while it trains by timing its own steps (2 on an idle 2-core machine, 1 beside another job); N = fixed.")
 
     def train_config(self) -> vae_train.VaeTrainConfig:
         fields = self.model_dump()

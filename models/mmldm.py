@@ -513,8 +513,10 @@ def adversarial_terms(discriminator: Discriminator, x_a: torch.Tensor, x_v: torc
 
 @torch.no_grad()
 def decode_signal(decoder: SignalDecoder, scheduler, z: torch.Tensor, context: torch.Tensor, shape: Sequence[int],
-                  steps: int, generator: torch.Generator | None, frame_index: torch.Tensor | None = None) -> torch.Tensor:
-    """DDIM (eta 0) with the signal decoder: KL latents [B, *shape] from z (and the frame index)."""
+                  steps: int, generator: torch.Generator | None, frame_index: torch.Tensor | None = None,
+                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """DDIM (eta 0) with the signal decoder: KL latents [B, *shape] from z (and the frame index);
+    ``on_step`` is called after each step (a progress or thread-tuning hook)."""
     device = z.device
     x = torch.randn((z.shape[0], *shape), generator=generator).to(device)
     abar = scheduler.alphas_cumprod.float().to(device)
@@ -525,24 +527,29 @@ def decode_signal(decoder: SignalDecoder, scheduler, z: torch.Tensor, context: t
         eps = decoder(x, torch.full((len(x),), t, device=device, dtype=torch.long), z, context, frame_index)
         x0 = (x - (1 - a_now).sqrt() * eps) / a_now.sqrt()
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        if on_step is not None:
+            on_step(i + 1)
     return x
 
 
 @torch.no_grad()
 def decode_clips(model: MmldmAutoencoder, scheduler, z_a: torch.Tensor, z_v: torch.Tensor, steps: int,
-                 generator: torch.Generator | None, frame_batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None, frame_batch: int = 64,
+                 on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(audio KL latents [B, 4, h_a, w_a], frame KL latents [B, T, 4, h_v, w_v]) of MM-LDM latents."""
     c = model.config
     s_a, s_v, logits = model.semantics(z_a, z_v)
     audio_ctx, video_ctx = model.contexts(s_a, s_v, logits)
-    audio = decode_signal(model.decoder_of(AUDIO), scheduler, z_a, audio_ctx, (c.kl_channels, *c.audio_hw), steps, generator)
+    audio = decode_signal(model.decoder_of(AUDIO), scheduler, z_a, audio_ctx, (c.kl_channels, *c.audio_hw), steps, generator,
+                          on_step=on_step)
     b, t = z_v.shape[0], c.frames
     index = torch.arange(t, device=z_v.device).repeat(b)
     zs, ctx = z_v.repeat_interleave(t, 0), video_ctx.repeat_interleave(t, 0)
     out = []
     for start in range(0, b * t, frame_batch):
         sl = slice(start, start + frame_batch)
-        out.append(decode_signal(model.decoder_of(VIDEO), scheduler, zs[sl], ctx[sl], (c.kl_channels, *c.frame_hw), steps, generator, index[sl]))
+        out.append(decode_signal(model.decoder_of(VIDEO), scheduler, zs[sl], ctx[sl], (c.kl_channels, *c.frame_hw), steps, generator,
+                                 index[sl], on_step))
     return audio, torch.cat(out).reshape(b, t, c.kl_channels, *c.frame_hw)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from stages.cmmd.data import CMMD_FPS, FRAME_RATIO, ClipWindows, NegativeConfig, draw_batch, valid_frame_counts
 from stages.core.checkpoints import load_module, restore_optimizer
 from stages.core.lineage import NewShards, Progress, Start, Trained, fit_with_lineage
-from stages.core.parallel import torch_threads
+from stages.core.parallel import StepThreads
 from stages.core.progress import LossWindow
 from stages.core.training import batch_rows, warmup_cosine
 from stages.core.progress import Progress as ProgressLog
@@ -48,9 +48,10 @@ class CmmdTrainConfig:
     audio_levels: tuple[int, ...] = (64, 96, 128)
     video_patch: int = 2
     seed: int = 0
-    # One thread: the step is many small convolutions, and two OpenMP threads on a busy 2-core machine
-    # spin at every barrier (measured 3.8 s a step against 1.0 s with one, at load 5).
-    threads: int = 1
+    # Speed only. 0: tuned while it trains (stages.core.parallel.StepThreads): the step is many small
+    # convolutions, and two OpenMP threads on a busy 2-core machine spin at every barrier (measured
+    # 3.8 s a step against 1.0 s with one, at load 5), so a fixed count is wrong on one machine or the other.
+    threads: int = 0
     checkpoint_every: int = 250
     update_steps: int = 500  # warm start on new shards: steps on new + replayed clips
     replay_fraction: float = 0.5
@@ -137,7 +138,7 @@ def train_cmmd(train: ClipWindows, config: CmmdTrainConfig, init_state: Mapping 
     check_device(device)
     progress = progress or Progress()
     start_time = time.perf_counter()
-    with torch_threads(config.threads):
+    with StepThreads(config.threads) as threads:
         model_config = config.model_config(train.frames.shape[2])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -174,6 +175,7 @@ def train_cmmd(train: ClipWindows, config: CmmdTrainConfig, init_state: Mapping 
         shown = ProgressLog(label, total, "steps", log, done=first - 1).start()
         model.train()
         for step in range(first, total + 1):
+            threads.tick()
             rng = np.random.default_rng([config.seed, step])
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             rows = batch_rows(rng, rows_new, rows_old, batch, warm, config.replay_fraction)

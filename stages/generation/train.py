@@ -23,7 +23,7 @@ import numpy as np
 
 from stages.embeddings.spaces import get_space
 from stages.ingest.manifest import ClipManifest
-from stages.core.parallel import torch_threads
+from stages.core.parallel import StepThreads, torch_threads
 from stages.core.lineage import NewShards, Start, Trained, fit_with_lineage
 from stages.core.progress import LossWindow, Progress
 from stages.core.store import FeatureStore, feature_key
@@ -58,7 +58,7 @@ class GeneratorTrainConfig:
     learning_rate: float = 5e-4
     condition_dropout: float = 0.1
     seed: int = 0
-    threads: int = 2
+    threads: int = 0  # speed only; 0 = tuned while it trains (stages.core.parallel.StepThreads)
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     norm_num_groups: int = 8
@@ -172,7 +172,7 @@ def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Calla
     check_device(device)
     # The weights are initialised from the config's seed in a scope of its own (the caller's global
     # RNG is left as it was); noise, timesteps and dropout come from a generator of the same seed.
-    with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
+    with StepThreads(config.threads) as threads, torch.random.fork_rng(devices=[]):
         start = time.perf_counter()
         torch.manual_seed(config.seed)
         _, channels, height, width = train.latents.shape
@@ -192,6 +192,7 @@ def train_generator(train: LatentPairs, config: GeneratorTrainConfig, log: Calla
         rows = (torch.from_numpy(rng.choice(len(train), batch, replace=False)) for _ in range(config.steps))
         model.train()
         for step, chunk in enumerate(data.prefetch(rows), start=1):
+            threads.tick()
             loss = diffusion_loss(model, scheduler, chunk["latents"], chunk["cond"], config.condition_dropout, generator)
             losses.add(step, loss)
             optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from stages.core.parallel import torch_threads
+from stages.core.parallel import StepThreads
 from stages.core.store import FeatureStore
 from stages.ingest.manifest import ClipManifest
 
@@ -47,7 +47,7 @@ class MmldmEvalConfig:
     tasks: tuple[str, ...] = ("svg", "a2v", "v2a")
     seed: int = 0
     batch_size: int = 16
-    threads: int = 1
+    threads: int = 0  # speed only; 0 = tuned on its DDIM steps (stages.core.parallel.StepThreads)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phi", tuple(float(p) for p in self.phi))
@@ -115,7 +115,8 @@ def frames_key_of(store: FeatureStore, dataset: str, vae_latent_key: str) -> str
 # ---- generation -------------------------------------------------------------------------------------
 
 def generate_latents(dit, scheduler, scales: Mapping[str, float], task: str, count: int, known: np.ndarray | None, phi: float,
-                     steps: int, seed: int, batch_size: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                     steps: int, seed: int, batch_size: int, device: str = "cpu",
+                     on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(z_a, z_v) in the autoencoder's units (the DiT's scale undone) for ``count`` samples; batch b
     draws from seed (seed, b), so a row's sample does not depend on how many follow it."""
     import torch
@@ -131,14 +132,14 @@ def generate_latents(dit, scheduler, scales: Mapping[str, float], task: str, cou
             given = to_device(torch.from_numpy(np.ascontiguousarray(known[start : start + n] * scale_known, np.float32)), device)
         generator = torch.Generator().manual_seed(seed * 100_003 + b)
         z_a, z_v = sample_dit(dit, scheduler, n, task if task != "svg" else "joint", known=given, phi=phi, steps=steps,
-                              generator=generator, device=device)
+                              generator=generator, device=device, on_step=on_step)
         out_a.append(z_a.cpu().numpy() / scales["audio"])
         out_v.append(z_v.cpu().numpy() / scales["video"])
     return np.concatenate(out_a), np.concatenate(out_v)
 
 
 def decode_to_kl(autoencoder, z_a: np.ndarray, z_v: np.ndarray, steps: int, seed: int, batch_size: int = 16,
-                 device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                 device: str = "cpu", on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MM-LDM latents -> KL latents (audio [N, 4, h, w], frames [N, T, 4, h, w]) through the signal decoder."""
     import torch
     from models.devices import to_device
@@ -151,7 +152,7 @@ def decode_to_kl(autoencoder, z_a: np.ndarray, z_v: np.ndarray, steps: int, seed
         sl = slice(start, start + batch_size)
         a, v = decode_clips(autoencoder, scheduler, to_device(torch.from_numpy(np.ascontiguousarray(z_a[sl], np.float32)), device),
                             to_device(torch.from_numpy(np.ascontiguousarray(z_v[sl], np.float32)), device), steps,
-                            torch.Generator().manual_seed(seed * 7_919 + b))
+                            torch.Generator().manual_seed(seed * 7_919 + b), on_step=on_step)
         audio.append(a.cpu().numpy())
         frames.append(v.cpu().numpy())
     return np.concatenate(audio), np.concatenate(frames)
@@ -219,12 +220,14 @@ def evaluate_mmldm(store: FeatureStore, manifest: ClipManifest, autoencoder, dit
                 "frames": (frames if frames is not None else ref_frames)[:keep_samples],
                 **({"mels": mels[:keep_samples]} if mels is not None else {})}
 
-    with torch_threads(config.threads):
+    with StepThreads(config.threads) as threads:
+        tick = lambda _: threads.tick()  # noqa: E731  (DDIM steps of the decoder and the DiT tune the threads)
         waves, mels = decoders.audio(clips.audio)
         row(GROUND_TRUTH, "reconstruction", None, waves, decoders.frames(clips.frames))
         if log:
             log(f"mmldm evaluation: autoencoder reconstruction of {len(ids)} clips x {config.decoder_steps} decoder steps")
-        kl_a, kl_v = decode_to_kl(autoencoder, z.audio_mean, z.video_mean, config.decoder_steps, config.seed, config.batch_size, device)
+        kl_a, kl_v = decode_to_kl(autoencoder, z.audio_mean, z.video_mean, config.decoder_steps, config.seed, config.batch_size, device,
+                                  tick)
         waves, mels = decoders.audio(kl_a)
         row(RECONSTRUCTION, "reconstruction", None, waves, decoders.frames(kl_v), mels)
         row(CONTROL, "reconstruction", None, control_audio, control_frames, keep=False)  # other clips: no sounding video of these ids
@@ -237,8 +240,8 @@ def evaluate_mmldm(store: FeatureStore, manifest: ClipManifest, autoencoder, dit
                 log(f"mmldm evaluation: {label} {task}" + ("" if phi is None else f" phi {phi:g}") + f", {len(ids)} clips x {config.steps} DDIM steps")
             known = z.audio_mean if task == "a2v" else z.video_mean if task == "v2a" else None
             g_a, g_v = generate_latents(dit, scheduler, scales, task, len(ids), known, 1.0 if phi is None else phi, config.steps,
-                                        config.seed, config.batch_size, device)
-            kl_a, kl_v = decode_to_kl(autoencoder, g_a, g_v, config.decoder_steps, config.seed, config.batch_size, device)
+                                        config.seed, config.batch_size, device, tick)
+            kl_a, kl_v = decode_to_kl(autoencoder, g_a, g_v, config.decoder_steps, config.seed, config.batch_size, device, tick)
             waves, mels = decoders.audio(kl_a) if task != "a2v" else (None, None)
             frames = decoders.frames(kl_v) if task != "v2a" else None
             row(label, task, phi, waves, frames, mels)

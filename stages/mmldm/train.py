@@ -22,7 +22,7 @@ import numpy as np
 
 from stages.core.checkpoints import load_module, restore_optimizer
 from stages.core.lineage import NewShards, Progress, Start, Trained, fit_with_lineage
-from stages.core.parallel import torch_threads
+from stages.core.parallel import StepThreads
 from stages.core.progress import LossWindow
 from stages.core.training import batch_rows, warmup_cosine
 from stages.core.progress import Progress as ProgressLog
@@ -139,7 +139,7 @@ class AutoencoderTrainConfig:
     semantic: bool = True  # Table 5 ablations: without the semantic space ...
     shared_decoder: bool = True  # ... and with two decoders
     seed: int = 0
-    threads: int = 1  # speed only; one is robust on a busy machine (see CmmdTrainConfig.threads)
+    threads: int = 0  # speed only; 0 = tuned while it trains (see CmmdTrainConfig.threads)
     checkpoint_every: int = 200
 
     def __post_init__(self) -> None:
@@ -207,7 +207,7 @@ def train_autoencoder(train: ClipLatents, config: AutoencoderTrainConfig, progre
     check_device(device)
     progress = progress or Progress()
     start = time.perf_counter()
-    with torch_threads(config.threads):
+    with StepThreads(config.threads) as threads:
         model_config = config.model_config(train)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -229,6 +229,7 @@ def train_autoencoder(train: ClipLatents, config: AutoencoderTrainConfig, progre
         shown = ProgressLog(label, config.steps, "steps", log, done=first - 1).start()
         model.train()
         for step in range(first, config.steps + 1):
+            threads.tick()
             rng = np.random.default_rng([config.seed, step])
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             rows = rng.choice(len(train), batch, replace=len(train) < batch)
@@ -420,7 +421,7 @@ class DitTrainConfig:
     conditional_share: float = 0.05  # the paper's 5% per conditional task
     sample_posterior: bool = True  # train on z = mean + std eps (LDM's), not the mean alone
     seed: int = 0
-    threads: int = 1
+    threads: int = 0  # as AutoencoderTrainConfig.threads
     checkpoint_every: int = 250
     update_steps: int = 500  # warm start on new shards: steps on new + replayed clips
     replay_fraction: float = 0.5
@@ -462,7 +463,7 @@ def train_dit(train: SemanticLatents, config: DitTrainConfig, scales: Mapping[st
     check_device(device)
     progress = progress or Progress()
     start = time.perf_counter()
-    with torch_threads(config.threads):
+    with StepThreads(config.threads) as threads:
         model_config = config.model_config(train.audio_mean.shape[1:], train.video_mean.shape[1:])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -485,6 +486,7 @@ def train_dit(train: SemanticLatents, config: DitTrainConfig, scales: Mapping[st
         shown = ProgressLog(label, total, "steps", log, done=first - 1).start()
         model.train()
         for step in range(first, total + 1):
+            threads.tick()
             rng = np.random.default_rng([config.seed, step])
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             rows = batch_rows(rng, rows_new, rows_old, batch, warm, config.replay_fraction)

@@ -35,7 +35,7 @@ from stages.core.progress import LossWindow, Progress
 from stages.features.mel import AUDIO_IMAGE_FEATURE, MEL_FEATURE
 from stages.features.frames import VIDEO_FRAMES_FEATURE
 from stages.ingest.manifest import ClipManifest
-from stages.core.parallel import torch_threads
+from stages.core.parallel import StepThreads, torch_threads
 from stages.features.spectral import MelPreset, audio_image_to_mel, get_preset
 from stages.core.lineage import NewShards, Start, Trained, fit_with_lineage
 from stages.core.store import FeatureStore, canonical_json, feature_key
@@ -110,9 +110,10 @@ class VaeTrainConfig:
     latent_channels: int = 4
     norm_num_groups: int = 4
     mid_block_attention: bool = True
-    # Torch threads while fitting (speed only, not in the checkpoint key; 0 = torch's default). One
-    # thread: a tiny VAE step measured 0.3 s on 1 thread and 4 s on 2 with the other core busy.
-    threads: int = 1
+    # Torch threads while fitting (speed only, not in the checkpoint key). 0: tuned while it runs by
+    # timing its own steps (stages.core.parallel.StepThreads): 2 threads make a step 1.77x faster on
+    # an idle 2-core machine, and 13x slower (0.3 -> 4 s) with the other core busy.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
@@ -256,6 +257,7 @@ class VaeTrainResult:
     steps_run: int = 0
     stopped_by: str = "max_steps"  # "max_steps" (the budget ran out) or "plateau" (the stopping rule)
     lr_drop_steps: tuple[int, ...] = ()  # steps at which a plateau lowered the learning rate
+    threads: dict | None = None  # StepThreads.summary(): the torch threads the steps ran at (speed only)
 
     def stopping(self, config: "VaeTrainConfig") -> dict:
         """The stopping rule and its outcome, as the sidecar and the asset metadata give it."""
@@ -405,65 +407,67 @@ def _train_vae(train, val, config, device, init_state, log, label="vae", on_eval
     rule = PlateauRule(config.patience, config.min_delta)
     rule.update(best[0])
     steps_run, stopped_by, drop_steps = 0, "max_steps", []
-    for step, chunk in enumerate(images.prefetch(rows), start=1):
-        batch_images = chunk["images"]
-        if window:
-            starts = offsets.integers(0, width - window + 1, size=len(batch_images))
-            batch_images = torch.stack([batch_images[i, :, int(s) : int(s) + window] for i, s in enumerate(starts)])
-        x = images_to_tensor(batch_images, device)
-        adversarial = adversary is not None and step > config.adversarial_start
-        if adversary is None and not config.gradient_weight:  # as before the new losses (tests record this call)
-            loss, parts = vae_module.vae_loss(vae, x, config.kl_weight, config.spectral_weight)
-        else:
-            loss, parts, y = vae_module.vae_forward_loss(vae, x, config.kl_weight, config.spectral_weight,
-                                                         config.gradient_weight, config.gradient_scales)
+    with StepThreads(config.threads) as threads:
+        for step, chunk in enumerate(images.prefetch(rows), start=1):
+            threads.tick()
+            batch_images = chunk["images"]
+            if window:
+                starts = offsets.integers(0, width - window + 1, size=len(batch_images))
+                batch_images = torch.stack([batch_images[i, :, int(s) : int(s) + window] for i, s in enumerate(starts)])
+            x = images_to_tensor(batch_images, device)
+            adversarial = adversary is not None and step > config.adversarial_start
+            if adversary is None and not config.gradient_weight:  # as before the new losses (tests record this call)
+                loss, parts = vae_module.vae_loss(vae, x, config.kl_weight, config.spectral_weight)
+            else:
+                loss, parts, y = vae_module.vae_forward_loss(vae, x, config.kl_weight, config.spectral_weight,
+                                                             config.gradient_weight, config.gradient_scales)
+                if adversarial:
+                    loss = adversary.generator_term(loss, y, parts)
+            losses.add(step, loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
             if adversarial:
-                loss = adversary.generator_term(loss, y, parts)
-        losses.add(step, loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if adversarial:
-            adversary.discriminator_step(x, y, parts)
-        steps_run = step
-        plateau = False
-        if step % config.eval_every == 0 or step == config.steps:
-            losses.check()
-            current = reconstruction_l1(vae, scored)
-            row = {"step": step, "train_l1": round(float(parts["l1"]), 5), "train_kl": round(float(parts["kl"]), 4),
-                   "val_l1": round(current, 5)}
-            row.update({f"train_{k}": round(float(v), 5) for k, v in parts.items() if k not in ("l1", "kl")})
-            history.append({**row, **_extra(on_eval, step, vae)})
-            vae.train()  # reconstruction_l1 (and on_eval) leave it in eval mode
-            counting = adversary is None or step > config.adversarial_start
-            if counting and adversary is not None and not adversary.counted:
-                # The adversarial phase starts: its weights are the ones to keep, so the best and the
-                # rule start afresh (the pre-adversarial weights have lower L1 but blur).
-                adversary.counted = True
-                best, rule = (math.inf, step, None), PlateauRule(config.patience, config.min_delta)
-            if counting and current < best[0]:
-                best = (current, step, {k: v.detach().clone() for k, v in vae.state_dict().items()})
-            plateau = counting and rule.update(current) and step < config.steps
-            if plateau and len(drop_steps) < config.lr_drops:
-                drop[0] *= config.lr_drop
-                drop_steps.append(step)
-                rule.stale, plateau = 0, False
+                adversary.discriminator_step(x, y, parts)
+            steps_run = step
+            plateau = False
+            if step % config.eval_every == 0 or step == config.steps:
+                losses.check()
+                current = reconstruction_l1(vae, scored)
+                row = {"step": step, "train_l1": round(float(parts["l1"]), 5), "train_kl": round(float(parts["kl"]), 4),
+                       "val_l1": round(current, 5)}
+                row.update({f"train_{k}": round(float(v), 5) for k, v in parts.items() if k not in ("l1", "kl")})
+                history.append({**row, **_extra(on_eval, step, vae)})
+                vae.train()  # reconstruction_l1 (and on_eval) leave it in eval mode
+                counting = adversary is None or step > config.adversarial_start
+                if counting and adversary is not None and not adversary.counted:
+                    # The adversarial phase starts: its weights are the ones to keep, so the best and the
+                    # rule start afresh (the pre-adversarial weights have lower L1 but blur).
+                    adversary.counted = True
+                    best, rule = (math.inf, step, None), PlateauRule(config.patience, config.min_delta)
+                if counting and current < best[0]:
+                    best = (current, step, {k: v.detach().clone() for k, v in vae.state_dict().items()})
+                plateau = counting and rule.update(current) and step < config.steps
+                if plateau and len(drop_steps) < config.lr_drops:
+                    drop[0] *= config.lr_drop
+                    drop_steps.append(step)
+                    rule.stale, plateau = 0, False
+                    if log:
+                        log(f"{label}: step {step}: {val_source} L1 flat for {config.patience} evaluations; learning rate "
+                            f"x{config.lr_drop} (drop {len(drop_steps)} of {config.lr_drops}), best {best[0]:.5f} at step {best[1]}")
+            if progress.due() or step == config.steps or plateau:
+                progress.advance(step - progress.done, loss=losses.check, **{f"{val_source} L1": current})
+            if plateau:
+                stopped_by = "plateau"
                 if log:
-                    log(f"{label}: step {step}: {val_source} L1 flat for {config.patience} evaluations; learning rate "
-                        f"x{config.lr_drop} (drop {len(drop_steps)} of {config.lr_drops}), best {best[0]:.5f} at step {best[1]}")
-        if progress.due() or step == config.steps or plateau:
-            progress.advance(step - progress.done, loss=losses.check, **{f"{val_source} L1": current})
-        if plateau:
-            stopped_by = "plateau"
-            if log:
-                log(f"{label}: stopped at step {step} of {config.steps}: {stop_reason(stopped_by, config)}; "
-                    f"best {val_source} L1 {best[0]:.5f} at step {best[1]}")
-            break
+                    log(f"{label}: stopped at step {step} of {config.steps}: {stop_reason(stopped_by, config)}; "
+                        f"best {val_source} L1 {best[0]:.5f} at step {best[1]}")
+                break
     vae.load_state_dict(best[2])
     vae.eval()
     return VaeTrainResult(vae, history, best[1], best[0], time.perf_counter() - start, val_source, steps_run, stopped_by,
-                          tuple(drop_steps))
+                          tuple(drop_steps), threads.summary())
 
 
 class _Adversary:
@@ -751,7 +755,8 @@ def fit_vae(
     key = vae_fit_key(name, modality, input_key, shards, config, pretrained)
 
     def train(start: Start) -> Trained:
-        with torch_threads(config.threads or torch.get_num_threads()):
+        # the fit's steps tune their own threads (StepThreads); the rest runs on one unless fixed
+        with torch_threads(config.threads or 1):
             vae, sidecar = _fit_new(store, manifest, name, modality, input_key, config, key, shards, pretrained, device, log)
         return Trained(state={}, model=vae, steps_run=sidecar["steps"], seconds=sidecar["train_seconds"], sidecar=sidecar,
                        save=lambda st, dataset, nm, k, extra: save_vae_checkpoint(st, dataset, nm, k, vae, extra))
@@ -782,10 +787,11 @@ def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pr
     if pretrained_dir:
         vae = load_pretrained_vae(pretrained_dir).to(device)
         history, best_step, val_source, steps_run, stopping = [], 0, ("val" if len(val) else "train"), 0, None
+        threads = None
     else:
         result = train_vae(train.images, val.images, config, device=device, log=log, label=f"{name} seed {config.seed}")
         vae, history, best_step, val_source = result.model, result.history, result.best_step, result.val_source
-        steps_run, stopping = result.steps_run, result.stopping(config)
+        steps_run, stopping, threads = result.steps_run, result.stopping(config), result.threads
     train_seconds = time.perf_counter() - start
     scaling = compute_scaling_factor(vae, train.images, seed=config.seed)
 
@@ -825,7 +831,7 @@ def _fit_new(store, manifest, name, modality, input_key, config, key, shards, pr
         image_size=int(train.images.shape[1]),
         latent_shape=list(encode(vae, train.images[:1]).shape[1:]),
         train_seconds=round(train_seconds, 2),
-        train_threads=torch.get_num_threads(),
+        train_threads=threads,
         device=str(device),  # where it trained (provenance; not in the key)
     )
     if log:
