@@ -156,7 +156,7 @@ class CmmdEvalConfig(Config):
     length_factor: int = Field(default=1, description="2: sample twice the training window, as the paper's test setting (clips long enough only).")
     tasks: list[str] = Field(default=["V2A", "A2V"], description="V2A (video -> audio) and/or A2V (audio -> video).")
     batch_size: int = Field(default=16, description="Clips per sampling batch (speed only).")
-    threads: int = Field(default=1, description="torch threads (speed only); 1 is robust on a busy machine (two spin at every OpenMP barrier), 2 faster on an idle one.")
+    threads: int = Field(default=0, description="Torch threads (speed only); 0 = tuned on its own DDIM steps (2 on an idle 2-core machine, 1 beside another job); N = fixed.")
 
     def params(self) -> cmmd_eval.CmmdEvalConfig:
         return cmmd_eval.CmmdEvalConfig(**self.model_dump())

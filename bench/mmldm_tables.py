@@ -1,14 +1,16 @@
 """MM-LDM's tables over several trainings (issue 17): the DiT trained with several seeds on the
 latents `train_mmldm` cached (Table 1's rows: svg, a2v, v2a at each phi, with ground truth, the
 autoencoder's reconstruction and a control), and the autoencoder ablations of Table 5 (without the
-semantic space; two decoders instead of one), each with its own latents and DiT.
+semantic space; two decoders instead of one), each with its own latents, evaluated on its
+reconstruction as the paper's Table 5 is.
 
     # once: the features, the default autoencoder and DiT of the demo
     .venv/bin/dagster job execute -j train_mmldm
     # the DiT over 3 trainings, test split
     nice -n 5 .venv/bin/python bench/mmldm_tables.py --store .data/features --seeds 0 1 2
-    # Table 5: autoencoder variants (each: autoencoder -> latents -> DiT seed 0 -> evaluation)
-    nice -n 5 .venv/bin/python bench/mmldm_tables.py --store .data/features --ablations --seeds 0
+    # Table 5: autoencoder variants, reconstruction rows (rFAD / rFVD / rKVD, as the paper's); with
+    # --ablations the seeds are the autoencoders' (each: autoencoder -> its latents -> reconstruction)
+    nice -n 5 .venv/bin/python bench/mmldm_tables.py --store .data/features --ablations --seeds 0 1
 
 Checkpoints, latents and evaluations are stored (a second run reuses them); ``--ae-steps`` /
 ``--dit-steps`` train for fewer steps than the assets' defaults (say so when you report it).
@@ -58,12 +60,13 @@ def main() -> None:
     towers = load_towers()
     eval_config = mmldm_eval.MmldmEvalConfig(split=args.split, max_clips=args.max_clips, phi=tuple(args.phi))
     rows = []
-    variants = ABLATIONS if args.ablations else {"MM-LDM": {}}
-    for name, change in variants.items():
-        ae_config = mmldm_train.AutoencoderTrainConfig(**change, **({"steps": args.ae_steps} if args.ae_steps else {}))
+
+    def autoencoder_and_latents(name: str, change: dict, seed: int):
+        """The stored (or newly fitted) autoencoder of this variant and seed, and its cached latents' key."""
+        ae_config = mmldm_train.AutoencoderTrainConfig(**change, seed=seed, **({"steps": args.ae_steps} if args.ae_steps else {}))
         start = time.perf_counter()
         ae = mmldm_train.fit_autoencoder(store, manifest, vae_latent_key, ae_config, log=print)
-        print(f"{name}: autoencoder {ae.key} {ae.status} ({time.perf_counter() - start:.0f} s); {ae.sidecar['metrics']}")
+        print(f"{name} seed {seed}: autoencoder {ae.key} {ae.status} ({time.perf_counter() - start:.0f} s); {ae.sidecar['metrics']}")
         params = MmldmLatentParams(ae.key)
         latent_key = params.key(vae_latent_key)
         feature = registered_feature(MMLDM_LATENT_FEATURE)
@@ -73,23 +76,37 @@ def main() -> None:
                 feature.compute_shard(ShardJob(store.url_root, {}, args.dataset, MMLDM_LATENT_FEATURE, latent_key, shard,
                                                tuple((c.id, c.uri, c.content_hash) for c in clips), params.params(),
                                                feature.code_version, (ae.key, vae_latent_key)))
+        return ae, latent_key
+
+    if args.ablations:  # Table 5: each variant's reconstruction rows, one autoencoder per seed
+        recon_config = mmldm_eval.MmldmEvalConfig(split=args.split, max_clips=args.max_clips, tasks=())
+        for name, change in ABLATIONS.items():
+            for seed in args.seeds:
+                ae, latent_key = autoencoder_and_latents(name, change, seed)
+                key = feature_key("mmldm_evaluation", recon_config.params(), "1", [ae.key, latent_key, manifest.digest()])
+                result = cached_result(store, args.dataset, "mmldm_evaluation", key,
+                                       lambda: mmldm_eval.evaluate_reconstruction(store, manifest, ae.key, latent_key, recon_config,
+                                                                                  towers=towers, label=name, log=print),
+                                       provenance={"mmldm_autoencoder": ae.key, "config": recon_config.params()}, log=print)
+                for row in result.value["rows"]:
+                    if row["model"] == mmldm_eval.RECONSTRUCTION:
+                        rows.append({**row, "model": f"{mmldm_eval.RECONSTRUCTION} ({name})", "seed": seed})
+                    elif name == "MM-LDM":  # ground truth and the control: once
+                        rows.append({**row, "seed": seed})
+    else:  # Table 1: the default autoencoder, one DiT per seed
+        ae, latent_key = autoencoder_and_latents("MM-LDM", {}, 0)
         for seed in args.seeds:
             dit_config = mmldm_train.DitTrainConfig(seed=seed, **({"steps": args.dit_steps} if args.dit_steps else {}))
             start = time.perf_counter()
             dit = mmldm_train.fit_dit(store, manifest, latent_key, ae.key, dit_config, log=print)
-            print(f"{name} seed {seed}: DiT {dit.key} {dit.status} ({time.perf_counter() - start:.0f} s)")
+            print(f"MM-LDM seed {seed}: DiT {dit.key} {dit.status} ({time.perf_counter() - start:.0f} s)")
             key = feature_key("mmldm_evaluation", eval_config.params(), "1", [dit.key, manifest.digest()])
             result = cached_result(store, args.dataset, "mmldm_evaluation", key,
-                                   lambda: mmldm_eval.evaluate_checkpoint(store, manifest, dit.key, eval_config, towers=towers, label=name,
-                                                                          log=print),
+                                   lambda: mmldm_eval.evaluate_checkpoint(store, manifest, dit.key, eval_config, towers=towers,
+                                                                          label="MM-LDM", log=print),
                                    provenance={"mmldm": dit.key, "config": eval_config.params()}, log=print)
-            for row in result.value["rows"]:
-                if row["model"] in (mmldm_eval.RECONSTRUCTION,) and name != "MM-LDM":
-                    row = {**row, "model": f"{mmldm_eval.RECONSTRUCTION} ({name})"}
-                if name != "MM-LDM" and row["model"] in (mmldm_eval.GROUND_TRUTH, mmldm_eval.CONTROL):
-                    continue  # the same rows as the default's
-                rows.append({**row, "seed": seed})
-    title = "Table 5 (autoencoder variants)" if args.ablations else "Table 1"
+            rows += [{**row, "seed": seed} for row in result.value["rows"]]
+    title = "Table 5 (autoencoder variants, reconstruction)" if args.ablations else "Table 1"
     print(f"\n## MM-LDM on the {args.split} split, {title}: {len(args.seeds)} training(s) (seeds {args.seeds}), "
           f"{eval_config.steps} DDIM steps, decoder {eval_config.decoder_steps} steps"
           + (f", autoencoder {args.ae_steps} steps" if args.ae_steps else "") + (f", DiT {args.dit_steps} steps" if args.dit_steps else ""))

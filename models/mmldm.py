@@ -535,13 +535,22 @@ def decode_signal(decoder: SignalDecoder, scheduler, z: torch.Tensor, context: t
 @torch.no_grad()
 def decode_clips(model: MmldmAutoencoder, scheduler, z_a: torch.Tensor, z_v: torch.Tensor, steps: int,
                  generator: torch.Generator | None, frame_batch: int = 64,
-                 on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(audio KL latents [B, 4, h_a, w_a], frame KL latents [B, T, 4, h_v, w_v]) of MM-LDM latents."""
+                 on_step: Callable[[int], None] | None = None,
+                 modalities: Sequence[str] = ("audio", "video")) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(audio KL latents [B, 4, h_a, w_a], frame KL latents [B, T, 4, h_v, w_v]) of MM-LDM latents; a
+    modality left out of ``modalities`` is not decoded (None), and its noise is still drawn, so the
+    other's decode is the same as when both are (an a2v evaluation needs the frames alone)."""
     c = model.config
     s_a, s_v, logits = model.semantics(z_a, z_v)
     audio_ctx, video_ctx = model.contexts(s_a, s_v, logits)
-    audio = decode_signal(model.decoder_of(AUDIO), scheduler, z_a, audio_ctx, (c.kl_channels, *c.audio_hw), steps, generator,
-                          on_step=on_step)
+    audio_shape = (c.kl_channels, *c.audio_hw)
+    if "audio" in modalities:
+        audio = decode_signal(model.decoder_of(AUDIO), scheduler, z_a, audio_ctx, audio_shape, steps, generator, on_step=on_step)
+    else:
+        audio = None
+        torch.randn((z_a.shape[0], *audio_shape), generator=generator)  # decode_signal's one draw
+    if "video" not in modalities:
+        return audio, None
     b, t = z_v.shape[0], c.frames
     index = torch.arange(t, device=z_v.device).repeat(b)
     zs, ctx = z_v.repeat_interleave(t, 0), video_ctx.repeat_interleave(t, 0)

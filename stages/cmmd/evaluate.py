@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 
 from stages.cmmd.data import CMMD_FPS, ClipWindows, evaluation_windows
-from stages.core.parallel import torch_threads
+from stages.core.parallel import StepThreads, torch_threads
 from stages.core.store import FeatureStore
 from stages.evaluation import rhythm
 from stages.evaluation.distribution import frechet_distance, full_rank_dims, gaussian_fit, kernel_distance, pca_fit
@@ -62,7 +62,7 @@ class CmmdEvalConfig:
     length_factor: int = 1  # 2: sample twice the training window (the paper's test setting); clips long enough only
     tasks: tuple[str, ...] = ("V2A", "A2V")
     batch_size: int = 16
-    threads: int = 1  # as CmmdTrainConfig.threads
+    threads: int = 0  # speed only; 0 = tuned on its own DDIM steps (stages.core.parallel.StepThreads), N = fixed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance", tuple(float(g) for g in self.guidance))
@@ -83,7 +83,7 @@ class CmmdEvalConfig:
 # ---- sampling -----------------------------------------------------------------------------------
 
 def generate(model: JointUNet, known: np.ndarray, known_is: str, steps: int, guidance: float, seed: int,
-             batch_size: int = 16, device: str = "cpu", threads: int = 1) -> np.ndarray:
+             batch_size: int = 16, device: str = "cpu", threads: int = 0) -> np.ndarray:
     """The other modality for every row of ``known`` (V2A: known video latents; A2V: known mel
     latents), in batches; batch b draws its noise from seed (seed, b), so a row's sample does not
     depend on how many clips are evaluated after it."""
@@ -93,12 +93,12 @@ def generate(model: JointUNet, known: np.ndarray, known_is: str, steps: int, gui
 
     scheduler = make_scheduler(model.config)
     out = []
-    with torch_threads(threads):
+    with StepThreads(threads) as tuner:
         for b, start in enumerate(range(0, len(known), batch_size)):
             chunk = to_device(torch.from_numpy(np.ascontiguousarray(known[start : start + batch_size])), device)
             generator = torch.Generator().manual_seed(seed * 100_003 + b)
             out.append(sample_conditional(model, scheduler, chunk, known_is, steps=steps, guidance=guidance,
-                                          generator=generator).cpu().numpy())
+                                          generator=generator, on_step=lambda _: tuner.tick()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
@@ -413,7 +413,7 @@ def evaluate_checkpoint(store: FeatureStore, manifest: ClipManifest, cmmd_key: s
     windows = load_windows(store, manifest, sidecar["mel_latent_key"], sidecar["frame_latent_key"])
     real = load_real_frames(store, manifest.dataset, frames_key, sorted(manifest.by_shard()))
     decoders = load_decoders(store, manifest.dataset, frame_vae_key, scaling_factor, sidecar["mel_latent_key"], device)
-    with torch_threads(config.threads):
+    with torch_threads(config.threads or 1):  # towers and vocoder; the DDIM steps tune their own (generate)
         result = evaluate_cmmd(store, manifest, model, windows, real, decoders, config, sidecar["window_frames"],
                                sidecar["variant"], towers, device, log, keep_samples)
     seed = sidecar["train_config"]["seed"] if seed_label is None else seed_label

@@ -54,8 +54,8 @@ class MmldmEvalConfig:
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if self.steps < 1 or self.decoder_steps < 1 or self.max_clips < 2 or not self.phi:
             raise ValueError("need steps >= 1, decoder_steps >= 1, max_clips >= 2 and at least one phi")
-        if not set(self.tasks) <= {"svg", "a2v", "v2a"} or not self.tasks:
-            raise ValueError(f"tasks must be a non-empty subset of ['svg', 'a2v', 'v2a'], got {list(self.tasks)}")
+        if not set(self.tasks) <= {"svg", "a2v", "v2a"}:  # empty: the reconstruction rows alone (Table 5)
+            raise ValueError(f"tasks must be a subset of ['svg', 'a2v', 'v2a'], got {list(self.tasks)}")
 
     def params(self) -> dict:
         params = asdict(self)
@@ -139,8 +139,10 @@ def generate_latents(dit, scheduler, scales: Mapping[str, float], task: str, cou
 
 
 def decode_to_kl(autoencoder, z_a: np.ndarray, z_v: np.ndarray, steps: int, seed: int, batch_size: int = 16,
-                 device: str = "cpu", on_step: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """MM-LDM latents -> KL latents (audio [N, 4, h, w], frames [N, T, 4, h, w]) through the signal decoder."""
+                 device: str = "cpu", on_step: Callable[[int], None] | None = None,
+                 modalities: Sequence[str] = ("audio", "video")) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """MM-LDM latents -> KL latents (audio [N, 4, h, w], frames [N, T, 4, h, w]) through the signal decoder;
+    only ``modalities`` are decoded (the others: None), each exactly as when both are."""
     import torch
     from models.devices import to_device
     from models.mmldm import decode_clips, make_scheduler
@@ -152,10 +154,10 @@ def decode_to_kl(autoencoder, z_a: np.ndarray, z_v: np.ndarray, steps: int, seed
         sl = slice(start, start + batch_size)
         a, v = decode_clips(autoencoder, scheduler, to_device(torch.from_numpy(np.ascontiguousarray(z_a[sl], np.float32)), device),
                             to_device(torch.from_numpy(np.ascontiguousarray(z_v[sl], np.float32)), device), steps,
-                            torch.Generator().manual_seed(seed * 7_919 + b), on_step=on_step)
-        audio.append(a.cpu().numpy())
-        frames.append(v.cpu().numpy())
-    return np.concatenate(audio), np.concatenate(frames)
+                            torch.Generator().manual_seed(seed * 7_919 + b), on_step=on_step, modalities=modalities)
+        audio += [a.cpu().numpy()] if a is not None else []
+        frames += [v.cpu().numpy()] if v is not None else []
+    return (np.concatenate(audio) if audio else None), (np.concatenate(frames) if frames else None)
 
 
 # ---- the evaluation ---------------------------------------------------------------------------------
@@ -231,19 +233,22 @@ def evaluate_mmldm(store: FeatureStore, manifest: ClipManifest, autoencoder, dit
         waves, mels = decoders.audio(kl_a)
         row(RECONSTRUCTION, "reconstruction", None, waves, decoders.frames(kl_v), mels)
         row(CONTROL, "reconstruction", None, control_audio, control_frames, keep=False)  # other clips: no sounding video of these ids
-        scheduler = make_scheduler(dit.config.num_train_timesteps, dit.config.beta_schedule)
-        scales = dit_sidecar["latent_scales"]
         runs = [("svg", None)] if "svg" in config.tasks else []
         runs += [(task, phi) for task in ("a2v", "v2a") if task in config.tasks for phi in config.phi]
+        if runs:
+            scheduler = make_scheduler(dit.config.num_train_timesteps, dit.config.beta_schedule)
+            scales = dit_sidecar["latent_scales"]
         for task, phi in runs:
             if log:
                 log(f"mmldm evaluation: {label} {task}" + ("" if phi is None else f" phi {phi:g}") + f", {len(ids)} clips x {config.steps} DDIM steps")
             known = z.audio_mean if task == "a2v" else z.video_mean if task == "v2a" else None
             g_a, g_v = generate_latents(dit, scheduler, scales, task, len(ids), known, 1.0 if phi is None else phi, config.steps,
                                         config.seed, config.batch_size, device, tick)
-            kl_a, kl_v = decode_to_kl(autoencoder, g_a, g_v, config.decoder_steps, config.seed, config.batch_size, device, tick)
-            waves, mels = decoders.audio(kl_a) if task != "a2v" else (None, None)
-            frames = decoders.frames(kl_v) if task != "v2a" else None
+            # a2v is scored on its frames and v2a on its audio: the given modality is not decoded
+            wanted = {"a2v": ("video",), "v2a": ("audio",)}.get(task, ("audio", "video"))
+            kl_a, kl_v = decode_to_kl(autoencoder, g_a, g_v, config.decoder_steps, config.seed, config.batch_size, device, tick, wanted)
+            waves, mels = decoders.audio(kl_a) if kl_a is not None else (None, None)
+            frames = decoders.frames(kl_v) if kl_v is not None else None
             row(label, task, phi, waves, frames, mels)
     return MmldmEvaluation(rows, ids, samples, seconds)
 
@@ -308,6 +313,24 @@ def write_outputs(store: FeatureStore, folder: str, evaluation: MmldmEvaluation)
             store.write_bytes(path, preview_png(mels=sample["mels"]))
             previews[f"{name} mel"] = path
     return urls, previews
+
+
+def evaluate_reconstruction(store: FeatureStore, manifest: ClipManifest, autoencoder_key: str, mmldm_latent_key: str,
+                            config: MmldmEvalConfig, device: str = "cpu", log: Callable[[str], None] | None = None,
+                            towers: tuple | None = None, label: str = "MM-LDM") -> dict:
+    """The reconstruction rows alone (ground truth, the autoencoder's reconstruction, the control) of the
+    stored autoencoder ``autoencoder_key`` and its cached latents: Table 5's rFVD / rKVD / rFAD, no DiT."""
+    from stages.mmldm.train import load_autoencoder
+
+    if config.tasks:
+        raise ValueError(f"a reconstruction-only evaluation takes no tasks, got {list(config.tasks)}")
+    autoencoder, ae_sidecar = load_autoencoder(store, manifest.dataset, autoencoder_key, device)
+    result = evaluate_mmldm(store, manifest, autoencoder, None, {"mmldm_latent_key": mmldm_latent_key}, ae_sidecar["vae_latent_key"],
+                            config, device, log, 0, towers, label)
+    for r in result.rows:
+        r["seed"] = ae_sidecar["train_config"]["seed"]
+        r["checkpoint"] = autoencoder_key
+    return {"rows": result.rows, "table": table_markdown(result.rows), "clip_ids": result.clip_ids}
 
 
 def evaluate_checkpoint(store: FeatureStore, manifest: ClipManifest, dit_key: str, config: MmldmEvalConfig, device: str = "cpu",

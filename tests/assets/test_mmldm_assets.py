@@ -66,6 +66,22 @@ def test_mmldm_chain_trains_evaluates_and_reuses(demo_source, tmp_path):
     with av.open(mp4s[0]) as container:  # a sounding video
         assert {s.type for s in container.streams} == {"video", "audio"}
 
+    # Table 5's reconstruction-only evaluation (bench/mmldm_tables.py --ablations): the same three rows, no DiT
+    from stages.core.results import load_result
+    from stages.ingest.manifest import load_manifest
+    from stages.mmldm.evaluate import MmldmEvalConfig, evaluate_reconstruction
+
+    latent_key = latents["key"] if "key" in latents else store.resolve_key("demo", MMLDM_LATENT_FEATURE, None)
+    recon = evaluate_reconstruction(store, load_manifest(store, "demo"), autoencoder["checkpoint_key"], latent_key,
+                                    MmldmEvalConfig(steps=2, decoder_steps=2, max_clips=3, tasks=()))
+    assert [r["model"] for r in recon["rows"]] == ["ground truth (KL-VAE reconstruction)", "MM-LDM autoencoder reconstruction",
+                                                   "control: other real clips (train)"]
+    full = {r["model"]: r for r in load_result(store, "demo", "mmldm_evaluation", evaluation["result_key"])[0]["rows"]}
+    for r in recon["rows"]:  # the same decode of the same latents and seed as the full evaluation's rows
+        assert r["FAD (aiSFX)"] == pytest.approx(full[r["model"]]["FAD (aiSFX)"], rel=1e-3)
+    with pytest.raises(ValueError, match="takes no tasks"):
+        evaluate_reconstruction(store, load_manifest(store, "demo"), autoencoder["checkpoint_key"], latent_key, MmldmEvalConfig())
+
     again = materialize_dataset(ASSETS, found, instance=instance, run_config=RUN_CONFIG)
     assert again.success
     assert materialization_metadata(again, "mmldm_autoencoder")["status"] == "reused"

@@ -180,6 +180,11 @@ def test_decoder_uses_its_latent_and_frame_index():
     assert not torch.allclose(frames[0, 0], frames[0, 1])  # the frame index picks different frames
     other, _ = decode_clips(model, scheduler, z_a.flip(0), z_v, 3, torch.Generator().manual_seed(0))
     assert not torch.allclose(other, audio)  # the decoder reads its latent
+    # one modality alone (the a2v / v2a evaluation): exactly what decoding both gives
+    only_audio, none = decode_clips(model, scheduler, z_a, z_v, 3, torch.Generator().manual_seed(0), modalities=("audio",))
+    none_too, only_frames = decode_clips(model, scheduler, z_a, z_v, 3, torch.Generator().manual_seed(0), modalities=("video",))
+    assert none is None and none_too is None
+    assert torch.equal(only_audio, audio) and torch.equal(only_frames, frames)
 
 
 def test_training_resumes_to_the_same_weights(tmp_path):
