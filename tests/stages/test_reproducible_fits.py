@@ -91,8 +91,10 @@ def test_two_fits_of_a_contrastive_head_give_identical_weights(kind, tmp_path):
 
 # ---- KL-VAE ---------------------------------------------------------------------------------------
 
+# threads fixed: a conv's gradient differs in its last bits between 1 and 2 threads, so a fit at
+# threads 0 (chosen by timing) is reproducible only up to float reduction order
 VAE = VaeTrainConfig(steps=4, batch_size=4, learning_rate=2e-3, eval_every=2, max_val_images=4,
-                     block_out_channels=(8, 8), norm_num_groups=4, mid_block_attention=False)
+                     block_out_channels=(8, 8), norm_num_groups=4, mid_block_attention=False, threads=1)
 
 
 def test_two_fits_of_a_vae_give_identical_weights(tmp_path):
@@ -103,7 +105,7 @@ def test_two_fits_of_a_vae_give_identical_weights(tmp_path):
         state, _ = load_checkpoint(store, manifest.dataset, "frame_vae", vae.key)
         return state
 
-    _check(fit, VAE, VaeTrainConfig(**{**VAE.params(), "seed": 1}), tmp_path)
+    _check(fit, VAE, VaeTrainConfig(**{**VAE.params(), "threads": 1, "seed": 1}), tmp_path)
 
 
 # ---- latent generator -----------------------------------------------------------------------------
