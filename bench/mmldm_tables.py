@@ -12,6 +12,9 @@ reconstruction as the paper's Table 5 is.
     # --ablations the seeds are the autoencoders' (each: autoencoder -> its latents -> reconstruction)
     nice -n 5 .venv/bin/python bench/mmldm_tables.py --store .data/features --ablations --seeds 0 1
 
+    # Table 1 with the signal-space baseline (the same DiT on the signals, no autoencoder; one per seed):
+    nice -n 5 .venv/bin/python bench/mmldm_tables.py --store .data/features --seeds 0 --signal-baseline --baseline-steps 600
+
 Checkpoints, latents and evaluations are stored (a second run reuses them); ``--ae-steps`` /
 ``--dit-steps`` train for fewer steps than the assets' defaults (say so when you report it).
 """
@@ -39,6 +42,9 @@ def main() -> None:
     parser.add_argument("--phi", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--max-clips", type=int, default=64)
     parser.add_argument("--split", default="test")
+    parser.add_argument("--signal-baseline", action="store_true", help="Table 1: add the signal-space baseline's rows")
+    parser.add_argument("--baseline-steps", type=int, default=600, help="its training steps (equal wall time, not equal steps)")
+    parser.add_argument("--baseline-batch", type=int, default=8)
     args = parser.parse_args()
 
     from stages.core.checkpoints import list_checkpoints
@@ -78,6 +84,27 @@ def main() -> None:
                                                feature.code_version, (ae.key, vae_latent_key)))
         return ae, latent_key
 
+    def signal_baseline_rows(seed: int, latent_key: str) -> list[dict]:
+        """The signal-space baseline's svg / a2v / v2a rows (trained here, its evaluation cached)."""
+        from stages.mmldm import signal_baseline
+
+        config = mmldm_train.DitTrainConfig(seed=seed, steps=args.baseline_steps, batch_size=args.baseline_batch)
+        base_config = mmldm_eval.MmldmEvalConfig(split=args.split, max_clips=args.max_clips, phi=tuple(args.phi), tasks=())
+        params = {"dit": config.params(), "audio_patch": list(signal_baseline.AUDIO_PATCH),
+                  "video_patch": list(signal_baseline.VIDEO_PATCH), "evaluation": base_config.params()}
+        key = feature_key("mmldm_signal_baseline", params, "1", [vae_latent_key, latent_key, manifest.digest()])
+
+        def run() -> dict:
+            baseline = signal_baseline.train_signal_baseline(store, manifest, vae_latent_key, config, log=print)
+            print(f"{signal_baseline.LABEL} seed {seed}: {baseline.steps} steps in {baseline.seconds_trained:.0f} s")
+            result = mmldm_eval.evaluate_mmldm(store, manifest, None, None, {"mmldm_latent_key": latent_key}, vae_latent_key,
+                                               base_config, log=print, keep_samples=0, towers=towers, baseline=baseline)
+            return {"rows": result.rows, "train_seconds": baseline.seconds_trained, "steps": baseline.steps}
+
+        result = cached_result(store, args.dataset, "mmldm_signal_baseline", key, run, provenance={"params": params}, log=print)
+        print(f"{signal_baseline.LABEL} seed {seed}: trained {result.value['steps']} steps in {result.value['train_seconds']:.0f} s")
+        return [{**row, "seed": seed} for row in result.value["rows"] if row["model"] == signal_baseline.LABEL]
+
     if args.ablations:  # Table 5: each variant's reconstruction rows, one autoencoder per seed
         recon_config = mmldm_eval.MmldmEvalConfig(split=args.split, max_clips=args.max_clips, tasks=())
         for name, change in ABLATIONS.items():
@@ -106,6 +133,8 @@ def main() -> None:
                                                                           label="MM-LDM", log=print),
                                    provenance={"mmldm": dit.key, "config": eval_config.params()}, log=print)
             rows += [{**row, "seed": seed} for row in result.value["rows"]]
+            if args.signal_baseline:
+                rows += signal_baseline_rows(seed, latent_key)
     title = "Table 5 (autoencoder variants, reconstruction)" if args.ablations else "Table 1"
     print(f"\n## MM-LDM on the {args.split} split, {title}: {len(args.seeds)} training(s) (seeds {args.seeds}), "
           f"{eval_config.steps} DDIM steps, decoder {eval_config.decoder_steps} steps"

@@ -172,7 +172,11 @@ class MmldmEvaluation:
 
 def evaluate_mmldm(store: FeatureStore, manifest: ClipManifest, autoencoder, dit, dit_sidecar: Mapping, vae_latent_key: str,
                    config: MmldmEvalConfig, device: str = "cpu", log: Callable[[str], None] | None = None,
-                   keep_samples: int = 4, towers: tuple | None = None, label: str = "MM-LDM") -> MmldmEvaluation:
+                   keep_samples: int = 4, towers: tuple | None = None, label: str = "MM-LDM",
+                   baseline=None) -> MmldmEvaluation:
+    """The rows above for ``dit`` (None: the reconstruction rows alone); ``autoencoder`` None skips its
+    reconstruction row. ``baseline`` (a ``stages.mmldm.signal_baseline.SignalBaseline``) adds its svg,
+    a2v and v2a rows at each phi, scored against the same references."""
     from models.mmldm import make_scheduler
     from stages.cmmd.evaluate import audio_embeddings, load_towers, set_and_sample_distances, video_features
     from stages.evaluation.distribution import kernel_distance
@@ -226,12 +230,13 @@ def evaluate_mmldm(store: FeatureStore, manifest: ClipManifest, autoencoder, dit
         tick = lambda _: threads.tick()  # noqa: E731  (DDIM steps of the decoder and the DiT tune the threads)
         waves, mels = decoders.audio(clips.audio)
         row(GROUND_TRUTH, "reconstruction", None, waves, decoders.frames(clips.frames))
-        if log:
-            log(f"mmldm evaluation: autoencoder reconstruction of {len(ids)} clips x {config.decoder_steps} decoder steps")
-        kl_a, kl_v = decode_to_kl(autoencoder, z.audio_mean, z.video_mean, config.decoder_steps, config.seed, config.batch_size, device,
-                                  tick)
-        waves, mels = decoders.audio(kl_a)
-        row(RECONSTRUCTION, "reconstruction", None, waves, decoders.frames(kl_v), mels)
+        if autoencoder is not None:
+            if log:
+                log(f"mmldm evaluation: autoencoder reconstruction of {len(ids)} clips x {config.decoder_steps} decoder steps")
+            kl_a, kl_v = decode_to_kl(autoencoder, z.audio_mean, z.video_mean, config.decoder_steps, config.seed, config.batch_size,
+                                      device, tick)
+            waves, mels = decoders.audio(kl_a)
+            row(RECONSTRUCTION, "reconstruction", None, waves, decoders.frames(kl_v), mels)
         row(CONTROL, "reconstruction", None, control_audio, control_frames, keep=False)  # other clips: no sounding video of these ids
         runs = [("svg", None)] if "svg" in config.tasks else []
         runs += [(task, phi) for task in ("a2v", "v2a") if task in config.tasks for phi in config.phi]
@@ -250,6 +255,14 @@ def evaluate_mmldm(store: FeatureStore, manifest: ClipManifest, autoencoder, dit
             waves, mels = decoders.audio(kl_a) if kl_a is not None else (None, None)
             frames = decoders.frames(kl_v) if kl_v is not None else None
             row(label, task, phi, waves, frames, mels)
+        baseline_runs = [("svg", None)] + [(task, phi) for task in ("a2v", "v2a") for phi in config.phi]
+        for task, phi in baseline_runs if baseline is not None else ():
+            if log:
+                log(f"mmldm evaluation: {baseline.label} {task}" + ("" if phi is None else f" phi {phi:g}")
+                    + f", {len(ids)} clips x {config.steps} DDIM steps")
+            waves, frames, mels = baseline.generate(task, ids, 1.0 if phi is None else phi, config.steps, config.seed,
+                                                    config.batch_size, decoders, device, tick)
+            row(baseline.label, task, phi, waves, frames, mels)
     return MmldmEvaluation(rows, ids, samples, seconds)
 
 

@@ -451,9 +451,10 @@ def latent_scales(train: SemanticLatents) -> dict[str, float]:
 
 def train_dit(train: SemanticLatents, config: DitTrainConfig, scales: Mapping[str, float], init_state: Mapping | None = None,
               new_rows: np.ndarray | None = None, progress: Progress | None = None, log: Callable[[str], None] | None = None,
-              device: str = "cpu", label: str = "mmldm dit") -> TrainResult:
+              device: str = "cpu", label: str = "mmldm dit", model_config=None) -> TrainResult:
     """AdamW on Eq. (8) with the conditional tasks' null latents (models.mmldm.dit_loss); warm start
-    (``init_state`` + ``new_rows``) runs ``update_steps`` on new clips mixed with replayed old ones."""
+    (``init_state`` + ``new_rows``) runs ``update_steps`` on new clips mixed with replayed old ones.
+    ``model_config`` (a DitConfig) replaces ``config.model_config``: the signal-space baseline's patches."""
     import torch
     from models.devices import check_device, to_device
     from models.mmldm import build_dit, dit_loss, make_scheduler
@@ -464,7 +465,7 @@ def train_dit(train: SemanticLatents, config: DitTrainConfig, scales: Mapping[st
     progress = progress or Progress()
     start = time.perf_counter()
     with StepThreads(config.threads) as threads:
-        model_config = config.model_config(train.audio_mean.shape[1:], train.video_mean.shape[1:])
+        model_config = model_config or config.model_config(train.audio_mean.shape[1:], train.video_mean.shape[1:])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = build_dit(model_config)

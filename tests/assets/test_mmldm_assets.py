@@ -5,6 +5,7 @@ checkpoint, shard and the cached evaluation; sounding mp4s and previews land in 
 from __future__ import annotations
 
 import av
+import numpy as np
 import pytest
 from dagster import DagsterInstance
 
@@ -81,6 +82,33 @@ def test_mmldm_chain_trains_evaluates_and_reuses(demo_source, tmp_path):
         assert r["FAD (aiSFX)"] == pytest.approx(full[r["model"]]["FAD (aiSFX)"], rel=1e-3)
     with pytest.raises(ValueError, match="takes no tasks"):
         evaluate_reconstruction(store, load_manifest(store, "demo"), autoencoder["checkpoint_key"], latent_key, MmldmEvalConfig())
+
+    # Table 1's signal-space baseline (bench/mmldm_tables.py --signal-baseline): the same DiT on the
+    # signals the KL latents came from, scored against the same references
+    from stages.features.latents import LATENT_FEATURE
+    from stages.mmldm import signal_baseline
+    from stages.mmldm.evaluate import evaluate_mmldm
+    from stages.mmldm.train import DitTrainConfig
+
+    manifest = load_manifest(store, "demo")
+    vae_latent_key = store.resolve_key("demo", LATENT_FEATURE, None)
+    signals = signal_baseline.load_signals(store, manifest, vae_latent_key)
+    assert signals.audio_mean.shape[1] == 1 and signals.video_mean.shape[1] == 3 and not signals.audio_std.any()
+    inputs = store.shard_manifest("demo", LATENT_FEATURE, vae_latent_key, sorted(manifest.by_shard())[0])["params"]["inputs"]
+    images = store.read_arrays("demo", inputs["audio"]["feature"], inputs["audio"]["key"], names=[inputs["audio"]["array"]])
+    first_image = images.arrays[inputs["audio"]["array"]][images.clip_ids.index(signals.clip_ids[0])]
+    assert np.array_equal(signal_baseline.to_uint8(signals.audio_mean[0, 0]), first_image[..., 0])  # exact round trip
+    tiny = DitTrainConfig(steps=2, batch_size=4, hidden=32, depth=1, heads=2)
+    baseline = signal_baseline.train_signal_baseline(store, manifest, vae_latent_key, tiny, audio_patch=(8, 8), video_patch=(2, 8, 8))
+    assert baseline.steps == 2 and baseline.dit.config.video_patch == (2, 8, 8)
+    result = evaluate_mmldm(store, manifest, None, None, {"mmldm_latent_key": latent_key}, vae_latent_key,
+                            MmldmEvalConfig(steps=2, max_clips=3, phi=(1.0,), tasks=()), keep_samples=0, baseline=baseline)
+    by_task = {r["task"]: r for r in result.rows if r["model"] == signal_baseline.LABEL}
+    assert [r["model"] for r in result.rows[:2]] == ["ground truth (KL-VAE reconstruction)", "control: other real clips (train)"]
+    assert set(by_task) == {"svg", "a2v", "v2a"}
+    assert {"FAD (aiSFX)", "FVD (EffNet-lite0)"} <= set(by_task["svg"])
+    assert "FAD (aiSFX)" not in by_task["a2v"] and "FVD (EffNet-lite0)" not in by_task["v2a"]
+    assert all(np.isfinite(v) for r in by_task.values() for k, v in r.items() if k.startswith(("FAD", "FVD", "KVD")))
 
     again = materialize_dataset(ASSETS, found, instance=instance, run_config=RUN_CONFIG)
     assert again.success
