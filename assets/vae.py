@@ -59,7 +59,7 @@ class VaeTrainingConfig(Config):
     gradient_weight: float = Field(default=0.0, description="Weight of a multi-scale L1 on the images' height and width differences (onsets, harmonics); 0 = off.")
     gradient_scales: int = Field(default=3, description="Resolutions of the gradient loss (each a 2x average pool of the last).")
     adversarial_weight: float = Field(default=0.0, description="Weight of an adversarial PatchGAN hinge loss (LDM's AutoencoderKL training); 0 = off.")
-    adversarial_start: int = Field(default=0, description="Step from which the discriminator and the adversarial term run (the stopping rule and the kept weights start afresh there).")
+    adversarial_start: int = Field(default=0, description="Step from which the discriminator and the adversarial term run (the stopping rule and the kept weights start afresh there); -1 = steps // 2.")
     adaptive_weight: bool = Field(default=True, description="Scale the adversarial term by LDM's adaptive weight (reconstruction / adversarial gradient norms at the decoder's last layer).")
     discriminator_channels: int = Field(default=32, description="Channels of the discriminator's first layer.")
     discriminator_layers: int = Field(default=2, description="Strided levels of the discriminator (2: 34 px patches).")
@@ -92,6 +92,12 @@ class AudioVaeTrainingConfig(VaeTrainingConfig):
                                 description="Validation images scored during training and in the metrics (fixed seeded subset).")
     gradient_weight: float = Field(default=vae_train.AudioVaeTrainConfig.gradient_weight,
                                    description="Weight of the multi-scale gradient L1 (harmonics and onsets a pixel L1 lets the VAE smooth away); 0 = off.")
+    steps: int = Field(default=vae_train.AudioVaeTrainConfig.steps,
+                       description="Most optimizer steps (AdamW); the stopping rule may end earlier; the best validation weights of the last phase are kept.")
+    adversarial_weight: float = Field(default=vae_train.AudioVaeTrainConfig.adversarial_weight,
+                                      description="Weight of the adversarial PatchGAN hinge loss (LDM's AutoencoderKL training; sharpens the texture aiSFX hears); 0 = off.")
+    adversarial_start: int = Field(default=vae_train.AudioVaeTrainConfig.adversarial_start,
+                                   description="Step from which the discriminator and the adversarial term run; -1 = halfway through steps (steps // 2).")
 
     def train_config(self) -> vae_train.VaeTrainConfig:
         fields = self.model_dump()

@@ -11,7 +11,6 @@ store needs the default mel_spectrograms and audio_images (``dagster job execute
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -40,7 +39,7 @@ def main() -> int:
     if manifest is None:
         raise SystemExit(f"no clip manifest for {args.dataset!r} in {args.store}: run refresh_features first")
     image_key = AudioImageParams().key(MelParams().key())
-    config = dataclasses.replace(VaeTrainConfig.for_modality("audio"), **json.loads(args.overrides))
+    config = VaeTrainConfig.for_modality("audio", **json.loads(args.overrides))  # fresh: a default adversarial_start of -1 follows "steps"
     start = time.perf_counter()
     fit = fit_vae(store, manifest, AUDIO_VAE, "audio", image_key, config, log=lambda line: print(line, flush=True))
     stopping = fit.sidecar.get("stopping") or {}
