@@ -189,7 +189,8 @@ class AudioVaeTrainConfig(VaeTrainConfig):
     fewer values) smoothed the mel's fine texture, and aiSFX classifies these sounds by it: a
     Gaussian blur of 0.7 mel bins / frames alone drops the label probe from 97% to 69% (noise of the
     same L1 keeps 89%); its oracle kept 17% of real audio's class accuracy on test, this one (with
-    the gradient loss below) 57% on test, 72% on val (BENCHMARKS.md, "The way back to sound"). The
+    the gradient loss and the adversarial phase below) 60% on test, 84% on val (BENCHMARKS.md, "The
+    adversarial audio VAE"). The
     generator patches 20 x 88 into 10 x 44 x 16 (GeneratorTrainConfig.patch), so it costs no more;
     MM-LDM takes f_a = 4 on it (the paper's).
     64 validation images per evaluation (not 256): at 20 x 88 an evaluation of 256 cost about a
@@ -206,7 +207,7 @@ class AudioVaeTrainConfig(VaeTrainConfig):
     # each, same store): 1000 steps without it kept 72% of real audio's class accuracy (FD 2.9x the
     # vocoder's), 2000 steps without it 72% (FD 1.9x), 2000 with it from step 1000 84% (FD 1.9x);
     # the pixel L1 alone smooths the texture aiSFX classifies by (BENCHMARKS.md, "The adversarial
-    # audio VAE"). About 27 min of one CPU thread beside another job (the 1000-step L1 VAE: 9 min).
+    # audio VAE"). 17 min of `make generate` on 2 idle cores (the 1000-step VAE: 9 min).
     steps: int = 2000
     adversarial_weight: float = 0.5
     adversarial_start: int = -1
