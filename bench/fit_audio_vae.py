@@ -39,7 +39,7 @@ def main() -> int:
     if manifest is None:
         raise SystemExit(f"no clip manifest for {args.dataset!r} in {args.store}: run refresh_features first")
     image_key = AudioImageParams().key(MelParams().key())
-    config = VaeTrainConfig.for_modality("audio", **json.loads(args.overrides))  # fresh: a default adversarial_start of -1 follows "steps"
+    config = VaeTrainConfig.for_modality("audio", **json.loads(args.overrides))
     start = time.perf_counter()
     fit = fit_vae(store, manifest, AUDIO_VAE, "audio", image_key, config, log=lambda line: print(line, flush=True))
     stopping = fit.sidecar.get("stopping") or {}

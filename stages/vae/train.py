@@ -78,7 +78,7 @@ class VaeTrainConfig:
     # generator loss, scaled by LDM's adaptive weight when `adaptive_weight`. The stopping rule
     # and the kept best weights start afresh when it starts. 0 = off (out of the key, as before).
     adversarial_weight: float = 0.0
-    adversarial_start: int = 0  # -1: halfway through the budget (steps // 2), resolved on construction
+    adversarial_start: int = 0  # -1: halfway through the budget (`adversarial_step`: steps // 2)
     adaptive_weight: bool = True
     discriminator_channels: int = 32
     discriminator_layers: int = 2
@@ -117,8 +117,6 @@ class VaeTrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
-        if self.adversarial_start == -1:  # resolved here, so the key names the step (a config's key is what it runs)
-            object.__setattr__(self, "adversarial_start", self.steps // 2)
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.steps < 0 or self.batch_size < 1 or self.eval_every < 1 or self.frame_stride < 1 or self.max_val_images < 1:
@@ -130,8 +128,8 @@ class VaeTrainConfig:
             raise ValueError(f"crop_width must be 0 or a positive multiple of the VAE's downsampling factor {factor}, got {self.crop_width}")
         if self.gradient_weight < 0 or self.gradient_scales < 1 or self.adversarial_weight < 0:
             raise ValueError("gradient_weight and adversarial_weight must be >= 0 and gradient_scales >= 1")
-        if self.adversarial_weight and not 0 <= self.adversarial_start < max(self.steps, 1):
-            raise ValueError(f"adversarial_start must lie in [0, steps) = [0, {self.steps}), got {self.adversarial_start}")
+        if self.adversarial_start < -1 or self.adversarial_weight and not 0 <= self.adversarial_step < max(self.steps, 1):
+            raise ValueError(f"adversarial_start must be -1 (steps // 2) or lie in [0, steps) = [0, {self.steps}), got {self.adversarial_start}")
         if self.discriminator_channels < 4 or self.discriminator_channels % 4 or self.discriminator_layers < 1:
             raise ValueError("discriminator_channels must be a multiple of 4 and discriminator_layers >= 1")
         if self.patience < 0 or not 0 <= self.min_delta < 1:
@@ -139,6 +137,11 @@ class VaeTrainConfig:
         if self.lr_drops < 0 or not 0 < self.lr_drop < 1:
             raise ValueError(f"lr_drops must be >= 0 and lr_drop in (0, 1), got {self.lr_drops} and {self.lr_drop}")
         self.vae_config()  # validates the architecture
+
+    @property
+    def adversarial_step(self) -> int:
+        """The step the adversarial phase starts at (``adversarial_start``, -1 resolved against ``steps``)."""
+        return self.steps // 2 if self.adversarial_start == -1 else self.adversarial_start
 
     @classmethod
     def for_modality(cls, modality: str, **fields) -> "VaeTrainConfig":
@@ -175,7 +178,9 @@ class VaeTrainConfig:
         if not self.gradient_weight:
             for name in ("gradient_weight", "gradient_scales"):
                 fields.pop(name)
-        if not self.adversarial_weight:
+        if self.adversarial_weight:  # the step it runs from: -1 and the step it names train the same weights
+            fields["adversarial_start"] = self.adversarial_step
+        else:
             for name in ("adversarial_weight", "adversarial_start", "adaptive_weight", "discriminator_channels",
                          "discriminator_layers"):
                 fields.pop(name)
@@ -427,7 +432,7 @@ def _train_vae(train, val, config, device, init_state, log, label="vae", on_eval
                 starts = offsets.integers(0, width - window + 1, size=len(batch_images))
                 batch_images = torch.stack([batch_images[i, :, int(s) : int(s) + window] for i, s in enumerate(starts)])
             x = images_to_tensor(batch_images, device)
-            adversarial = adversary is not None and step > config.adversarial_start
+            adversarial = adversary is not None and step > config.adversarial_step
             if adversary is None and not config.gradient_weight:  # as before the new losses (tests record this call)
                 loss, parts = vae_module.vae_loss(vae, x, config.kl_weight, config.spectral_weight)
             else:
@@ -452,7 +457,7 @@ def _train_vae(train, val, config, device, init_state, log, label="vae", on_eval
                 row.update({f"train_{k}": round(float(v), 5) for k, v in parts.items() if k not in ("l1", "kl")})
                 history.append({**row, **_extra(on_eval, step, vae)})
                 vae.train()  # reconstruction_l1 (and on_eval) leave it in eval mode
-                counting = adversary is None or step > config.adversarial_start
+                counting = adversary is None or step > config.adversarial_step
                 if counting and adversary is not None and not adversary.counted:
                     # The adversarial phase starts: its weights are the ones to keep, so the best and the
                     # rule start afresh (the pre-adversarial weights have lower L1 but blur).

@@ -26,7 +26,7 @@ from stages.core.parallel import InProcessExecutor
 from stages.ingest.sources import SourceConfig, read_source
 from stages.features.spectral import get_preset
 from stages.core.store import FeatureStore
-from stages.vae.train import (AUDIO_VAE, FRAME_VAE, PlateauRule, VaeTrainConfig, decode_latents, encode_scaled, fit_vae, load_vae,
+from stages.vae.train import (AUDIO_VAE, FRAME_VAE, AudioVaeTrainConfig, PlateauRule, VaeTrainConfig, decode_latents, encode_scaled, fit_vae, load_vae,
                               psnr, read_image_set, reconstruction_l1, reconstruction_metrics, spectral_convergence, train_vae,
                               vae_fit_key)
 from stages.features.latents import (LATENT_CODE_VERSION, LATENT_FEATURE, LatentParams, array_statistics, compute_latent_shard,
@@ -291,6 +291,19 @@ def test_the_new_losses_off_keep_every_checkpoint_key():
         dataclasses.replace(old, adversarial_weight=0.5, adversarial_start=200))
     with pytest.raises(ValueError, match="adversarial_start"):
         VaeTrainConfig(steps=100, adversarial_weight=0.5, adversarial_start=100)  # would never start
+
+
+def test_adversarial_start_minus_one_is_halfway_and_keys_as_the_step_it_names():
+    # The audio default starts the adversarial phase at steps // 2, derived, so a config copied
+    # with another budget moves its start with it; the key names the step the fit runs from.
+    audio = AudioVaeTrainConfig()
+    assert (audio.steps, audio.adversarial_start, audio.adversarial_step) == (2000, -1, 1000)
+    assert dataclasses.replace(audio, steps=40).adversarial_step == 20
+    assert audio.key_params() == dataclasses.replace(audio, adversarial_start=1000).key_params()
+    assert audio.key_params() != dataclasses.replace(audio, adversarial_start=999).key_params()
+    assert AudioVaeTrainConfig(**audio.params()) == audio  # params() keeps -1, the copy is the same config
+    with pytest.raises(ValueError, match="adversarial_start"):
+        VaeTrainConfig(steps=100, adversarial_weight=0.5, adversarial_start=-2)
 
 
 def test_adversarial_fit_trains_a_discriminator_and_keeps_weights_from_its_phase():
